@@ -1,0 +1,33 @@
+# One-command set-up: `make demo` and `make test` create the environment when needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# fbgemm-gpu comes in a CPU and a CUDA build; pick the one that matches this machine.
+VARIANT ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export DS_BUILD_OPS = 0
+
+.PHONY: env demo test lint clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[$(VARIANT),dev]"
+	# torchrec's metadata pulls the CUDA fbgemm-gpu: install it without dependencies.
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	$(BIN)/python -c "import fbgemm_gpu, torchrec, deepspeed, foundation" 
+	touch $@
+
+demo: env
+	$(BIN)/foundation demo
+
+test: env
+	$(BIN)/python -m pytest -q
+
+lint: env
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs/ demo/ .pytest_cache

@@ -1,0 +1,102 @@
+"""The ``foundation`` command: the front door to every job. Each subcommand takes Hydra
+overrides (``key=value``); ``foundation <command> --help`` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from foundation.config import ConfigError, compose
+
+USAGE = """\
+foundation data synth output=DIR [world.members=N ...]        synthetic member world → shards
+foundation data build source.format=F source.path=P output=DIR  event tables → shards
+foundation train [--nproc N] [--max-restarts K] recipe=NAME data.path=DIR run_dir=RUN [...]
+foundation eval run_dir=RUN [split=test]                        writes RUN/eval.json
+foundation recipes                                              list recipes
+foundation demo [--dir DIR]                                     the whole path, end to end
+"""
+
+CONFIG_OF = {"synth": "data_synth", "build": "data_build", "train": "train", "eval": "eval"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="foundation", usage=USAGE,
+                                     description="Train recommender foundation models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="write webdataset shards").add_subparsers(dest="action",
+                                                                                 required=True)
+    for action in ("synth", "build"):
+        _with_overrides(data.add_parser(action, help=f"foundation data {action} key=value ..."))
+    train = _with_overrides(sub.add_parser("train", help="train a recipe"))
+    train.add_argument("--nproc", type=int, default=1, help="ranks on this node (torchrun)")
+    train.add_argument("--nnodes", type=int, default=1)
+    train.add_argument("--node-rank", type=int, default=0)
+    train.add_argument("--master-addr", default="127.0.0.1")
+    train.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
+    _with_overrides(sub.add_parser("eval", help="evaluate a run: RUN/eval.json"))
+    sub.add_parser("recipes", help="list the recipes")
+    demo = sub.add_parser("demo", help="synth → pretrain (2 ranks) → fine-tune → eval")
+    demo.add_argument("--dir", default="demo")
+    demo.add_argument("--nproc", type=int, default=2)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _with_overrides(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+    parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "recipes":
+        from foundation.recipes import RECIPES
+
+        for name, task in RECIPES.items():
+            print(f"{name:24s} {task.summary}")
+        return 0
+    if args.command == "demo":
+        from foundation.demo import run_demo
+
+        return run_demo(args.dir, nproc=args.nproc)
+    name = CONFIG_OF[args.action if args.command == "data" else args.command]
+    cfg = compose(name, args.overrides)  # validates before anything starts
+    if args.cfg:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    if args.command == "data":
+        from foundation.data import commands
+
+        return (commands.run_synth if args.action == "synth" else commands.run_build)(cfg) or 0
+    if args.command == "eval":
+        from foundation.eval.run import evaluate_run
+
+        evaluate_run(cfg)
+        return 0
+    return _train(args, cfg)
+
+
+def _train(args: argparse.Namespace, cfg) -> int:
+    from foundation.data.writer import load_manifest
+
+    load_manifest(cfg.data.path)  # a missing data path fails here, not in N ranks
+    if args.nproc * args.nnodes == 1 and args.max_restarts == 0:
+        from foundation.train.__main__ import main as train_main
+
+        return train_main(args.overrides)
+    from foundation.launch.torchrun import LaunchSpec, run_torchrun
+
+    spec = LaunchSpec(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                      master_addr=args.master_addr, max_restarts=args.max_restarts)
+    return run_torchrun(spec, "foundation.train", args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

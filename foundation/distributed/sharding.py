@@ -1,0 +1,95 @@
+"""Shard the sparse arch with TorchRec's planner and ``DistributedModelParallel``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import optim as trec_optim
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import Topology
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from foundation.distributed.env import DistEnv
+
+# Sharding types of EmbeddingCollection tables that work on each device type. On CPU,
+# fbgemm-gpu-cpu 1.8's dense kernel (used by data_parallel) pools sequence embeddings, so
+# data_parallel EmbeddingCollections return wrong shapes: it is refused there, with the reason.
+# Topology() built directly is fine for our explicit world size; silence its nag.
+logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
+
+SUPPORTED_TYPES = {
+    "cpu": ("table_wise", "column_wise"),
+    "cuda": ("table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"),
+}
+SPARSE_OPTIMIZERS = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
+
+@dataclass
+class ShardingConfig:
+    # Sharding types the planner may choose from for the item table, best first.
+    types: list[str] = field(default_factory=lambda: ["table_wise"])
+    optimizer: str = "adam"  # fused into the backward pass: rowwise_adagrad | adagrad | adam | sgd
+    lr: float = 1e-3
+    eps: float = 1e-8
+
+
+def validate_sharding(cfg: ShardingConfig, device_type: str) -> None:
+    supported = SUPPORTED_TYPES.get(device_type, SUPPORTED_TYPES["cpu"])
+    bad = [t for t in cfg.types if t not in supported]
+    if bad or not cfg.types:
+        hint = " (fbgemm-gpu-cpu's data_parallel sequence kernel pools on CPU)" if "data_parallel" in bad else ""
+        raise ValueError(f"sharding.types={list(cfg.types)}: {bad or 'empty'} not supported on "
+                         f"{device_type}{hint}; choose from {list(supported)}")
+    if cfg.optimizer not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"sharding.optimizer={cfg.optimizer!r} is unknown; choose from "
+                         f"{sorted(SPARSE_OPTIMIZERS)}")
+
+
+def shard_sparse_arch(module: nn.Module, cfg: ShardingConfig, env: DistEnv
+                      ) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Plan and shard ``module`` (built on the meta device); embeddings train in backward."""
+    validate_sharding(cfg, env.device.type)
+    optimizer = SPARSE_OPTIMIZERS[cfg.optimizer]
+    kwargs = {"lr": cfg.lr} if cfg.optimizer == "sgd" else {"lr": cfg.lr, "eps": cfg.eps}
+    apply_optimizer_in_backward(optimizer, module.parameters(), kwargs)
+    sharders = [EmbeddingCollectionSharder()]
+    constraints = {
+        name: ParameterConstraints(sharding_types=list(cfg.types),
+                                   min_partition=max(4, param.shape[1] // env.world_size))
+        for name, param in _tables(module)
+    }
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=env.world_size, compute_device=env.device.type,
+                          local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))),
+        constraints=constraints)
+    plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
+    model = DistributedModelParallel(module, device=env.device, plan=plan, sharders=sharders)
+    return model, plan
+
+
+def _tables(module: nn.Module):
+    for name, param in module.named_parameters():
+        # "...embeddings.<table>.weight" → "<table>"
+        yield name.split(".")[-2], param
+
+
+def local_shard_shapes(model: DistributedModelParallel) -> dict[str, list[tuple[int, ...]]]:
+    """The shapes of the table shards this rank holds, per state-dict key."""
+    shapes = {}
+    for key, value in model.state_dict().items():
+        if hasattr(value, "local_shards"):
+            shapes[key] = [tuple(s.tensor.shape) for s in value.local_shards()]
+    return shapes

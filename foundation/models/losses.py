@@ -1,0 +1,53 @@
+"""Retrieval losses: sampled softmax with logQ correction, and full softmax as its limit."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def next_item_pairs(states: Tensor, mask: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Pair each state with the event after it.
+
+    Returns ``(query_index, target_index)``: flat indices into the padded ``states`` view
+    ``[B*L]`` and into the jagged event values ``[sum(lengths)]``. State t of a row predicts
+    event t+1 of the same row, so the last event of each row is never a query.
+    """
+    batch, longest = mask.shape
+    starts = torch.cumsum(lengths, 0) - lengths
+    rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)  # positions with a next event
+    query_index = rows * longest + cols
+    target_index = starts[rows] + cols + 1
+    return query_index, target_index
+
+
+def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor,
+                         negative_ids: Tensor, negative_emb: Tensor,
+                         log_item_prob: Tensor | None, in_batch: bool = True,
+                         temperature: float = 1.0) -> Tensor:
+    """Softmax over {the target} ∪ in-batch targets ∪ shared negatives.
+
+    ``log_item_prob`` (log popularity over items) enables logQ correction: each candidate's
+    logit is reduced by the log of how often the sampler proposes it, so popular items that
+    appear as in-batch negatives are not over-penalised (Yi et al., RecSys 2019). Uniform
+    negatives have a constant proposal rate, which the correction includes. Candidates equal
+    to a row's own target ("accidental hits") are masked out.
+    """
+    ids = [target_ids] if in_batch else []
+    embs = [target_emb] if in_batch else []
+    ids.append(negative_ids)
+    embs.append(negative_emb)
+    cand_ids, cand_emb = torch.cat(ids), torch.cat(embs)
+    pos_logit = (queries * target_emb).sum(-1, keepdim=True) / temperature
+    logits = queries @ cand_emb.T / temperature
+    if log_item_prob is not None:
+        n_in_batch = target_ids.numel() if in_batch else 0
+        num_items = log_item_prob.numel() - 1  # id 0 is padding
+        rate = negative_ids.numel() / num_items + n_in_batch * log_item_prob.exp()
+        log_q = rate.clamp_min(1e-12).log()
+        logits = logits - log_q[cand_ids]
+        pos_logit = pos_logit - log_q[target_ids].unsqueeze(-1)
+    logits = logits.masked_fill(cand_ids.unsqueeze(0) == target_ids.unsqueeze(1), float("-inf"))
+    full = torch.cat([pos_logit, logits], dim=1)
+    return F.cross_entropy(full, torch.zeros_like(target_ids))

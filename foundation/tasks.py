@@ -1,0 +1,117 @@
+"""What a recipe is: a task object. The library owns the loop; a task owns its model head,
+its loss and its evaluation. Shared pieces (item features, batch surgery, synchronised
+evaluation over ranks) live here so recipes stay thin."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torchrec import KeyedJaggedTensor
+
+from foundation.data.batch import SequenceBatch
+from foundation.models.member import ItemSparseArch, item_features
+
+JAGGED_FIELDS = ("item", "action", "gap", "hour", "device", "timestamp")
+
+
+class Task:
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    summary: ClassVar[str]
+    data_mode: ClassVar[str] = "sequence"  # what the loader yields: sequence | ranking
+    eval_metric: ClassVar[str]  # headline validation metric (higher is better)
+
+    def __init__(self, cfg: DictConfig, manifest: dict[str, Any], item_counts: np.ndarray):
+        self.cfg, self.recipe, self.manifest = cfg, cfg.recipe, manifest
+        self.num_items = int(manifest["vocab"]["item"])
+        self.item_counts = torch.as_tensor(item_counts, dtype=torch.float32)
+
+    # -- model -----------------------------------------------------------------------
+    def build_sparse(self, device: torch.device) -> nn.Module:
+        return ItemSparseArch(self.num_items, self.cfg.model.embedding_dim, device)
+
+    def build_dense(self) -> nn.Module:
+        raise NotImplementedError
+
+    def init_from(self) -> str | None:
+        """A run (or checkpoint) to warm-start from, if the recipe has one."""
+        return None
+
+    # Dense weights a warm start takes from the source run (prefixes of state-dict keys).
+    transfer_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
+
+    # -- a training step -------------------------------------------------------------
+    def features(self, batch: SequenceBatch) -> tuple[KeyedJaggedTensor, dict[str, Tensor]]:
+        """Item lookups for one training step, and extra inputs of the dense forward."""
+        return item_features(batch.item, batch.lengths, batch.candidates,
+                             batch.candidate_lengths), {}
+
+    def evaluate(self, model, batches: Iterable[SequenceBatch]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def take_events(batch: SequenceBatch, keep: Tensor) -> SequenceBatch:
+    """A batch with only the events where ``keep`` is true (lengths recomputed)."""
+    rows = torch.repeat_interleave(torch.arange(len(batch)), batch.lengths)
+    lengths = torch.bincount(rows[keep], minlength=len(batch))
+    changes = {f: getattr(batch, f)[keep] for f in JAGGED_FIELDS}
+    return dataclasses.replace(batch, lengths=lengths, **changes)
+
+
+def split_last_event(batch: SequenceBatch) -> tuple[SequenceBatch, Tensor]:
+    """(history without each row's newest event, that newest item): leave-one-out targets."""
+    ends = torch.cumsum(batch.lengths, 0) - 1
+    keep = torch.ones_like(batch.item, dtype=torch.bool)
+    keep[ends] = False
+    return take_events(batch, keep), batch.item[ends]
+
+
+def synchronised(batches: Iterable[SequenceBatch], world_size: int
+                 ) -> Iterator[tuple[SequenceBatch, bool]]:
+    """Iterate until every rank is done; a finished rank replays a dummy batch.
+
+    Sharded lookups are collectives, so all ranks must run the same number of forwards even
+    when their shares of a split differ. Yields ``(batch, is_real)``.
+    """
+    it, dummy = iter(batches), None
+    while True:
+        batch = next(it, None)
+        dummy = dummy if dummy is not None else batch
+        more = torch.tensor([batch is not None], dtype=torch.int32)
+        if world_size > 1:
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if batch is None and dummy is None:
+            raise RuntimeError("this rank got no evaluation data: the split has fewer shards "
+                               "than ranks × loader workers; rebuild it with more shards")
+        yield (batch, True) if batch is not None else (dummy, False)
+
+
+def all_sum(values: dict[str, float], world_size: int) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_concat(arrays: list[np.ndarray], world_size: int) -> np.ndarray:
+    """Concatenate 1-D float arrays from every rank (tensor collectives, no pickling)."""
+    local = torch.as_tensor(np.concatenate(arrays) if arrays else np.zeros(0), dtype=torch.float64)
+    if world_size == 1:
+        return local.numpy()
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([local.numel()]))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.float64)
+    padded[: local.numel()] = local
+    parts = [torch.zeros(longest, dtype=torch.float64) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).numpy()

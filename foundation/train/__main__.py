@@ -1,0 +1,29 @@
+"""``python -m foundation.train recipe=<name> [overrides]``, alone or under torchrun."""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from foundation.config import ConfigError, compose
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = compose("train", sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from foundation.train.trainer import Trainer
+
+    try:
+        Trainer(cfg).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Checkpoints: ``RUN/checkpoints/step-N/`` with
+
+* ``sparse/`` — the sharded tables, written shard by shard with torch.distributed.checkpoint
+  (loads on any world size: DCP reshards);
+* ``engine/`` — the DeepSpeed engine's own state (dense weights + ZeRO optimizer partitions);
+* ``dense.safetensors`` — the dense weights consolidated in fp32, for warm starts and export;
+* ``trainer_state.json`` — step, epoch, config hash;
+* ``COMMITTED`` — written last, by rank 0, after every rank finished. A directory without it
+  is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+COMMIT_MARKER = "COMMITTED"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step}"
+
+
+def committed_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    found = [p for p in root.glob("step-*") if (p / COMMIT_MARKER).exists()] if root.exists() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve(source: str | Path, which: str = "latest") -> Path:
+    """A run dir or checkpoint dir → a committed checkpoint dir, or a clear error."""
+    path = Path(source)
+    if (path / COMMIT_MARKER).exists():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run dir (run_dir=...) or a "
+                                f"checkpoint dir (…/checkpoints/step-N)")
+    found = committed_checkpoints(path)
+    if which != "latest":
+        found = [p for p in found if p.name == which]
+    if not found:
+        raise FileNotFoundError(f"no committed checkpoint {'' if which == 'latest' else which} "
+                                f"in {path}/checkpoints: train the run first (or finish it)")
+    return found[-1]
+
+
+def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any], is_main: bool,
+         barrier) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save({"model": sparse.state_dict()}, checkpoint_id=str(path / "sparse"))
+    engine.save(str(path / "engine"))
+    dense = engine.consolidated_state_dict()  # a collective under ZeRO-3: every rank calls it
+    if is_main:
+        save_file(dense, str(path / "dense.safetensors"))
+        _write_json(path / "trainer_state.json", state)
+    barrier()
+    if is_main:
+        _write_json(path / COMMIT_MARKER, {"step": state["step"]})
+    barrier()
+
+
+def load_sparse(path: Path, sparse: nn.Module) -> None:
+    """Load the sharded tables into ``sparse`` (resharding to this world size as needed)."""
+    state = {"model": sparse.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(path / "sparse"))
+    except Exception as err:  # DCP names the missing keys; say which checkpoint and why
+        raise RuntimeError(f"cannot load the sparse tables of {path}: {err}\n"
+                           f"(is it a checkpoint of a different model or table layout?)") from err
+
+
+def load_dense(path: Path, module: nn.Module, prefixes: tuple[str, ...] | None = None) -> None:
+    """Load consolidated dense weights; with ``prefixes``, only those sub-modules (warm start)."""
+    weights = load_file(str(path / "dense.safetensors"))
+    own = module.state_dict()
+    wanted = {k for k in own if prefixes is None or k.startswith(prefixes)}
+    missing = sorted(wanted - weights.keys())
+    mismatched = sorted(k for k in wanted & weights.keys() if weights[k].shape != own[k].shape)
+    unexpected = sorted(weights.keys() - own.keys()) if prefixes is None else []
+    if missing or mismatched or unexpected:
+        raise RuntimeError(
+            f"checkpoint {path} does not fit this model: missing {missing[:8]}, "
+            f"shape-mismatched {mismatched[:8]}, unexpected {unexpected[:8]} "
+            f"(a checkpoint of a different model or config?)")
+    module.load_state_dict({k: weights[k] for k in wanted}, strict=prefixes is None)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "trainer_state.json").read_text())
+
+

@@ -1,0 +1,53 @@
+"""The training data stream: epoch after epoch of the streaming loader, with epoch-seeded order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from omegaconf import MISSING
+
+from foundation.data.batch import SequenceBatch
+from foundation.data.loader import build_loader
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    max_len: int = 50
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    on_error: str = "raise"  # raise | skip (count and skip corrupt samples)
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+class EpochStream:
+    """Endless batches for one rank: epoch e reshuffles shards and samples with (seed, e)."""
+
+    def __init__(self, cfg: DataConfig, *, mode: str, seed: int, rank: int, world_size: int):
+        self.cfg, self.mode, self.seed = cfg, mode, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        while True:
+            empty = True
+            for batch in self.loader(self.cfg.train_split, epoch=self.epoch, shuffle=True):
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError(f"rank {self.rank} got no training batches from "
+                                   f"{self.cfg.path}/{self.cfg.train_split}: write more shards "
+                                   f"than ranks × workers, or lower data.batch_size")
+            self.epoch += 1
+
+    def loader(self, split: str, *, epoch: int = 0, shuffle: bool = False,
+               batch_size: int | None = None):
+        return build_loader(
+            self.cfg.path, split, batch_size=batch_size or self.cfg.batch_size,
+            max_len=self.cfg.max_len, seed=self.seed, epoch=epoch, rank=self.rank,
+            world_size=self.world_size, num_workers=self.cfg.num_workers, shuffle=shuffle,
+            shuffle_buffer=self.cfg.shuffle_buffer, mode=self.mode, on_error=self.cfg.on_error)

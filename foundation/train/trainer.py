@@ -1,0 +1,132 @@
+"""The training loop every recipe shares. Read it top to bottom: set-up, step, validate, save."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from foundation.config import config_hash
+from foundation.data.batch import SequenceBatch
+from foundation.data.writer import load_manifest
+from foundation.distributed.env import DistEnv, init_distributed, seed_everything
+from foundation.recipes import RECIPES
+from foundation.tasks import Task
+from foundation.train import checkpoint
+from foundation.train.logging import RunLogger
+from foundation.train.model import ShardedModel
+from foundation.train.stream import EpochStream
+
+
+def build_task(cfg: DictConfig) -> Task:
+    manifest = load_manifest(cfg.data.path)
+    counts = np.load(Path(cfg.data.path) / "item_counts.npy", allow_pickle=False)
+    return RECIPES[cfg.recipe.name](cfg, manifest, counts)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, env: DistEnv | None = None):
+        if cfg.trainer.resume not in ("never", "auto"):
+            raise NotImplementedError("trainer.resume=<path> is not supported yet: use never|auto")
+        self.cfg, self.env = cfg, env or init_distributed()
+        self.run_dir = Path(cfg.run_dir)
+        self.task = build_task(cfg)
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        source = self.task.init_from()
+        self.warm_start = checkpoint.resolve(source) if source else None
+        self.model = ShardedModel(self.task, cfg, self.env, train=True,
+                                  total_steps=cfg.trainer.max_steps, warm_start=self.warm_start)
+        seed_everything(cfg.seed, self.env.rank)  # from here ranks differ: dropout, negatives
+        self.stream = EpochStream(cfg.data, mode=self.task.data_mode, seed=cfg.seed,
+                                  rank=self.env.rank, world_size=self.env.world_size)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.logger = RunLogger(cfg.logger, self.run_dir, enabled=self.env.is_main,
+                                total_steps=cfg.trainer.max_steps, name=self.task.name,
+                                config=OmegaConf.to_container(cfg, resolve=True))
+
+    def fit(self) -> dict[str, Any]:
+        cfg, batches = self.cfg.trainer, iter(self.stream)
+        start, losses, events = time.perf_counter(), [], 0
+        for step in range(1, cfg.max_steps + 1):
+            loss, step_events, step_time = self.train_step(batches, step)
+            losses.append(loss)
+            events += step_events
+            self.logger.advance(loss=loss)
+            if step % self.cfg.logger.log_every == 0 or step == cfg.max_steps:
+                self.logger.log({"step": step, "loss": loss, "lr": self.model.engine.lr(),
+                                 "events_per_s": step_events / step_time,
+                                 "step_time_s": step_time, "epoch": self.stream.epoch})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                self.validate(step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                self.save(step)
+        final = self.validate(cfg.max_steps)
+        self.save(cfg.max_steps)
+        summary = self.summarise(losses, events, time.perf_counter() - start, final)
+        self.logger.close()
+        return summary
+
+    def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
+        """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
+        self.model.train()
+        begin, losses, events = time.perf_counter(), [], 0
+        for _ in range(self.cfg.trainer.grad_accum):
+            batch = next(batches).to(self.env.device)
+            features, extra = self.task.features(batch)
+            loss = self.model.dense(batch, self.model.embed(features), **extra)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower "
+                                         f"trainer.optim.lr or check the data; the last "
+                                         f"checkpoint is kept")
+            self.model.engine.backward(loss)
+            self.model.engine.step()
+            losses.append(loss.detach())
+            events += int(batch.lengths.sum())
+        stats = torch.tensor([torch.stack(losses).mean().item(), float(events)], dtype=torch.float64)
+        if self.env.world_size > 1:
+            dist.all_reduce(stats)
+        return stats[0].item() / self.env.world_size, int(stats[1]), time.perf_counter() - begin
+
+    def validate(self, step: int) -> dict[str, Any]:
+        self.model.train(False)
+        limit = self.cfg.trainer.eval_batches or None
+        loader = self.stream.loader(self.cfg.data.val_split, batch_size=self.cfg.data.eval_batch_size)
+        result = self.task.evaluate(self.model, itertools.islice(loader, limit))
+        row = {"step": step, "split": self.cfg.data.val_split, **result["metrics"]}
+        for name, metrics in result["baselines"].items():
+            row.update({f"{name}/{k}": v for k, v in metrics.items()})
+        self.logger.log(row)
+        return result
+
+    def save(self, step: int) -> Path:
+        path = checkpoint.checkpoint_dir(self.run_dir, step)
+        state = {"step": step, "epoch": self.stream.epoch, "recipe": self.task.name,
+                 "config_hash": config_hash(self.cfg), "world_size": self.env.world_size}
+        checkpoint.save(path, sparse=self.model.sparse, engine=self.model.engine, state=state,
+                        is_main=self.env.is_main, barrier=self.env.barrier)
+        return path
+
+    def summarise(self, losses: list[float], events: int, seconds: float,
+                  final: dict[str, Any]) -> dict[str, Any]:
+        metric = self.task.eval_metric
+        value = final["metrics"].get(metric, float("nan"))
+        baseline = final["baselines"].get("most_popular", {}).get(metric, float("nan"))
+        summary = {"recipe": self.task.name, "steps": len(losses), "seconds": round(seconds, 1),
+                   "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
+                   "events_per_s": events / seconds, "val": final, "run_dir": str(self.run_dir)}
+        if self.env.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"{self.task.name}: {len(losses)} steps in {seconds:.0f}s | loss "
+                  f"{losses[0]:.3f} → {summary['last_loss']:.3f} | {summary['events_per_s']:,.0f} "
+                  f"events/s | val {metric} {value:.4f} (most-popular {baseline:.4f}) | "
+                  f"run {self.run_dir}", flush=True)
+        return summary

@@ -1,0 +1,98 @@
+"""The member model's building blocks: exact causality and correct losses."""
+
+import torch
+import torch.nn.functional as F
+
+from foundation.data.batch import SequenceBatch
+from foundation.models.losses import next_item_pairs, sampled_softmax_loss
+from foundation.models.member import EventEncoder, ItemSparseArch, MemberModelConfig, item_features, pad_jagged
+
+
+def make_batch(lengths, num_items=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    n = int(lengths.sum())
+
+    def rand(high):
+        return torch.randint(1, high, (n,), generator=g)
+
+    return SequenceBatch(sample_ids=torch.arange(len(lengths)), lengths=lengths, item=rand(num_items),
+                         action=rand(7), gap=rand(16), hour=rand(25), device=rand(5),
+                         timestamp=torch.arange(n))
+
+
+def encode(encoder, table, batch):
+    emb = table(item_features(batch.item, batch.lengths))["item"]
+    return encoder(emb, batch)
+
+
+def test_no_position_sees_its_target_or_the_future():
+    torch.manual_seed(0)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0, max_len=12)
+    encoder, table = EventEncoder(cfg).eval(), ItemSparseArch(50, 16)
+    batch = make_batch([7, 4, 9])
+    states, mask = encode(encoder, table, batch)
+    # Change the events of row 2 from position t on; states before t must not move.
+    for t in (1, 4, 8):
+        changed = make_batch([7, 4, 9], seed=1)
+        for name in ("item", "action", "gap", "hour", "device"):
+            new, old = getattr(changed, name), getattr(batch, name).clone()
+            old[11 + t:] = new[11 + t:]
+            setattr(changed, name, old)
+        states2, _ = encode(encoder, table, changed)
+        assert torch.allclose(states[2, :t], states2[2, :t], atol=1e-6)
+        assert not torch.allclose(states[2, t], states2[2, t], atol=1e-4)
+        assert torch.equal(states[:2], states2[:2])  # other rows untouched
+
+
+def test_states_do_not_depend_on_batch_padding():
+    torch.manual_seed(0)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, dropout=0.0, max_len=12)
+    encoder, table = EventEncoder(cfg).eval(), ItemSparseArch(50, 16)
+    batch = make_batch([3, 9])
+    alone = SequenceBatch(**{**batch.__dict__, "lengths": torch.tensor([3]),
+                             **{k: getattr(batch, k)[:3] for k in
+                                ("item", "action", "gap", "hour", "device", "timestamp")},
+                             "sample_ids": batch.sample_ids[:1]})
+    padded_states, _ = encode(encoder, table, batch)
+    alone_states, _ = encode(encoder, table, alone)
+    assert torch.allclose(padded_states[0, :3], alone_states[0], atol=1e-5)
+
+
+def test_next_item_pairs_point_at_the_following_event():
+    lengths = torch.tensor([3, 1, 2])
+    values = torch.arange(6)  # events 0..5 laid out jagged
+    padded, mask = pad_jagged(values, lengths)
+    query, target = next_item_pairs(padded.unsqueeze(-1).float(), mask, lengths)
+    assert padded.flatten()[query].tolist() == [0, 1, 4]  # queries: all but each row's last
+    assert values[target].tolist() == [1, 2, 5]  # targets: the event right after
+
+
+def test_sampled_softmax_with_all_items_equals_full_softmax():
+    torch.manual_seed(0)
+    table = torch.randn(30, 8)
+    queries, targets = torch.randn(5, 8), torch.tensor([3, 7, 7, 1, 29])
+    everything = torch.arange(1, 30)  # item 0 is padding
+    loss = sampled_softmax_loss(queries, targets, table[targets], everything, table[everything],
+                                log_item_prob=None, in_batch=False)
+    full = F.cross_entropy(queries @ table[1:].T, targets - 1)
+    assert torch.allclose(loss, full, atol=1e-6)
+
+
+def test_logq_correction_and_accidental_hits():
+    torch.manual_seed(0)
+    table = torch.randn(10, 4)
+    queries, targets = torch.randn(3, 4), torch.tensor([2, 2, 5])
+    negatives = torch.tensor([2, 6])  # item 2 is an accidental hit for rows 0 and 1
+    log_p = torch.log(torch.full((10,), 0.1))
+    loss = sampled_softmax_loss(queries, targets, table[targets], negatives, table[negatives],
+                                log_item_prob=log_p, in_batch=True)
+    # Hand computation: log q = log(expected proposals) per candidate, same for all here.
+    rate = torch.log(torch.tensor(2 / 9 + 3 * 0.1))
+    cand = torch.cat([targets, negatives])
+    expected = []
+    for i in range(3):
+        pos = queries[i] @ table[targets[i]] - rate
+        others = [queries[i] @ table[c] - rate for j, c in enumerate(cand) if c != targets[i]]
+        expected.append(-pos + torch.logsumexp(torch.stack([pos, *others]), 0))
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)

@@ -1,0 +1,47 @@
+"""Run under torchrun by tests: train with the real Trainer, then report what each rank holds.
+
+usage: torchrun --nproc_per_node 2 tests/workers/train_and_report.py REPORT_DIR override ...
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from foundation.config import compose
+from foundation.distributed.sharding import local_shard_shapes
+from foundation.train.trainer import Trainer
+
+
+def main() -> None:
+    report_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
+    trainer = Trainer(compose("train", overrides))
+    summary = trainer.fit()
+    engine = trainer.model.engine
+    dense_params = sum(p.numel() for p in engine.module.parameters())
+    if engine.zero_stage == 3:  # parameters are partitioned: count their full sizes
+        dense_params = sum(p.ds_numel for p in engine.module.parameters())
+    report = {
+        "rank": trainer.env.rank,
+        "engine_class": type(engine.engine).__name__,
+        "engine_module": type(engine.engine).__module__,
+        "zero_stage": engine.zero_stage,
+        "optimizer_state_numel": engine.optimizer_state_numel(),
+        "dense_params": dense_params,
+        "local_shards": local_shard_shapes(trainer.model.sparse),
+        "plan": str(trainer.model.plan),
+        "losses": [json.loads(line)["loss"] for line in (trainer.run_dir / "metrics.jsonl").open()
+                   if '"loss"' in line] if trainer.env.is_main else [],
+        "first_loss": summary["first_loss"],
+        "last_loss": summary["last_loss"],
+        "val": summary["val"],
+        "threads": torch.get_num_threads(),
+    }
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / f"rank{trainer.env.rank}.json").write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
