@@ -35,14 +35,16 @@ SPARSE_OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "sgd": torch.optim.SGD,
 }
+# fbgemm's CPU kernels implement only the Adagrad family and SGD.
+CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
 @dataclass
 class ShardingConfig:
     # Sharding types the planner may choose from for the item table, best first.
     types: list[str] = field(default_factory=lambda: ["table_wise"])
-    optimizer: str = "adam"  # fused into the backward pass: rowwise_adagrad | adagrad | adam | sgd
-    lr: float = 1e-3
+    optimizer: str = "rowwise_adagrad"  # fused into backward: rowwise_adagrad | adagrad | sgd | adam (GPU)
+    lr: float = 0.05
     eps: float = 1e-8
 
 
@@ -56,6 +58,9 @@ def validate_sharding(cfg: ShardingConfig, device_type: str) -> None:
     if cfg.optimizer not in SPARSE_OPTIMIZERS:
         raise ValueError(f"sharding.optimizer={cfg.optimizer!r} is unknown; choose from "
                          f"{sorted(SPARSE_OPTIMIZERS)}")
+    if device_type == "cpu" and cfg.optimizer not in CPU_OPTIMIZERS:
+        raise ValueError(f"sharding.optimizer={cfg.optimizer} has no fused CPU kernel in fbgemm; "
+                         f"on CPU choose from {list(CPU_OPTIMIZERS)}")
 
 
 def shard_sparse_arch(module: nn.Module, cfg: ShardingConfig, env: DistEnv

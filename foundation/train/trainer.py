@@ -71,9 +71,8 @@ class Trainer:
                 self.save(step)
         final = self.validate(cfg.max_steps)
         self.save(cfg.max_steps)
-        summary = self.summarise(losses, events, time.perf_counter() - start, final)
         self.logger.close()
-        return summary
+        return self.summarise(losses, events, time.perf_counter() - start, final)
 
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
         """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""

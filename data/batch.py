@@ -1,0 +1,53 @@
+"""Jagged batches: one row per member, values concatenated in time order, no padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+EVENT_KEYS: tuple[str, ...] = ("item", "action", "gap", "hour", "device")
+
+
+@dataclass
+class SequenceBatch:
+    sample_ids: Tensor  # [B] int64 (meta.json sample_id)
+    lengths: Tensor  # [B] int64 events per row after truncation
+    item: Tensor  # [sum(lengths)] int64 jagged values, time order within each row
+    action: Tensor  # [sum(lengths)]
+    gap: Tensor  # [sum(lengths)] time_gap_bucket of each event's gap to the previous one
+    hour: Tensor  # [sum(lengths)]
+    device: Tensor  # [sum(lengths)]
+    timestamp: Tensor  # [sum(lengths)]
+    candidates: Tensor | None = None  # ranking mode: [sum(candidate_lengths)] impression items
+    candidate_lengths: Tensor | None = None  # [B]
+    labels: Tensor | None = None  # [sum(candidate_lengths)] float32 0/1
+
+    def __len__(self) -> int:
+        return int(self.lengths.numel())
+
+    def offsets(self) -> Tensor:
+        """[B+1] row starts into the jagged values (a zero, then the cumulative lengths)."""
+        return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
+
+    def kjt(self, keys: Sequence[str] = EVENT_KEYS) -> KeyedJaggedTensor:
+        """The event features as one KeyedJaggedTensor; every key shares ``lengths``."""
+        keys = list(keys)
+        values = torch.cat([getattr(self, k) for k in keys])
+        lengths = self.lengths.repeat(len(keys))
+        return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+
+    def _map(self, fn) -> SequenceBatch:
+        changes = {f.name: fn(getattr(self, f.name)) for f in fields(self)
+                   if getattr(self, f.name) is not None}
+        return replace(self, **changes)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SequenceBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SequenceBatch:
+        """Called by DataLoader(pin_memory=True) for custom batch types."""
+        return self._map(lambda t: t.pin_memory())

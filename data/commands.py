@@ -1,0 +1,47 @@
+"""``foundation data synth`` and ``foundation data build``: composed config in, shards out."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from foundation.data.configs import BuildCommandConfig, SynthCommandConfig
+from foundation.data.synthetic import synthesize
+from foundation.data.writer import BuildConfig, build_shards
+from omegaconf import DictConfig, OmegaConf
+
+
+def _typed(cfg: DictConfig | Any, schema: type) -> Any:
+    """The composed config as its dataclass (also accepts a plain DictConfig or dataclass)."""
+    if isinstance(cfg, schema):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ValueError(f"missing required value(s): {', '.join(missing)} "
+                         f"(pass them as overrides, e.g. {missing[0]}=DIR)")
+    return OmegaConf.to_object(merged)
+
+
+def _summary(verb: str, output: str, manifest: dict[str, Any]) -> str:
+    splits = ", ".join(f"{name} {s['samples']} members/{len(s['shards'])} shards"
+                       for name, s in manifest["splits"].items())
+    totals = manifest["totals"]
+    return (f"{verb} {totals['members']} members, {totals['events']} events, "
+            f"{totals['items']} items, {totals['impressions']} impressions → {output} ({splits})")
+
+
+def run_synth(cfg: DictConfig | SynthCommandConfig) -> int:
+    cmd: SynthCommandConfig = _typed(cfg, SynthCommandConfig)
+    world = dataclasses.replace(cmd.world, output=cmd.output)
+    manifest = synthesize(world, progress=cmd.progress)
+    print(_summary("synthesized", cmd.output, manifest))
+    return 0
+
+
+def run_build(cfg: DictConfig | BuildCommandConfig) -> int:
+    cmd: BuildCommandConfig = _typed(cfg, BuildCommandConfig)
+    fields = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(BuildConfig)}
+    manifest = build_shards(BuildConfig(**fields), progress=cmd.progress)
+    print(_summary("built", cmd.output, manifest))
+    return 0

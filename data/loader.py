@@ -1,0 +1,157 @@
+"""Streaming loader: webdataset shards → decoded members → jagged SequenceBatches.
+
+Pipeline order (open_clip's): shard list shuffled by (seed, epoch), identical everywhere →
+split by rank → split by worker → tar to samples → decode (npz/json only, never pickle) →
+sample shuffle seeded by (seed, epoch, rank, worker) → truncate → batch. One pass is one
+epoch; every sample is read by exactly one (rank, worker).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from foundation.data.batch import SequenceBatch
+from foundation.data.schema import hour_of_day, sequence_gaps, time_gap_bucket
+from foundation.data.writer import load_manifest
+from torch.utils.data import DataLoader, get_worker_info
+
+MODES = ("sequence", "ranking")
+ENTRIES = frozenset({"seq.npz", "imp.npz", "meta.json"})  # everything else is rejected
+
+
+class ErrorPolicy:
+    """webdataset exception handler: ``raise`` re-raises (the message names the shard url);
+    ``skip`` warns, counts (per process) and continues."""
+
+    def __init__(self, on_error: str):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error, self.skipped = on_error, 0
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.on_error == "raise":
+            raise exn
+        self.skipped += 1
+        warnings.warn(f"skipping unreadable data ({self.skipped} so far): {exn}", stacklevel=2)
+        return True
+
+
+def _load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def decode_sample(sample: dict[str, Any], max_len: int, mode: str) -> dict[str, Any] | None:
+    """One member's arrays, truncated to its last ``max_len`` events; None drops the row."""
+    unknown = sorted(k for k in sample if not k.startswith("__") and k not in ENTRIES)
+    if unknown:
+        raise ValueError(f"unexpected entries {unknown}: shards hold only {sorted(ENTRIES)} "
+                         f"(npz and json; pickle is never decoded)")
+    seq, meta = _load_npz(sample["seq.npz"]), json.loads(sample["meta.json"])
+    ts = seq["timestamp"].astype(np.int64)
+    keep = slice(max(0, len(ts) - max_len), None)  # gaps come from the full history first
+    row = {"sample_id": int(meta["sample_id"]), "item": seq["item"][keep],
+           "action": seq["action"][keep], "device": seq["device"][keep], "timestamp": ts[keep],
+           "gap": time_gap_bucket(sequence_gaps(ts))[keep], "hour": hour_of_day(ts)[keep]}
+    if mode == "ranking":
+        if "imp.npz" not in sample:
+            return None
+        imp = _load_npz(sample["imp.npz"])
+        row["candidates"], row["labels"] = imp["item"], imp["label"]
+    return row if mode == "ranking" or len(row["item"]) >= 2 else None
+
+
+def _decode(src: Iterable[dict[str, Any]], *, max_len: int, mode: str,
+            handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
+    for sample in src:
+        try:
+            row = decode_sample(sample, max_len, mode)
+        except Exception as err:  # noqa: BLE001 - the policy decides; the message names the shard
+            handler(ValueError(f"cannot decode sample {sample.get('__key__')!r} of shard "
+                               f"{sample.get('__url__')}: {err}"))
+            continue
+        if row is not None:
+            yield row
+
+
+def _split_by_rank(src: Iterable[Any], *, rank: int, world_size: int) -> Iterator[Any]:
+    """Strided split with the explicit rank (not env vars): each shard to exactly one rank."""
+    yield from islice(src, rank, None, world_size)
+
+
+def _seeded_shuffle(src: Iterable[Any], *, bufsize: int, seed: int, epoch: int,
+                    rank: int) -> Iterator[Any]:
+    """wds's buffer shuffle, seeded inside the worker so each (rank, worker) differs."""
+    info = get_worker_info()
+    worker = info.id if info is not None else 0
+    worker_seed = int(np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(1)[0])
+    yield from wds.filters._shuffle(iter(src), bufsize=bufsize, initial=bufsize, seed=worker_seed)
+
+
+def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
+    """Rows → one jagged batch (inside the pipeline, so workers ship finished batches)."""
+    def cat(key: str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([r[key] for r in rows]).astype(np.int64)).to(dtype)
+
+    def lens(key: str) -> torch.Tensor:
+        return torch.tensor([len(r[key]) for r in rows], dtype=torch.int64)
+
+    ranking = "candidates" in rows[0]
+    return SequenceBatch(
+        sample_ids=torch.tensor([r["sample_id"] for r in rows], dtype=torch.int64),
+        lengths=lens("item"), item=cat("item"), action=cat("action"), gap=cat("gap"),
+        hour=cat("hour"), device=cat("device"), timestamp=cat("timestamp"),
+        candidates=cat("candidates") if ranking else None,
+        candidate_lengths=lens("candidates") if ranking else None,
+        labels=cat("labels", torch.float32) if ranking else None)
+
+
+def shard_urls(path: str | Path, split: str) -> list[str]:
+    """The split's shard paths, in manifest order."""
+    manifest = load_manifest(path)
+    if split not in manifest["splits"]:
+        raise KeyError(f"no split {split!r} in {path}; splits: {sorted(manifest['splits'])}")
+    urls = [str(Path(path) / s["path"]) for s in manifest["splits"][split]["shards"]]
+    if not urls:
+        raise ValueError(f"split {split!r} of {path} has no samples: rebuild with a larger "
+                         f"{split}_fraction")
+    return urls
+
+
+def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int, seed: int = 0,
+                 epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1000, mode: str = "sequence",
+                 on_error: str = "raise") -> DataLoader:
+    """One epoch of ``split`` for this rank as SequenceBatches (DataLoader, batch_size=None)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if max_len < 2 or batch_size < 1:
+        raise ValueError(f"need max_len >= 2 and batch_size >= 1, got {max_len}, {batch_size}")
+    handler = ErrorPolicy(on_error)
+    # The shard seed depends only on (seed, epoch): every rank and worker sees the same order.
+    shard_seed = seed * 1_000_003 + epoch if shuffle else None
+    stages: list[Any] = [
+        wds.SimpleShardList(shard_urls(path, split), seed=shard_seed),
+        partial(_split_by_rank, rank=rank, world_size=world_size),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=handler),
+        partial(_decode, max_len=max_len, mode=mode, handler=handler),
+    ]
+    if shuffle and shuffle_buffer > 1:
+        stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch,
+                              rank=rank))
+    stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
+    return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
+                      persistent_workers=False)

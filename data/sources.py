@@ -1,0 +1,127 @@
+"""Source readers: event tables in many formats → one canonical set of numpy columns.
+
+A format is one function ``(path) -> pyarrow.Table`` in ``READERS``; column mapping, defaults and
+vocabulary encoding are shared, so a new format (sasrec_txt, movielens) is one function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from foundation.data.schema import (
+    ACTIONS,
+    DEVICES,
+    EVENT_COLUMNS,
+    IMPRESSION_COLUMNS,
+    OPTIONAL_EVENT_COLUMNS,
+    encode_vocab,
+)
+from omegaconf import MISSING
+
+
+@dataclass
+class ColumnsConfig:
+    """Canonical field -> column name in the file (typed, so a misspelled field fails early)."""
+
+    member_id: str = "member_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    action: str = "action"  # optional in the file: absent → every event is a play
+    device: str = "device"  # optional in the file: absent → <pad>
+
+
+@dataclass
+class SourceConfig:
+    format: str = "parquet"  # one of READERS
+    path: str = MISSING
+    # e.g. source.columns.member_id=user source.columns.item_id=movie
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    impressions_path: str | None = None  # member_id, item_id, timestamp, label (canonical names)
+    catalogue_path: str | None = None  # item_id, genres, series_id, episode, release_time
+
+
+def read_parquet(path: Path) -> pa.Table:
+    return pq.read_table(path)
+
+
+def read_csv(path: Path) -> pa.Table:
+    return pacsv.read_csv(path)
+
+
+def read_jsonl(path: Path) -> pa.Table:
+    return pajson.read_json(path)
+
+
+READERS: dict[str, Callable[[Path], pa.Table]] = {
+    "parquet": read_parquet,
+    "csv": read_csv,
+    "jsonl": read_jsonl,
+}
+SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
+                  ".json": "jsonl"}
+
+
+def read_table(path: str | Path, fmt: str | None = None) -> pa.Table:
+    """Read ``path`` with reader ``fmt`` (or the one its suffix names), with actionable errors."""
+    path = Path(path)
+    fmt = fmt or SUFFIX_FORMATS.get(path.suffix.lower(), "")
+    if fmt not in READERS:
+        raise ValueError(f"unknown source format {fmt!r} for {path}: supported formats are "
+                         f"{sorted(READERS)} (pass source.format=...)")
+    if not path.is_file():
+        raise FileNotFoundError(f"source file {path} does not exist: pass the event table as "
+                                f"source.path=/path/to/events.{fmt}")
+    return READERS[fmt](path)
+
+
+def _column(table: pa.Table, name: str, mapped: str, path: Path) -> np.ndarray:
+    if mapped not in table.column_names:
+        raise KeyError(f"column {mapped!r} (for {name}) not found in {path}; available columns: "
+                       f"{table.column_names} (map it with source.columns.{name}=<column>)")
+    col = table.column(mapped)
+    if pa.types.is_timestamp(col.type):  # datetimes → int seconds since the epoch
+        col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _int_column(table: pa.Table, name: str, mapped: str, path: Path) -> np.ndarray:
+    values = _column(table, name, mapped, path)
+    if values.dtype.kind not in "iub":
+        raise TypeError(f"column {mapped!r} (for {name}) in {path} must hold integers, "
+                        f"found {values.dtype}")
+    return values.astype(np.int64)
+
+
+def read_events(source: SourceConfig) -> dict[str, np.ndarray]:
+    """Events as int64 columns member_id, item_id, timestamp, action (id), device (id)."""
+    path = Path(source.path)
+    table = read_table(path, source.format)
+    columns = source.columns if isinstance(source.columns, dict) else asdict(source.columns)
+    unknown = set(columns) - set(EVENT_COLUMNS)
+    if unknown:
+        raise KeyError(f"source.columns names unknown field(s) {sorted(unknown)}; "
+                       f"fields are {list(EVENT_COLUMNS)}")
+    names = {name: columns.get(name) or name for name in EVENT_COLUMNS}
+    out = {name: _int_column(table, name, names[name], path)
+           for name in ("member_id", "item_id", "timestamp")}
+    for name, vocab in (("action", ACTIONS), ("device", DEVICES)):
+        if names[name] in table.column_names or names[name] != name:  # renamed → required
+            out[name] = encode_vocab(_column(table, name, names[name], path), vocab, name)
+        else:  # optional: every event is a plain play on an unknown device
+            default = vocab.index(OPTIONAL_EVENT_COLUMNS[name])
+            out[name] = np.full(len(out["member_id"]), default, np.int64)
+    return out
+
+
+def read_impressions(path: str | Path) -> dict[str, np.ndarray]:
+    """Impressions as int64 columns member_id, item_id, timestamp, label (0/1)."""
+    table = read_table(path)
+    return {name: _int_column(table, name, name, Path(path)) for name in IMPRESSION_COLUMNS}
