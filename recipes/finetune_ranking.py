@@ -26,7 +26,7 @@ class TargetAwareRanker(nn.Module):
         super().__init__()
         dim = model.embedding_dim
         self.encoder = EventEncoder(model)
-        self.head = nn.Sequential(nn.Linear(4 * dim, recipe.mlp_hidden), nn.GELU(),
+        self.head = nn.Sequential(nn.Linear(4 * dim + 2, recipe.mlp_hidden), nn.GELU(),
                                   nn.Dropout(model.dropout), nn.Linear(recipe.mlp_hidden, 1))
 
     def forward(self, batch, emb: dict[str, Tensor], mode: str = "train") -> Tensor:
@@ -37,7 +37,11 @@ class TargetAwareRanker(nn.Module):
         attn = torch.einsum("kd,kld->kl", cand, states[rows]) / cand.shape[-1] ** 0.5
         attn = attn.masked_fill(~mask[rows], float("-inf")).softmax(-1)
         pooled = torch.einsum("kl,kld->kd", attn, states[rows])
-        features = torch.cat([pooled, cand, pooled * cand, last_states(states, mask)[rows]], -1)
+        last = last_states(states, mask)[rows]
+        # The pretrained next-item score (last · candidate) is the strongest single signal;
+        # an MLP over concatenations cannot form dot products by itself, so hand them over.
+        scores = torch.stack([(last * cand).sum(-1), (pooled * cand).sum(-1)], -1)
+        features = torch.cat([pooled * cand, last * cand, cand, last, scores], -1)
         logits = self.head(features).squeeze(-1)
         if mode == "train":
             return F.binary_cross_entropy_with_logits(logits, batch.labels.float())

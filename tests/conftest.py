@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for a 2-core CI machine, large enough that learning is measurable.
-TEST_WORLD = ["world.members=2000", "world.items=400", "world.seed=0"]
+TEST_WORLD = ["world.members=3000", "world.items=1000", "world.seed=0"]
 FAST = ["logger=jsonl", "logger.progress=false", "data.num_workers=0"]
 
 

@@ -25,7 +25,7 @@ class EngineConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.98

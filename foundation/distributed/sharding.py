@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,9 @@ from foundation.distributed.env import DistEnv
 # data_parallel EmbeddingCollections return wrong shapes: it is refused there, with the reason.
 # Topology() built directly is fine for our explicit world size; silence its nag.
 logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
+logging.getLogger("torchrec.distributed.planner.storage_reservations").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*HeuristicalStorageReservation.*")
+warnings.filterwarnings("ignore", message=".*Please use DTensor instead.*")
 
 SUPPORTED_TYPES = {
     "cpu": ("table_wise", "column_wise"),
@@ -44,7 +48,7 @@ class ShardingConfig:
     # Sharding types the planner may choose from for the item table, best first.
     types: list[str] = field(default_factory=lambda: ["table_wise"])
     optimizer: str = "rowwise_adagrad"  # fused into backward: rowwise_adagrad | adagrad | sgd | adam (GPU)
-    lr: float = 0.05
+    lr: float = 0.1
     eps: float = 1e-8
 
 

@@ -15,10 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from foundation.train.checkpoint import CheckpointMismatch
     from foundation.train.trainer import Trainer
 
     try:
         Trainer(cfg).fit()
+    except (CheckpointMismatch, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

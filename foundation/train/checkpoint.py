@@ -24,6 +24,10 @@ from torch import nn
 COMMIT_MARKER = "COMMITTED"
 
 
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that does not fit the model being built: names the keys."""
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step}"
 
@@ -69,11 +73,18 @@ def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any], is_mai
 def load_sparse(path: Path, sparse: nn.Module) -> None:
     """Load the sharded tables into ``sparse`` (resharding to this world size as needed)."""
     state = {"model": sparse.state_dict()}
-    try:
-        dcp.load(state, checkpoint_id=str(path / "sparse"))
-    except Exception as err:  # DCP names the missing keys; say which checkpoint and why
-        raise RuntimeError(f"cannot load the sparse tables of {path}: {err}\n"
-                           f"(is it a checkpoint of a different model or table layout?)") from err
+    saved = dcp.FileSystemReader(str(path / "sparse")).read_metadata().state_dict_metadata
+    wanted = {f"model.{k}": tuple(v.size()) for k, v in state["model"].items()}
+    have = {k: tuple(getattr(v, "size", ())) for k, v in saved.items()}
+    missing = sorted(k for k in wanted if k not in have)
+    mismatched = sorted(f"{k} {have[k]} vs {wanted[k]}" for k in wanted
+                        if k in have and have[k] != wanted[k])
+    if missing or mismatched:
+        raise CheckpointMismatch(
+            f"the sparse tables of {path} do not fit this model: missing {missing[:8]}, "
+            f"shape-mismatched (saved vs model) {mismatched[:8]} "
+            f"(a checkpoint of a different model or config?)")
+    dcp.load(state, checkpoint_id=str(path / "sparse"))
 
 
 def load_dense(path: Path, module: nn.Module, prefixes: tuple[str, ...] | None = None) -> None:
@@ -85,7 +96,7 @@ def load_dense(path: Path, module: nn.Module, prefixes: tuple[str, ...] | None =
     mismatched = sorted(k for k in wanted & weights.keys() if weights[k].shape != own[k].shape)
     unexpected = sorted(weights.keys() - own.keys()) if prefixes is None else []
     if missing or mismatched or unexpected:
-        raise RuntimeError(
+        raise CheckpointMismatch(
             f"checkpoint {path} does not fit this model: missing {missing[:8]}, "
             f"shape-mismatched {mismatched[:8]}, unexpected {unexpected[:8]} "
             f"(a checkpoint of a different model or config?)")
