@@ -52,7 +52,7 @@ class RunLogger:
     def close(self) -> None:
         self.bar.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish(quiet=True)
+            self.wandb_run.finish()
 
 
 def _start_wandb(cfg: LoggerConfig, run_dir: Path, config: dict | None, name: str):
