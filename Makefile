@@ -24,6 +24,7 @@ demo: env
 	$(BIN)/foundation demo
 
 test: env
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: env

@@ -22,7 +22,8 @@ FINETUNE = ["recipe=finetune_ranking", "trainer.max_steps=150", "trainer.eval_ev
 
 def run_demo(directory: str, nproc: int = 2) -> int:
     root = Path(directory)
-    shards, pretrain, finetune = root / "shards", root / "runs/pretrain", root / "runs/finetune"
+    shards, pretrain = root / "shards", root / "runs/pretrain"
+    finetune, scratch = root / "runs/finetune", root / "runs/finetune_scratch"
     start = time.perf_counter()
     steps = [
         ["data", "synth", f"output={shards}", *WORLD],
@@ -30,8 +31,12 @@ def run_demo(directory: str, nproc: int = 2) -> int:
          f"run_dir={pretrain}"],
         ["train", f"--nproc={nproc}", *FINETUNE, *COMMON, f"data.path={shards}",
          f"run_dir={finetune}", f"recipe.init_from={pretrain}"],
+        # The same recipe from scratch, for the value of pretraining at equal steps.
+        ["train", f"--nproc={nproc}", *FINETUNE, *COMMON, f"data.path={shards}",
+         f"run_dir={scratch}"],
         ["eval", f"run_dir={pretrain}", "split=test"],
         ["eval", f"run_dir={finetune}", "split=test"],
+        ["eval", f"run_dir={scratch}", "split=test"],
     ]
     for args in steps:
         print(f"\n$ foundation {' '.join(args)}", flush=True)
@@ -41,11 +46,13 @@ def run_demo(directory: str, nproc: int = 2) -> int:
             return code
     pre = json.loads((pretrain / "eval.json").read_text())
     fine = json.loads((finetune / "eval.json").read_text())
+    cold = json.loads((scratch / "eval.json").read_text())
     minutes = (time.perf_counter() - start) / 60
     print("\n== demo summary ==")
     print(f"pretrain  test hr@10 {pre['metrics']['hr@10']:.4f} ndcg@10 {pre['metrics']['ndcg@10']:.4f}"
           f" | most-popular hr@10 {pre['baselines']['most_popular']['hr@10']:.4f} | {pretrain}")
     print(f"finetune  test auc {fine['metrics']['auc']:.4f} log_loss {fine['metrics']['log_loss']:.4f}"
+          f" | from scratch auc {cold['metrics']['auc']:.4f}"
           f" | most-popular auc {fine['baselines']['most_popular']['auc']:.4f} | {finetune}")
     print(f"demo finished in {minutes:.1f} min; shards in {shards}")
     return 0

@@ -5,7 +5,8 @@ evaluation over ranks) live here so recipes stay thin."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch

@@ -13,6 +13,7 @@ from foundation.eval.metrics import auc, log_loss
 from foundation.models.member import EventEncoder, MemberModelConfig, last_states
 from foundation.tasks import Task, all_concat, synchronised
 
+
 @dataclass
 class RankingConfig:
     name: str = "finetune_ranking"

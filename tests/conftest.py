@@ -18,8 +18,9 @@ FAST = ["logger=jsonl", "logger.progress=false", "data.num_workers=0"]
 
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory) -> Path:
-    from foundation.config import compose
     from foundation.data.commands import run_synth
+
+    from foundation.config import compose
 
     out = tmp_path_factory.mktemp("synth")
     run_synth(compose("data_synth", [f"output={out}", *TEST_WORLD]))

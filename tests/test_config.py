@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from foundation.recipes import RECIPES
 from omegaconf import OmegaConf
 
 from foundation.config import ConfigError, TrainConfig, compose
-from foundation.recipes import RECIPES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))

@@ -4,7 +4,6 @@ really is a DeepSpeed engine at the configured ZeRO stage, and every stage train
 from __future__ import annotations
 
 import pytest
-
 from conftest import FAST, read_reports, run_torchrun
 
 pytestmark = pytest.mark.slow

@@ -2,10 +2,16 @@
 
 import torch
 import torch.nn.functional as F
-
 from foundation.data.batch import SequenceBatch
+
 from foundation.models.losses import next_item_pairs, sampled_softmax_loss
-from foundation.models.member import EventEncoder, ItemSparseArch, MemberModelConfig, item_features, pad_jagged
+from foundation.models.member import (
+    EventEncoder,
+    ItemSparseArch,
+    MemberModelConfig,
+    item_features,
+    pad_jagged,
+)
 
 
 def make_batch(lengths, num_items=50, seed=0):

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FAST, REPO
 
 pytestmark = pytest.mark.slow

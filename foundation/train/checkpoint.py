@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
