@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
 from foundation.data.batch import SequenceBatch
-from foundation.models.member import ItemSparseArch, item_features
+from foundation.models.member import SparseArch, sparse_features
 
 JAGGED_FIELDS = ("item", "action", "gap", "hour", "device", "timestamp")
 
@@ -35,7 +35,7 @@ class Task:
 
     # -- model -----------------------------------------------------------------------
     def build_sparse(self, device: torch.device) -> nn.Module:
-        return ItemSparseArch(self.num_items, self.cfg.model.embedding_dim, device)
+        return SparseArch(self.num_items, self.cfg.model.embedding_dim, device)
 
     def build_dense(self) -> nn.Module:
         raise NotImplementedError
@@ -50,8 +50,8 @@ class Task:
     # -- a training step -------------------------------------------------------------
     def features(self, batch: SequenceBatch) -> tuple[KeyedJaggedTensor, dict[str, Tensor]]:
         """Item lookups for one training step, and extra inputs of the dense forward."""
-        return item_features(batch.item, batch.lengths, batch.candidates,
-                             batch.candidate_lengths), {}
+        return sparse_features(batch, candidates=batch.candidates,
+                               candidate_lengths=batch.candidate_lengths), {}
 
     def evaluate(self, model, batches: Iterable[SequenceBatch]) -> dict[str, Any]:
         raise NotImplementedError

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from foundation.eval.metrics import means, ranking_sums, target_ranks
 from foundation.models.losses import next_item_pairs, sampled_softmax_loss
-from foundation.models.member import EventEncoder, MemberModelConfig, item_features, last_states
+from foundation.models.member import EventEncoder, MemberModelConfig, last_states, sparse_features
 from foundation.tasks import Task, all_sum, split_last_event, synchronised
 
 
@@ -33,7 +33,7 @@ class NextItemModel(nn.Module):
 
     def forward(self, batch, emb: dict[str, Tensor], negatives: Tensor | None = None,
                 mode: str = "train") -> Tensor:
-        states, mask = self.encoder(emb["item"], batch)
+        states, mask = self.encoder(emb, batch.lengths)
         if mode == "encode":
             return last_states(states, mask)
         query_index, target_index = next_item_pairs(states, mask, batch.lengths)
@@ -62,7 +62,7 @@ class PretrainMemberFM(Task):
             negatives = torch.arange(1, self.num_items)
         else:
             negatives = torch.randint(1, self.num_items, (self.recipe.num_negatives,))
-        kjt = item_features(batch.item, batch.lengths, negatives=negatives)
+        kjt = sparse_features(batch, negatives=negatives)
         return kjt, {"negatives": negatives}
 
     @torch.no_grad()
@@ -72,7 +72,7 @@ class PretrainMemberFM(Task):
         sums = {"model": [], "most_popular": []}
         for batch, real in synchronised(batches, model.world_size):
             history, targets = split_last_event(batch)
-            emb = model.embed(item_features(history.item, history.lengths))
+            emb = model.embed(sparse_features(history))
             scores = model.dense(history, emb, mode="encode") @ catalogue.T
             if not real:
                 continue

@@ -7,10 +7,10 @@ from foundation.data.batch import SequenceBatch
 from foundation.models.losses import next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
     EventEncoder,
-    ItemSparseArch,
     MemberModelConfig,
-    item_features,
+    SparseArch,
     pad_jagged,
+    sparse_features,
 )
 
 
@@ -28,14 +28,13 @@ def make_batch(lengths, num_items=50, seed=0):
 
 
 def encode(encoder, table, batch):
-    emb = table(item_features(batch.item, batch.lengths))["item"]
-    return encoder(emb, batch)
+    return encoder(table(sparse_features(batch)), batch.lengths)
 
 
 def test_no_position_sees_its_target_or_the_future():
     torch.manual_seed(0)
     cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0, max_len=12)
-    encoder, table = EventEncoder(cfg).eval(), ItemSparseArch(50, 16)
+    encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
     batch = make_batch([7, 4, 9])
     states, mask = encode(encoder, table, batch)
     # Change the events of row 2 from position t on; states before t must not move.
@@ -54,7 +53,7 @@ def test_no_position_sees_its_target_or_the_future():
 def test_states_do_not_depend_on_batch_padding():
     torch.manual_seed(0)
     cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, dropout=0.0, max_len=12)
-    encoder, table = EventEncoder(cfg).eval(), ItemSparseArch(50, 16)
+    encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
     batch = make_batch([3, 9])
     alone = SequenceBatch(**{**batch.__dict__, "lengths": torch.tensor([3]),
                              **{k: getattr(batch, k)[:3] for k in

@@ -2,14 +2,12 @@
 
 The model is split the way the whole framework is (ARCHITECTURE.md, "Sparse / dense split"):
 
-* ``ItemSparseArch`` holds the item-ID table, the only table that grows with the catalogue. It
-  is a TorchRec ``EmbeddingCollection`` that ``DistributedModelParallel`` shards. Every item
-  lookup of a step (history, candidates, negatives) is one jagged feature of that one table.
-* ``EventEncoder`` is the dense trunk: token = item + action + time-gap + hour + device +
-  position, then pre-norm causal self-attention. The small categorical vocabularies live here
-  as ordinary ``nn.Embedding``s so the dense engine replicates (or ZeRO-partitions) them;
-  that is data-parallel sharding in effect, and it sidesteps fbgemm-gpu-cpu's dense
-  sequence kernel, which pools its output on CPU (see ``distributed/sharding.py``).
+* ``SparseArch`` holds every categorical table as one TorchRec ``EmbeddingCollection``, which
+  ``DistributedModelParallel`` shards: the item table (behind three features: history
+  ``item``s, ranking ``candidate``s and sampled ``negative``s, so one lookup per step fetches
+  them all) and one table per event attribute (action, time-gap bucket, hour, device).
+* ``EventEncoder`` is the dense trunk: token = item + action + time-gap (+ hour + device)
+  + recency position, then pre-norm causal self-attention.
 """
 
 from __future__ import annotations
@@ -22,8 +20,12 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from foundation.data.schema import ACTIONS, DEVICES, NUM_GAP_BUCKETS, NUM_HOURS
 
-ITEM_TABLE = "item_table"  # not "items": TorchRec table names must not shadow nn.ModuleDict attributes
+# Table names must not shadow nn.ModuleDict attributes (a table named "items" breaks TorchRec).
+ITEM_TABLE = "item_table"
 ITEM_FEATURES = ("item", "candidate", "negative")
+EVENT_TABLES = {"action": len(ACTIONS), "gap": NUM_GAP_BUCKETS, "hour": NUM_HOURS,
+                "device": len(DEVICES)}
+FEATURES = ITEM_FEATURES + tuple(EVENT_TABLES)
 
 
 @dataclass
@@ -37,44 +39,46 @@ class MemberModelConfig:
     context_features: bool = True  # hour-of-day and device embeddings in each token
 
 
-class ItemSparseArch(nn.Module):
-    """The item table behind the features ``item``, ``candidate`` and ``negative``."""
+class SparseArch(nn.Module):
+    """All categorical tables of the member model in one EmbeddingCollection."""
 
     def __init__(self, num_items: int, dim: int, device: torch.device | None = None):
         super().__init__()
-        self.embedding_collection = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=num_items,
-                                    feature_names=list(ITEM_FEATURES))],
-            device=device,
-        )
+        tables = [EmbeddingConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=num_items,
+                                  feature_names=list(ITEM_FEATURES))]
+        tables += [EmbeddingConfig(name=f"{key}_table", embedding_dim=dim, num_embeddings=size,
+                                   feature_names=[key]) for key, size in EVENT_TABLES.items()]
+        self.embedding_collection = EmbeddingCollection(tables=tables, device=device)
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, Tensor]:
         return {key: jt.values() for key, jt in self.embedding_collection(features).items()}
 
 
-def item_features(history: Tensor, history_lengths: Tensor, candidates: Tensor | None = None,
-                  candidate_lengths: Tensor | None = None, negatives: Tensor | None = None
-                  ) -> KeyedJaggedTensor:
-    """One KJT for every item lookup of a step; absent features get zero lengths.
+def sparse_features(batch=None, *, candidates: Tensor | None = None,
+                    candidate_lengths: Tensor | None = None,
+                    negatives: Tensor | None = None) -> KeyedJaggedTensor:
+    """One KJT for every lookup of a step: the batch's events, candidates and negatives.
 
-    Negatives are shared by the whole batch, so they all sit in row 0.
+    Absent parts get zero lengths. Negatives are shared by the whole batch, so they all sit
+    in row 0. Without a batch (a catalogue lookup) there is one empty row.
     """
-    batch = history_lengths.numel()
-    empty = history_lengths.new_zeros(batch)
-    candidate_lengths = empty if candidate_lengths is None else candidate_lengths
-    negative_lengths = empty.clone()
-    if negatives is not None and batch:
-        negative_lengths[0] = negatives.numel()
-    values = [history]
-    if candidates is not None:
-        values.append(candidates)
+    lengths = batch.lengths if batch is not None else torch.zeros(1, dtype=torch.long)
+    empty, zeros = lengths.new_zeros(0), lengths.new_zeros(lengths.numel())
+    negative_lengths = zeros.clone()
     if negatives is not None:
-        values.append(negatives)
+        negative_lengths[0] = negatives.numel()
+    parts = {
+        "item": (batch.item if batch is not None else empty, lengths),
+        "candidate": (candidates if candidates is not None else empty,
+                      candidate_lengths if candidate_lengths is not None else zeros),
+        "negative": (negatives if negatives is not None else empty, negative_lengths),
+        **{key: (getattr(batch, key) if batch is not None else empty, lengths)
+           for key in EVENT_TABLES},
+    }
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(ITEM_FEATURES),
-        values=torch.cat(values).long(),
-        lengths=torch.cat([history_lengths, candidate_lengths, negative_lengths]).long(),
-    )
+        keys=list(FEATURES),
+        values=torch.cat([parts[k][0].long() for k in FEATURES]),
+        lengths=torch.cat([parts[k][1].long() for k in FEATURES]))
 
 
 def pad_jagged(values: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,12 +104,7 @@ class EventEncoder(nn.Module):
         super().__init__()
         dim = cfg.embedding_dim
         self.cfg = cfg
-        self.action = nn.Embedding(len(ACTIONS), dim, padding_idx=0)
-        self.gap = nn.Embedding(NUM_GAP_BUCKETS, dim, padding_idx=0)
         self.position = nn.Embedding(cfg.max_len, dim)
-        if cfg.context_features:
-            self.hour = nn.Embedding(NUM_HOURS, dim, padding_idx=0)
-            self.device = nn.Embedding(len(DEVICES), dim, padding_idx=0)
         self.input_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(
@@ -114,11 +113,12 @@ class EventEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(dim)
 
-    def forward(self, item_emb: Tensor, batch) -> tuple[Tensor, Tensor]:
-        tokens = item_emb + self.action(batch.action) + self.gap(batch.gap)
+    def forward(self, emb: dict[str, Tensor], lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """``emb``: the sparse arch's per-event embeddings; ``lengths``: events per row."""
+        tokens = emb["item"] + emb["action"] + emb["gap"]
         if self.cfg.context_features:
-            tokens = tokens + self.hour(batch.hour) + self.device(batch.device)
-        x, mask = pad_jagged(tokens, batch.lengths)
+            tokens = tokens + emb["hour"] + emb["device"]
+        x, mask = pad_jagged(tokens, lengths)
         # Positions count back from the newest event, so "the latest event" means the same
         # slot whatever the history length (SASRec's left padding does the same).
         recency = (mask.sum(1, keepdim=True) - 1 - torch.arange(x.shape[1], device=x.device))

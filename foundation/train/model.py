@@ -11,7 +11,7 @@ from torch import Tensor
 from foundation.distributed.engine import DeepSpeedDenseEngine
 from foundation.distributed.env import DistEnv
 from foundation.distributed.sharding import shard_sparse_arch
-from foundation.models.member import item_features
+from foundation.models.member import sparse_features
 from foundation.tasks import Task
 from foundation.train import checkpoint
 
@@ -53,6 +53,5 @@ class ShardedModel:
         parts = []
         for start in range(0, self.task.num_items, chunk):
             ids = torch.arange(start, min(start + chunk, self.task.num_items))
-            empty = torch.zeros(1, dtype=torch.long)
-            parts.append(self.embed(item_features(empty[:0], empty, negatives=ids))["negative"])
+            parts.append(self.embed(sparse_features(negatives=ids))["negative"])
         return torch.cat(parts)

@@ -23,6 +23,7 @@ from foundation.tasks import Task
 from foundation.train import checkpoint
 from foundation.train.logging import RunLogger
 from foundation.train.model import ShardedModel
+from foundation.train.plots import plot_run
 from foundation.train.stream import EpochStream
 
 
@@ -125,6 +126,7 @@ class Trainer:
                    "events_per_s": events / seconds, "val": final, "run_dir": str(self.run_dir)}
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            plot_run(self.run_dir, metric)
             print(f"{self.task.name}: {len(losses)} steps in {seconds:.0f}s | loss "
                   f"{losses[0]:.3f} → {summary['last_loss']:.3f} | {summary['events_per_s']:,.0f} "
                   f"events/s | val {metric} {value:.4f} (most-popular {baseline:.4f}) | "
