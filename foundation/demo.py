@@ -16,8 +16,9 @@ WORLD = ["world.members=3000", "world.items=1000", "world.seed=0"]
 COMMON = ["logger.log_every=20", "data.num_workers=1"]
 PRETRAIN = ["recipe=pretrain_member_fm", "trainer.max_steps=300", "trainer.eval_every=100",
             "trainer.eval_batches=4"]
+# Pretrained tables want a gentler sparse learning rate than tables learned from scratch.
 FINETUNE = ["recipe=finetune_ranking", "trainer.max_steps=150", "trainer.eval_every=0",
-            "trainer.optim.lr=0.0005"]
+            "trainer.optim.lr=0.0005", "sharding.lr=0.01"]
 
 
 def run_demo(directory: str, nproc: int = 2) -> int:

@@ -21,12 +21,14 @@ def train_two_ranks(tmp_path, synth_shards, *overrides):
     return ranks
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_zero_stage_is_real_and_trains(tmp_path, synth_shards, stage):
-    ranks = train_two_ranks(tmp_path, synth_shards, f"engine.zero_stage={stage}")
+@pytest.mark.parametrize(("stage", "grad_accum"), [(0, 1), (2, 2), (3, 1)])
+def test_zero_stage_is_real_and_trains(tmp_path, synth_shards, stage, grad_accum):
+    ranks = train_two_ranks(tmp_path, synth_shards, f"engine.zero_stage={stage}",
+                            f"trainer.grad_accum={grad_accum}")
     for r in ranks:
         assert r["engine_module"].startswith("deepspeed") and r["engine_class"] == "DeepSpeedEngine"
         assert r["zero_stage"] == stage
+        assert r["grad_accum"] == grad_accum
     states = [r["optimizer_state_numel"] for r in ranks]
     total_params = ranks[0]["dense_params"]
     # AdamW keeps two moments per parameter: all of them on each rank at stage 0,

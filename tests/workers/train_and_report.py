@@ -27,6 +27,7 @@ def main() -> None:
         "engine_class": type(engine.engine).__name__,
         "engine_module": type(engine.engine).__module__,
         "zero_stage": engine.zero_stage,
+        "grad_accum": engine.engine.gradient_accumulation_steps(),
         "optimizer_state_numel": engine.optimizer_state_numel(),
         "dense_params": dense_params,
         "local_shards": local_shard_shapes(trainer.model.sparse),
