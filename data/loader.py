@@ -153,5 +153,8 @@ def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int,
         stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch,
                               rank=rank))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
+    # An own generator: creating the iterator draws a base seed from it, and drawing from the
+    # global RNG instead would shift dropout and sampling after a resume.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
     return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=generator)

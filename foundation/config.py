@@ -37,7 +37,7 @@ class TrainerConfig:
     eval_every: int = 100  # validation every N steps (0: only at the end)
     eval_batches: int = 0  # limit validation batches per rank (0: the whole split)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end)
-    resume: str = "never"  # never | auto | a checkpoint path (resume lands with issue 3)
+    resume: str = "auto"  # auto (newest committed checkpoint in run_dir) | never | a checkpoint path
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -27,13 +27,14 @@ def synth_shards(tmp_path_factory) -> Path:
     return out
 
 
-def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600,
+                 check: bool = True) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N args``; fails the test with the output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    assert result.returncode == 0 or not check, f"{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return result
 
 

@@ -111,6 +111,13 @@ class DeepSpeedDenseEngine:
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="engine", save_latest=False)
 
+    def load(self, directory: str) -> None:
+        """Restore weights, ZeRO optimizer partitions and LR schedule from ``save``."""
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
+        path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed engine state in {directory}")
+
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights of the dense arch on every rank (gathered under ZeRO-3)."""
         import deepspeed
@@ -118,6 +125,27 @@ class DeepSpeedDenseEngine:
         params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3):
             return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+def WeightsOnlyCheckpointEngine():  # noqa: N802 - a class made lazily (deepspeed import)
+    """DeepSpeed's checkpoint engine, but loading with ``weights_only=True``.
+
+    DeepSpeed loads its own files with full unpickling; ours allow tensors, plain containers
+    and the few DeepSpeed classes its files hold (loss scaler, ZeRO stage enum, fragment addresses), nothing else.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    class _Engine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return _Engine()
 
 
 def _decay_groups(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -1,10 +1,11 @@
 """Checkpoints: ``RUN/checkpoints/step-N/`` with
 
-* ``sparse/`` — the sharded tables, written shard by shard with torch.distributed.checkpoint
-  (loads on any world size: DCP reshards);
+* ``sparse/`` — the sharded tables and their fused-optimizer state, written shard by shard
+  with torch.distributed.checkpoint (loads on any world size: DCP reshards);
 * ``engine/`` — the DeepSpeed engine's own state (dense weights + ZeRO optimizer partitions);
 * ``dense.safetensors`` — the dense weights consolidated in fp32, for warm starts and export;
-* ``trainer_state.json`` — step, epoch, config hash;
+* ``trainer_state.json`` — step, config hash, world size;
+* ``rank{r}.json`` and ``rng-rank{r}.safetensors`` — each rank's data-stream position and RNG;
 * ``COMMITTED`` — written last, by rank 0, after every rank finished. A directory without it
   is never loaded.
 """
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -54,24 +56,49 @@ def resolve(source: str | Path, which: str = "latest") -> Path:
     return found[-1]
 
 
-def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any], is_main: bool,
-         barrier) -> None:
+def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any],
+         rank_state: dict[str, Any], rank: int, barrier) -> None:
+    """Every rank writes its part; rank 0 commits once all ranks are done."""
     path.mkdir(parents=True, exist_ok=True)
-    dcp.save({"model": sparse.state_dict()}, checkpoint_id=str(path / "sparse"))
+    dcp.save(_sparse_state(sparse), checkpoint_id=str(path / "sparse"))
     engine.save(str(path / "engine"))
     dense = engine.consolidated_state_dict()  # a collective under ZeRO-3: every rank calls it
-    if is_main:
+    save_file({"torch": torch.get_rng_state()}, str(path / f"rng-rank{rank}.safetensors"))
+    _write_json(path / f"rank{rank}.json", rank_state)
+    if rank == 0:
         save_file(dense, str(path / "dense.safetensors"))
         _write_json(path / "trainer_state.json", state)
     barrier()
-    if is_main:
+    if rank == 0:
         _write_json(path / COMMIT_MARKER, {"step": state["step"]})
     barrier()
+
+
+def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> tuple[dict, dict]:
+    """Load everything ``save`` wrote back into a freshly built model; returns the trainer
+    state and this rank's state (data position)."""
+    state = _sparse_state(sparse)
+    _check_sparse_fits(path, state)
+    dcp.load(state, checkpoint_id=str(path / "sparse"))
+    sparse.fused_optimizer.load_state_dict(state["optim"])
+    engine.load(str(path / "engine"))
+    torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
+    rank_state = json.loads((path / f"rank{rank}.json").read_text())
+    return read_state(path), rank_state
+
+
+def _sparse_state(sparse: nn.Module) -> dict[str, Any]:
+    return {"model": sparse.state_dict(), "optim": sparse.fused_optimizer.state_dict()}
 
 
 def load_sparse(path: Path, sparse: nn.Module) -> None:
     """Load the sharded tables into ``sparse`` (resharding to this world size as needed)."""
     state = {"model": sparse.state_dict()}
+    _check_sparse_fits(path, state)
+    dcp.load(state, checkpoint_id=str(path / "sparse"))
+
+
+def _check_sparse_fits(path: Path, state: dict[str, Any]) -> None:
     saved = dcp.FileSystemReader(str(path / "sparse")).read_metadata().state_dict_metadata
     wanted = {f"model.{k}": tuple(v.size()) for k, v in state["model"].items()}
     have = {k: tuple(getattr(v, "size", ())) for k, v in saved.items()}
@@ -83,7 +110,6 @@ def load_sparse(path: Path, sparse: nn.Module) -> None:
             f"the sparse tables of {path} do not fit this model: missing {missing[:8]}, "
             f"shape-mismatched (saved vs model) {mismatched[:8]} "
             f"(a checkpoint of a different model or config?)")
-    dcp.load(state, checkpoint_id=str(path / "sparse"))
 
 
 def load_dense(path: Path, module: nn.Module, prefixes: tuple[str, ...] | None = None) -> None:

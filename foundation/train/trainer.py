@@ -35,8 +35,6 @@ def build_task(cfg: DictConfig) -> Task:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv | None = None):
-        if cfg.trainer.resume not in ("never", "auto"):
-            raise NotImplementedError("trainer.resume=<path> is not supported yet: use never|auto")
         self.cfg, self.env = cfg, env or init_distributed()
         self.run_dir = Path(cfg.run_dir)
         self.task = build_task(cfg)
@@ -48,6 +46,7 @@ class Trainer:
         seed_everything(cfg.seed, self.env.rank)  # from here ranks differ: dropout, negatives
         self.stream = EpochStream(cfg.data, mode=self.task.data_mode, seed=cfg.seed,
                                   rank=self.env.rank, world_size=self.env.world_size)
+        self.start_step = self.resume(self.resume_from())
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -57,8 +56,14 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg, batches = self.cfg.trainer, iter(self.stream)
+        if self.start_step >= cfg.max_steps:
+            if self.env.is_main:
+                print(f"{self.task.name}: nothing to do, {self.run_dir} is at step "
+                      f"{self.start_step} ≥ trainer.max_steps={cfg.max_steps}", flush=True)
+            self.logger.close()
+            return {"recipe": self.task.name, "steps": 0, "run_dir": str(self.run_dir)}
         start, losses, events = time.perf_counter(), [], 0
-        for step in range(1, cfg.max_steps + 1):
+        for step in range(self.start_step + 1, cfg.max_steps + 1):
             loss, step_events, step_time = self.train_step(batches, step)
             losses.append(loss)
             events += step_events
@@ -75,6 +80,36 @@ class Trainer:
         self.save(cfg.max_steps)
         self.logger.close()
         return self.summarise(losses, events, time.perf_counter() - start, final)
+
+    def resume_from(self) -> Path | None:
+        """``trainer.resume``: auto (newest committed checkpoint of the run, if any) | never |
+        a checkpoint path."""
+        choice = self.cfg.trainer.resume
+        if choice == "never":
+            return None
+        if choice == "auto":
+            found = checkpoint.committed_checkpoints(self.run_dir)
+            return found[-1] if found else None
+        return checkpoint.resolve(choice)
+
+    def resume(self, path: Path | None) -> int:
+        if path is None:
+            return 0
+        saved = checkpoint.read_state(path)
+        layout = (saved["world_size"], saved.get("num_workers"))
+        if layout != (self.env.world_size, self.cfg.data.num_workers):
+            raise checkpoint.CheckpointMismatch(
+                f"{path} was saved by {layout[0]} ranks × {layout[1]} loader workers; this run "
+                f"has {self.env.world_size} × {self.cfg.data.num_workers}. Resuming needs the "
+                f"same layout (the ZeRO optimizer partitions and each rank's data position "
+                f"belong to it): rerun with the same --nproc and data.num_workers, or start a "
+                f"new run from its weights with recipe.init_from (evaluation reshards freely)")
+        state, rank_state = checkpoint.restore(path, sparse=self.model.sparse,
+                                               engine=self.model.engine, rank=self.env.rank)
+        self.stream.load_state(rank_state["stream"])
+        if self.env.is_main:
+            print(f"resumed from {path} at step {state['step']}", flush=True)
+        return int(state["step"])
 
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
         """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
@@ -110,10 +145,11 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         path = checkpoint.checkpoint_dir(self.run_dir, step)
-        state = {"step": step, "epoch": self.stream.epoch, "recipe": self.task.name,
-                 "config_hash": config_hash(self.cfg), "world_size": self.env.world_size}
+        state = {"step": step, "recipe": self.task.name, "config_hash": config_hash(self.cfg),
+                 "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers}
         checkpoint.save(path, sparse=self.model.sparse, engine=self.model.engine, state=state,
-                        is_main=self.env.is_main, barrier=self.env.barrier)
+                        rank_state={"stream": self.stream.state()}, rank=self.env.rank,
+                        barrier=self.env.barrier)
         return path
 
     def summarise(self, losses: list[float], events: int, seconds: float,
