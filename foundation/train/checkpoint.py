@@ -87,6 +87,22 @@ def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> tuple[dict, 
     return read_state(path), rank_state
 
 
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Retention: drop committed checkpoints beyond the newest ``keep_last`` and incomplete
+    ones older than the newest committed. The newest committed one is never deleted."""
+    import shutil
+
+    committed = committed_checkpoints(run_dir)
+    if not committed:
+        return
+    newest = int(committed[-1].name.split("-")[1])
+    doomed = committed[:-keep_last] if keep_last > 0 else []
+    doomed += [p for p in (run_dir / "checkpoints").glob("step-*")
+               if not (p / COMMIT_MARKER).exists() and int(p.name.split("-")[1]) < newest]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _sparse_state(sparse: nn.Module) -> dict[str, Any]:
     return {"model": sparse.state_dict(), "optim": sparse.fused_optimizer.state_dict()}
 

@@ -24,6 +24,7 @@ from foundation.train import checkpoint
 from foundation.train.logging import RunLogger
 from foundation.train.model import ShardedModel
 from foundation.train.plots import plot_run
+from foundation.train.preemption import PreemptionFlag
 from foundation.train.stream import EpochStream
 
 
@@ -35,7 +36,11 @@ def build_task(cfg: DictConfig) -> Task:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv | None = None):
-        self.cfg, self.env = cfg, env or init_distributed()
+        if cfg.trainer.on_nan not in ("stop", "skip"):
+            raise ValueError(f"trainer.on_nan={cfg.trainer.on_nan!r}: choose stop or skip")
+        self.cfg = cfg
+        self.env = env or init_distributed(timeout_s=cfg.trainer.collective_timeout_s)
+        self.preemption, self.skipped_steps = PreemptionFlag(), 0
         self.run_dir = Path(cfg.run_dir)
         self.task = build_task(cfg)
         seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -70,16 +75,28 @@ class Trainer:
             self.logger.advance(loss=loss)
             if step % self.cfg.logger.log_every == 0 or step == cfg.max_steps:
                 self.logger.log({"step": step, "loss": loss, "lr": self.model.engine.lr(),
+                                 "skipped_steps": self.skipped_steps,
                                  "events_per_s": step_events / step_time,
                                  "step_time_s": step_time, "epoch": self.stream.epoch})
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 self.validate(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 self.save(step)
+            if step < cfg.max_steps and self.preemption.requested(self.env.world_size):
+                return self.stop_preempted(step)
         final = self.validate(cfg.max_steps)
         self.save(cfg.max_steps)
         self.logger.close()
         return self.summarise(losses, events, time.perf_counter() - start, final)
+
+    def stop_preempted(self, step: int) -> dict[str, Any]:
+        path = self.save(step)
+        self.logger.close()
+        if self.env.is_main:
+            print(f"{self.task.name}: preempted, checkpoint committed at {path}; run the same "
+                  f"command again to resume", flush=True)
+        return {"recipe": self.task.name, "preempted": True, "step": step,
+                "run_dir": str(self.run_dir)}
 
     def resume_from(self) -> Path | None:
         """``trainer.resume``: auto (newest committed checkpoint of the run, if any) | never |
@@ -119,18 +136,30 @@ class Trainer:
             batch = next(batches).to(self.env.device)
             features, extra = self.task.features(batch)
             loss = self.model.dense(batch, self.model.embed(features), **extra)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower "
-                                         f"trainer.optim.lr or check the data; the last "
-                                         f"checkpoint is kept")
+            if not self.all_finite(loss):
+                if self.cfg.trainer.on_nan == "stop":
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {step} on rank {self.env.rank}: lower "
+                        f"trainer.optim.lr or check the data (trainer.on_nan=skip skips such "
+                        f"steps); the last committed checkpoint is kept")
+                self.skipped_steps += 1  # no backward: nothing is updated on any rank
+                continue
             self.model.engine.backward(loss)
             self.model.engine.step()
             losses.append(loss.detach())
             events += int(batch.lengths.sum())
-        stats = torch.tensor([torch.stack(losses).mean().item(), float(events)], dtype=torch.float64)
+        mean = torch.stack(losses).mean().item() if losses else float("nan")
+        stats = torch.tensor([mean, float(events)], dtype=torch.float64)
         if self.env.world_size > 1:
             dist.all_reduce(stats)
         return stats[0].item() / self.env.world_size, int(stats[1]), time.perf_counter() - begin
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every rank's loss is finite: ranks must agree before a collective backward."""
+        finite = torch.tensor([int(bool(torch.isfinite(loss)))], dtype=torch.int32)
+        if self.env.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
 
     def validate(self, step: int) -> dict[str, Any]:
         self.model.train(False)
@@ -150,6 +179,8 @@ class Trainer:
         checkpoint.save(path, sparse=self.model.sparse, engine=self.model.engine, state=state,
                         rank_state={"stream": self.stream.state()}, rank=self.env.rank,
                         barrier=self.env.barrier)
+        if self.env.is_main:
+            checkpoint.prune(self.run_dir, keep_last=self.cfg.trainer.keep_last)
         return path
 
     def summarise(self, losses: list[float], events: int, seconds: float,

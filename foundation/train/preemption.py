@@ -1,0 +1,28 @@
+"""Preemption: SIGTERM (schedulers, torchrun) and SIGUSR1 (Slurm's warning signal) ask the
+run to checkpoint at the next step boundary and exit cleanly."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionFlag:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ARG002
+        self.signal = signum
+
+    def requested(self, world_size: int) -> bool:
+        """True on every rank as soon as any rank got a signal (ranks must stop together)."""
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32)
+        if world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,99 @@
+"""Preemption, retention and incomplete checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST, REPO, run_torchrun
+
+from foundation.train import checkpoint
+
+RUN = ["recipe=pretrain_member_fm", "trainer.eval_every=0", "trainer.eval_batches=1",
+       "data.batch_size=16", "model.num_layers=1", "logger.log_every=1"]
+
+
+def fake_checkpoint(run_dir: Path, step: int, committed: bool) -> Path:
+    path = checkpoint.checkpoint_dir(run_dir, step)
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if committed:
+        (path / checkpoint.COMMIT_MARKER).write_text("{}")
+    return path
+
+
+def test_incomplete_checkpoints_are_never_chosen_and_retention_keeps_the_newest(tmp_path):
+    for step, done in ((2, True), (4, True), (6, True), (8, False)):
+        fake_checkpoint(tmp_path, step, done)
+    assert checkpoint.resolve(tmp_path).name == "step-6"  # step-8 has no commit marker
+    with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
+        checkpoint.resolve(tmp_path / "checkpoints" / "step-8")
+    checkpoint.prune(tmp_path, keep_last=1)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["step-6", "step-8"]  # the newest complete one stays; a newer partial too
+
+
+@pytest.mark.slow
+def test_resume_skips_a_checkpoint_killed_mid_write(synth_shards, tmp_path):
+    run = tmp_path / "run"
+    run_torchrun(["-m", "foundation.train", f"data.path={synth_shards}", f"run_dir={run}", *FAST,
+                  *RUN, "trainer.max_steps=4"])
+    partial = fake_checkpoint(run, 6, committed=False)  # as if killed while writing step 6
+    (partial / "dense.safetensors").write_bytes(b"\0" * 10)
+    out = run_torchrun(["-m", "foundation.train", f"data.path={synth_shards}", f"run_dir={run}",
+                        *FAST, *RUN, "trainer.max_steps=5"])
+    assert "resumed from" in out.stdout and "step-4 at step 4" in out.stdout
+
+
+def worker_pids(marker: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    pids = []
+    for pid in map(int, found):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except FileNotFoundError:
+            continue
+        if "-m foundation.train" in cmdline and "torch.distributed.run" not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step
+                                    for line in metrics.open()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{run_dir} never reached step {step}")
+
+
+@pytest.mark.slow
+def test_sigterm_commits_a_checkpoint_exits_zero_and_resumes(synth_shards, tmp_path):
+    run = tmp_path / "preempted"
+    args = [f"data.path={synth_shards}", f"run_dir={run}", *FAST, *RUN, "trainer.max_steps=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "foundation.train", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(run, 3, proc)
+    pids = worker_pids(str(run))
+    assert len(pids) == 2
+    for pid in pids:  # as Slurm does: every task gets the signal
+        os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-4000:]
+    assert "preempted, checkpoint committed" in out
+    saved = checkpoint.resolve(run)
+    step = checkpoint.read_state(saved)["step"]
+    assert 3 <= step < 400
+    resumed = run_torchrun(["-m", "foundation.train", *args[:-1], f"trainer.max_steps={step + 2}"])
+    assert f"resumed from {saved} at step {step}" in resumed.stdout
