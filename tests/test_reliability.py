@@ -97,3 +97,27 @@ def test_sigterm_commits_a_checkpoint_exits_zero_and_resumes(synth_shards, tmp_p
     assert 3 <= step < 400
     resumed = run_torchrun(["-m", "foundation.train", *args[:-1], f"trainer.max_steps={step + 2}"])
     assert f"resumed from {saved} at step {step}" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_fails_the_job_within_the_collective_timeout(synth_shards, tmp_path):
+    run = tmp_path / "hung"
+    args = [f"data.path={synth_shards}", f"run_dir={run}", *FAST, *RUN, "trainer.max_steps=400",
+            "trainer.collective_timeout_s=10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "foundation.train", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(run, 3, proc)
+    stopped = max(worker_pids(str(run)))
+    os.kill(stopped, signal.SIGSTOP)
+    began = time.time()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if Path(f"/proc/{stopped}").exists():
+            os.kill(stopped, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.time() - began < 90
+    assert "timed out" in err.lower() or "timeout" in err.lower()
