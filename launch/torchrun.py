@@ -34,4 +34,7 @@ def run_torchrun(spec: LaunchSpec, module: str, args: list[str]) -> int:
     env = dict(os.environ)
     # Each rank gets an equal share of the cores instead of oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc)))
+    # Workers must not share torchrun's rendezvous store: after an elastic restart they would
+    # read the previous attempt's addresses from it and fail to connect (pytorch#135712).
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return subprocess.call(torchrun_command(spec, module, args), env=env)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,5 +39,44 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600,
     return result
 
 
+def spawn(cmd: list[str]) -> subprocess.Popen:
+    """Start a command in the background (for tests that signal or kill its processes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def read_reports(report_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(report_dir.glob("rank*.json"))]
+
+
+def worker_pids(marker: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    pids = []
+    for pid in map(int, found):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except FileNotFoundError:
+            continue
+        if "-m foundation.train" in cmdline and "torch.distributed.run" in _parent_cmdline(pid):
+            pids.append(pid)  # a rank: its parent is torchrun (not a DataLoader worker)
+    return pids
+
+
+def _parent_cmdline(pid: int) -> str:
+    try:
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, IndexError, ValueError):
+        return ""
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step
+                                    for line in metrics.open()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{run_dir} never reached step {step}")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, run_torchrun
+from conftest import FAST, run_torchrun, spawn, wait_for_step, worker_pids
 
 from foundation.train import checkpoint
 
@@ -51,39 +50,12 @@ def test_resume_skips_a_checkpoint_killed_mid_write(synth_shards, tmp_path):
     assert "resumed from" in out.stdout and "step-4 at step 4" in out.stdout
 
 
-def worker_pids(marker: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
-    pids = []
-    for pid in map(int, found):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except FileNotFoundError:
-            continue
-        if "-m foundation.train" in cmdline and "torch.distributed.run" not in cmdline:
-            pids.append(pid)
-    return pids
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if metrics.exists() and any(json.loads(line).get("step", 0) >= step
-                                    for line in metrics.open()):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{run_dir} never reached step {step}")
-
-
 @pytest.mark.slow
 def test_sigterm_commits_a_checkpoint_exits_zero_and_resumes(synth_shards, tmp_path):
     run = tmp_path / "preempted"
     args = [f"data.path={synth_shards}", f"run_dir={run}", *FAST, *RUN, "trainer.max_steps=400"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", "-m", "foundation.train", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = spawn([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node=2", "-m", "foundation.train", *args])
     wait_for_step(run, 3, proc)
     pids = worker_pids(str(run))
     assert len(pids) == 2
@@ -104,11 +76,8 @@ def test_a_stopped_rank_fails_the_job_within_the_collective_timeout(synth_shards
     run = tmp_path / "hung"
     args = [f"data.path={synth_shards}", f"run_dir={run}", *FAST, *RUN, "trainer.max_steps=400",
             "trainer.collective_timeout_s=10"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", "-m", "foundation.train", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = spawn([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node=2", "-m", "foundation.train", *args])
     wait_for_step(run, 3, proc)
     stopped = max(worker_pids(str(run)))
     os.kill(stopped, signal.SIGSTOP)

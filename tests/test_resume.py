@@ -7,10 +7,14 @@ step-6 checkpoint and must reproduce steps 7-12 exactly (same losses, same final
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import time
 
 import pytest
 import torch
-from conftest import FAST, run_torchrun
+from conftest import FAST, run_torchrun, spawn, wait_for_step, worker_pids
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -65,3 +69,23 @@ def test_resuming_on_another_world_size_says_why_not(synth_shards, tmp_path):
     assert result.returncode != 0
     assert "saved by 2 ranks × 0 loader workers; this run has 1 × 0" in result.stderr
     assert "CheckpointMismatch" not in result.stderr  # a message, not our traceback
+
+
+def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(
+        synth_shards, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    common = ["trainer.checkpoint_every=4", "data.num_workers=1", "trainer.max_steps=40"]
+    train(synth_shards, full, *common)
+    proc = spawn([sys.executable, "-m", "foundation.cli", "train", "--nproc=2", "--max-restarts=1",
+                  f"data.path={synth_shards}", f"run_dir={killed}", *FAST, *RUN, *common])
+    wait_for_step(killed, 6, proc)
+    os.kill(max(worker_pids(str(killed))), signal.SIGKILL)
+    began = time.time()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "resumed from" in out, out[-2000:]
+    assert time.time() - began < 240
+    # Same data and seeds as the uninterrupted run: its final weights must match ours.
+    a = load_file(str(full / "checkpoints/step-40/dense.safetensors"))
+    b = load_file(str(killed / "checkpoints/step-40/dense.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
