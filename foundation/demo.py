@@ -55,5 +55,6 @@ def run_demo(directory: str, nproc: int = 2) -> int:
     print(f"finetune  test auc {fine['metrics']['auc']:.4f} log_loss {fine['metrics']['log_loss']:.4f}"
           f" | from scratch auc {cold['metrics']['auc']:.4f}"
           f" | most-popular auc {fine['baselines']['most_popular']['auc']:.4f} | {finetune}")
+    print(f"plots: {pretrain}/training.png {finetune}/training.png")
     print(f"demo finished in {minutes:.1f} min; shards in {shards}")
     return 0

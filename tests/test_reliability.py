@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, run_torchrun, spawn, wait_for_step, worker_pids
+from conftest import FAST, REPO, run_torchrun, spawn, wait_for_step, worker_pids
 
 from foundation.train import checkpoint
 
@@ -90,3 +91,33 @@ def test_a_stopped_rank_fails_the_job_within_the_collective_timeout(synth_shards
     assert proc.returncode != 0
     assert time.time() - began < 90
     assert "timed out" in err.lower() or "timeout" in err.lower()
+
+
+EXPLODE = ["trainer.optim.lr=1e30", "trainer.optim.warmup_steps=0", "trainer.optim.grad_clip=0"]
+
+
+def train_alone(synth_shards, run, *overrides) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "foundation.train", f"data.path={synth_shards}",
+                           f"run_dir={run}", *FAST, *RUN, *overrides], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(synth_shards, tmp_path):
+    run = tmp_path / "nan"
+    result = train_alone(synth_shards, run, *EXPLODE, "trainer.max_steps=6",
+                         "trainer.checkpoint_every=1")
+    assert result.returncode == 3
+    assert "loss is nan at step 2" in result.stderr and "Traceback" not in result.stderr
+    assert checkpoint.resolve(run).name == "step-1"  # the last good one, committed
+    assert not checkpoint.checkpoint_dir(run, 2).exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_can_skip_the_step_and_count_it(synth_shards, tmp_path):
+    run = tmp_path / "skip"
+    result = train_alone(synth_shards, run, *EXPLODE, "trainer.max_steps=4", "trainer.on_nan=skip")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"loss"' in line]
+    assert rows[-1]["step"] == 4 and rows[-1]["skipped_steps"] == 3

@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointMismatch, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # trainer.on_nan=stop
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -24,11 +24,11 @@ class RunLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, *, enabled: bool, total_steps: int,
-                 config: dict[str, Any] | None = None, name: str = "train"):
+                 config: dict[str, Any] | None = None, name: str = "train", initial: int = 0):
         self.enabled = enabled
         self.cfg = cfg
         self.path = run_dir / "metrics.jsonl"
-        self.bar = tqdm(total=total_steps, desc=name, dynamic_ncols=True,
+        self.bar = tqdm(total=total_steps, initial=initial, desc=name, dynamic_ncols=True,
                         disable=not (enabled and cfg.progress))
         self.wandb_run = None
         if enabled and cfg.wandb:

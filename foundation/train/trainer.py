@@ -57,6 +57,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.logger = RunLogger(cfg.logger, self.run_dir, enabled=self.env.is_main,
                                 total_steps=cfg.trainer.max_steps, name=self.task.name,
+                                initial=self.start_step,
                                 config=OmegaConf.to_container(cfg, resolve=True))
 
     def fit(self) -> dict[str, Any]:
