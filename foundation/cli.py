@@ -28,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                                  required=True)
     for action in ("synth", "build"):
         _with_overrides(data.add_parser(action, help=f"foundation data {action} key=value ..."))
-    train = _with_overrides(sub.add_parser("train", help="train a recipe"))
+    train = _with_overrides(sub.add_parser(
+        "train", help="train a recipe", epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     train.add_argument("--nproc", type=int, default=1, help="ranks on this node (torchrun)")
-    train.add_argument("--nnodes", type=int, default=1)
-    train.add_argument("--node-rank", type=int, default=0)
-    train.add_argument("--master-addr", default="127.0.0.1")
+    train.add_argument("--nnodes", type=int, default=1, help="nodes in the job (multi-node)")
+    train.add_argument("--node-rank", type=int, default=0, help="this node's index")
+    train.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
     train.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
     _with_overrides(sub.add_parser("eval", help="evaluate a run: RUN/eval.json"))
     sub.add_parser("recipes", help="list the recipes")
@@ -45,6 +47,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _train_epilog() -> str:
+    """The config groups and their options, read from the installed config tree."""
+    from importlib.resources import files
+
+    root = files("foundation.configs")
+    lines = ["config groups (pick with group=option):"]
+    for group in sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        options = sorted(p.name[:-5] for p in (root / group).iterdir() if p.name.endswith(".yaml"))
+        lines.append(f"  {group:10s} {', '.join(options)}")
+    lines += ["", "common overrides: seed=0 run_dir=RUN data.path=DIR trainer.max_steps=N",
+              "  trainer.checkpoint_every=N trainer.resume=auto|never|PATH engine.zero_stage=0-3",
+              "  recipe.init_from=RUN (fine-tunes) sharding.types=[table_wise,column_wise]",
+              "see every key: foundation train --cfg recipe=NAME data.path=DIR"]
+    return "\n".join(lines)
 
 
 def _with_overrides(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -87,3 +87,11 @@ def test_cli_reports_a_typo_before_starting(tmp_path):
     assert result.returncode == 2
     assert "trainer.max_stepz" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_train_help_lists_groups_and_options():
+    result = subprocess.run([sys.executable, "-m", "foundation.cli", "train", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "sharding   auto, column_wise, table_wise" in result.stdout
+    assert "recipe     finetune_ranking, pretrain_member_fm" in result.stdout
