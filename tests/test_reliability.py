@@ -73,14 +73,16 @@ def test_sigterm_commits_a_checkpoint_exits_zero_and_resumes(synth_shards, tmp_p
 
 
 @pytest.mark.slow
-def test_a_stopped_rank_fails_the_job_within_the_collective_timeout(synth_shards, tmp_path):
+@pytest.mark.parametrize("victim", [min, max])  # either rank: one pid per rank
+def test_a_stopped_rank_fails_the_job_within_the_collective_timeout(synth_shards, tmp_path,
+                                                                     victim):
     run = tmp_path / "hung"
     args = [f"data.path={synth_shards}", f"run_dir={run}", *FAST, *RUN, "trainer.max_steps=400",
             "trainer.collective_timeout_s=10"]
     proc = spawn([sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "--nproc_per_node=2", "-m", "foundation.train", *args])
     wait_for_step(run, 3, proc)
-    stopped = max(worker_pids(str(run)))
+    stopped = victim(worker_pids(str(run)))
     os.kill(stopped, signal.SIGSTOP)
     began = time.time()
     try:

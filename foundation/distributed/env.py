@@ -46,8 +46,15 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, timeout=timeout)
+    # DeepSpeed creates its own groups with new_group() and no timeout, which would give them
+    # torch's 30-minute default: a hung rank must fail those collectives in time too.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
