@@ -36,7 +36,12 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def committed_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     found = [p for p in root.glob("step-*") if (p / COMMIT_MARKER).exists()] if root.exists() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """``…/step-N`` → N."""
+    return int(path.name.split("-")[1])
 
 
 def resolve(source: str | Path, which: str = "latest") -> Path:
@@ -74,17 +79,16 @@ def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any],
     barrier()
 
 
-def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> tuple[dict, dict]:
-    """Load everything ``save`` wrote back into a freshly built model; returns the trainer
-    state and this rank's state (data position)."""
+def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> dict[str, Any]:
+    """Load everything ``save`` wrote back into a freshly built model; returns this rank's
+    state (data position)."""
     state = _sparse_state(sparse)
     _check_sparse_fits(path, state)
     dcp.load(state, checkpoint_id=str(path / "sparse"))
     sparse.fused_optimizer.load_state_dict(state["optim"])
     engine.load(str(path / "engine"))
     torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
-    rank_state = json.loads((path / f"rank{rank}.json").read_text())
-    return read_state(path), rank_state
+    return json.loads((path / f"rank{rank}.json").read_text())
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -95,10 +99,10 @@ def prune(run_dir: Path, keep_last: int) -> None:
     committed = committed_checkpoints(run_dir)
     if not committed:
         return
-    newest = int(committed[-1].name.split("-")[1])
+    newest = step_of(committed[-1])
     doomed = committed[:-keep_last] if keep_last > 0 else []
     doomed += [p for p in (run_dir / "checkpoints").glob("step-*")
-               if not (p / COMMIT_MARKER).exists() and int(p.name.split("-")[1]) < newest]
+               if not (p / COMMIT_MARKER).exists() and step_of(p) < newest]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
 

@@ -122,12 +122,12 @@ class Trainer:
                 f"same layout (the ZeRO optimizer partitions and each rank's data position "
                 f"belong to it): rerun with the same --nproc and data.num_workers, or start a "
                 f"new run from its weights with recipe.init_from (evaluation reshards freely)")
-        state, rank_state = checkpoint.restore(path, sparse=self.model.sparse,
-                                               engine=self.model.engine, rank=self.env.rank)
+        rank_state = checkpoint.restore(path, sparse=self.model.sparse,
+                                        engine=self.model.engine, rank=self.env.rank)
         self.stream.load_state(rank_state["stream"])
         if self.env.is_main:
-            print(f"resumed from {path} at step {state['step']}", flush=True)
-        return int(state["step"])
+            print(f"resumed from {path} at step {saved['step']}", flush=True)
+        return int(saved["step"])
 
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
         """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
