@@ -41,6 +41,9 @@ class TrainerConfig:
     on_nan: str = "stop"  # a NaN/inf loss: stop (naming the step) | skip (the step, counted)
     collective_timeout_s: float = 600.0  # a hung rank fails the job after this long
     resume: str = "auto"  # auto (newest committed checkpoint in run_dir) | never | a checkpoint path
+    # resuming on other ranks/loader workers: refuse | restart_epoch (tables and dense state
+    # reshard exactly; the data stream restarts the checkpoint's epoch on the new layout)
+    reshard: str = "refuse"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

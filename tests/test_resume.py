@@ -61,14 +61,42 @@ def test_auto_resume_continues_and_a_finished_run_has_nothing_to_do(synth_shards
     assert "nothing to do" in out.stdout
 
 
-def test_resuming_on_another_world_size_says_why_not(synth_shards, tmp_path):
+def evals_at(run_dir, step):
+    """The validation rows logged at ``step``, in the order they were written."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return [r for r in rows if r.get("split") == "val" and r["step"] == step]
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    names = [k for k in a if k.startswith(("hr@", "ndcg@", "mrr"))]
+    assert names, a
+    for name in names:
+        assert b[name] == pytest.approx(a[name], abs=1e-9), (name, a, b)
+
+
+def test_a_checkpoint_moves_2_to_1_to_2_ranks_with_identical_eval(synth_shards, tmp_path):
     run = tmp_path / "run"
-    train(synth_shards, run, "trainer.max_steps=3")
-    result = run_torchrun(["-m", "foundation.train", f"data.path={synth_shards}", f"run_dir={run}",
-                           *FAST, *RUN, "trainer.max_steps=5"], nproc=1, check=False)
-    assert result.returncode != 0
-    assert "saved by 2 ranks × 0 loader workers; this run has 1 × 0" in result.stderr
-    assert "CheckpointMismatch" not in result.stderr  # a message, not our traceback
+    whole_val = "trainer.eval_batches=0"  # every val member on any world size
+    train(synth_shards, run, "trainer.max_steps=3", whole_val)
+    cmd = ["-m", "foundation.train", f"data.path={synth_shards}", f"run_dir={run}", *FAST, *RUN,
+           whole_val]
+    refused = run_torchrun([*cmd, "trainer.max_steps=5"], nproc=1, check=False)
+    assert refused.returncode != 0
+    assert "saved by 2 ranks × 0 loader workers; this run has 1 × 0" in refused.stderr
+    assert "trainer.reshard=restart_epoch" in refused.stderr
+    assert "CheckpointMismatch" not in refused.stderr  # a message, not our traceback
+
+    one = run_torchrun([*cmd, "trainer.max_steps=5", "trainer.reshard=restart_epoch"], nproc=1)
+    assert "resharded" in one.stdout and "restarts epoch 0" in one.stdout
+    saved, reloaded = evals_at(run, 3)  # the 2-rank run's final eval, then the 1-rank reload's
+    assert reloaded["resharded_from"] == 2
+    assert_same_metrics(saved, reloaded)
+
+    run_torchrun([*cmd, "trainer.max_steps=7", "trainer.reshard=restart_epoch"], nproc=2)
+    saved, reloaded = evals_at(run, 5)
+    assert reloaded["resharded_from"] == 1
+    assert_same_metrics(saved, reloaded)
+    assert sorted(losses(run)) == list(range(1, 8))  # it trained on after each reload
 
 
 def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -40,6 +41,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class DeepSpeedDenseEngine:
@@ -117,6 +121,105 @@ class DeepSpeedDenseEngine:
         path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed engine state in {directory}")
+
+    def full_optimizer_state(self) -> dict[str, torch.Tensor]:
+        """AdamW's moments per parameter name, unpartitioned fp32, and the step count: a
+        layout-free copy of the optimizer that loads on any world size or ZeRO stage (a
+        collective under ZeRO >= 1: every rank calls it)."""
+        self._init_adam_state()  # before the first step AdamW has no state yet
+        state = {"step": torch.tensor(self._adam_step(), dtype=torch.int64)}
+        for name, param in self.module.named_parameters():
+            for key in ADAM_MOMENTS:
+                state[f"{name}.{key}"] = self._full_moment(param, key).detach().float().cpu().clone()
+        return state
+
+    def load_full_state(self, weights: dict[str, torch.Tensor],
+                        optimizer: dict[str, torch.Tensor]) -> None:
+        """Load ``consolidated_state_dict`` + ``full_optimizer_state`` saved on any layout:
+        every rank keeps its own partition. The LR schedule continues from the saved step."""
+        import deepspeed
+
+        step = int(optimizer["step"])
+        self._init_adam_state()
+        params = dict(self.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
+                                               enabled=self.zero_stage == 3):
+            self.module.load_state_dict(weights)  # the weights the forward pass uses
+        for name, param in params.items():
+            self._set_full(param, weights[name])  # ZeRO's fp32 master partition
+            for key in ADAM_MOMENTS:
+                self._set_full(param, optimizer[f"{name}.{key}"], key)
+        for state in self._inner_optimizer().state.values():
+            state["step"].fill_(step)
+        self._set_schedule(step)
+        self.engine.global_steps = step
+        self.engine.micro_steps = step * self.engine.gradient_accumulation_steps()
+
+    def _set_full(self, param: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        """Give this rank its part of a full fp32 master weight (``key`` None) or AdamW moment."""
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
+
+        value = value.to(param.device)
+        if self.zero_stage == 0:  # no master copy: AdamW updates the module's own weights
+            if key is not None:
+                self._inner_optimizer().state[param][key].copy_(value.view_as(param))
+        elif hasattr(param, "ds_id"):
+            # ZeRO-3: set this rank's slice ourselves; DeepSpeed's full setter slices without the
+            # padding that tensors smaller than the world size get.
+            size, rank = param.ds_tensor.numel(), dist.get_rank(param.ds_process_group)
+            flat = torch.nn.functional.pad(value.flatten(), (0, size * (rank + 1)))
+            local = flat.narrow(0, size * rank, size)
+            if key is None:
+                safe_set_local_fp32_param(param, local)
+            else:
+                safe_set_local_optimizer_state(param, local, key)
+        elif key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+
+    def _set_schedule(self, step: int) -> None:
+        """Put the LR schedule (and every group's lr) at ``step``, as if it had stepped there."""
+        sched = self.scheduler
+        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched.last_epoch, sched._last_lr = step, lrs
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _init_adam_state(self) -> None:
+        """AdamW creates its state lazily at the first step; create it now (zeros), as it would."""
+        inner = self._inner_optimizer()
+        # ZeRO-3 attaches its flat fp32 partitions to AdamW's groups only while stepping.
+        flats = getattr(self.optimizer, "fp32_partitioned_groups_flat", None) or [
+            p for group in inner.param_groups for p in group["params"]]
+        for flat in flats:
+            if not inner.state[flat]:
+                inner.state[flat] = {"step": torch.tensor(0.0),
+                                     **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
+        if hasattr(self.optimizer, "_hp_optimizer_states_linked"):
+            # ZeRO 1/2 links each parameter to its optimizer-state fragment once, after the
+            # first group's first step: later groups (and our fresh state) stay unlinked.
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _adam_step(self) -> int:
+        steps = [int(s["step"]) for s in self._inner_optimizer().state.values() if "step" in s]
+        return max(steps, default=0)
+
+    def _full_moment(self, param: nn.Parameter, key: str) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        if self.zero_stage == 0:
+            return self._inner_optimizer().state[param][key]
+        return safe_get_full_optimizer_state(param, key).view(getattr(param, "ds_shape", param.shape))
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights of the dense arch on every rank (gathered under ZeRO-3)."""

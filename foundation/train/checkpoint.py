@@ -4,6 +4,8 @@
   with torch.distributed.checkpoint (loads on any world size: DCP reshards);
 * ``engine/`` — the DeepSpeed engine's own state (dense weights + ZeRO optimizer partitions);
 * ``dense.safetensors`` — the dense weights consolidated in fp32, for warm starts and export;
+* ``dense_optim.safetensors`` — AdamW's moments consolidated likewise, and its step: with the
+  weights, a layout-free copy of the dense state for resuming on another world size;
 * ``trainer_state.json`` — step, config hash, world size;
 * ``rank{r}.json`` and ``rng-rank{r}.safetensors`` — each rank's data-stream position and RNG;
 * ``COMMITTED`` — written last, by rank 0, after every rank finished. A directory without it
@@ -67,11 +69,13 @@ def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any],
     path.mkdir(parents=True, exist_ok=True)
     dcp.save(_sparse_state(sparse), checkpoint_id=str(path / "sparse"))
     engine.save(str(path / "engine"))
-    dense = engine.consolidated_state_dict()  # a collective under ZeRO-3: every rank calls it
+    dense = engine.consolidated_state_dict()  # collectives under ZeRO: every rank calls them
+    dense_optim = engine.full_optimizer_state()
     save_file({"torch": torch.get_rng_state()}, str(path / f"rng-rank{rank}.safetensors"))
     _write_json(path / f"rank{rank}.json", rank_state)
     if rank == 0:
         save_file(dense, str(path / "dense.safetensors"))
+        save_file(dense_optim, str(path / "dense_optim.safetensors"))
         _write_json(path / "trainer_state.json", state)
     barrier()
     if rank == 0:
@@ -82,13 +86,22 @@ def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any],
 def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> dict[str, Any]:
     """Load everything ``save`` wrote back into a freshly built model; returns this rank's
     state (data position)."""
-    state = _sparse_state(sparse)
-    _check_sparse_fits(path, state)
-    dcp.load(state, checkpoint_id=str(path / "sparse"))
-    sparse.fused_optimizer.load_state_dict(state["optim"])
+    _load_sparse_and_optimizer(path, sparse)
     engine.load(str(path / "engine"))
     torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
     return json.loads((path / f"rank{rank}.json").read_text())
+
+
+def restore_resharded(path: Path, *, sparse: nn.Module, engine) -> None:
+    """Load a checkpoint saved on another layout: DCP reshards the tables and their optimizer
+    state; every rank takes its partition of the consolidated dense weights and moments.
+    RNG and data positions belong to the old layout and are not restored."""
+    _load_sparse_and_optimizer(path, sparse)
+    if not (path / "dense_optim.safetensors").exists():
+        raise CheckpointMismatch(f"{path} has no dense_optim.safetensors (written by an older "
+                                 f"version): resume it on its own layout")
+    engine.load_full_state(load_file(str(path / "dense.safetensors")),
+                           load_file(str(path / "dense_optim.safetensors")))
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -105,6 +118,13 @@ def prune(run_dir: Path, keep_last: int) -> None:
                if not (p / COMMIT_MARKER).exists() and step_of(p) < newest]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _load_sparse_and_optimizer(path: Path, sparse: nn.Module) -> None:
+    state = _sparse_state(sparse)
+    _check_sparse_fits(path, state)
+    dcp.load(state, checkpoint_id=str(path / "sparse"))  # reshards to this world size
+    sparse.fused_optimizer.load_state_dict(state["optim"])
 
 
 def _sparse_state(sparse: nn.Module) -> dict[str, Any]:

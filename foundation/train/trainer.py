@@ -38,9 +38,13 @@ class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv | None = None):
         if cfg.trainer.on_nan not in ("stop", "skip"):
             raise ValueError(f"trainer.on_nan={cfg.trainer.on_nan!r}: choose stop or skip")
+        if cfg.trainer.reshard not in ("refuse", "restart_epoch"):
+            raise ValueError(f"trainer.reshard={cfg.trainer.reshard!r}: choose refuse or "
+                             f"restart_epoch")
         self.cfg = cfg
         self.env = env or init_distributed(timeout_s=cfg.trainer.collective_timeout_s)
         self.preemption, self.skipped_steps = PreemptionFlag(), 0
+        self.resharded_from: int | None = None  # the world size of a resharded checkpoint
         self.run_dir = Path(cfg.run_dir)
         self.task = build_task(cfg)
         seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -68,6 +72,8 @@ class Trainer:
                       f"{self.start_step} ≥ trainer.max_steps={cfg.max_steps}", flush=True)
             self.logger.close()
             return {"recipe": self.task.name, "steps": 0, "run_dir": str(self.run_dir)}
+        if self.resharded_from is not None:  # show that the reloaded model is the saved one
+            self.validate(self.start_step, resharded_from=self.resharded_from)
         start, losses, events = time.perf_counter(), [], 0
         for step in range(self.start_step + 1, cfg.max_steps + 1):
             loss, step_events, step_time = self.train_step(batches, step)
@@ -115,19 +121,36 @@ class Trainer:
             return 0
         saved = checkpoint.read_state(path)
         layout = (saved["world_size"], saved.get("num_workers"))
-        if layout != (self.env.world_size, self.cfg.data.num_workers):
-            raise checkpoint.CheckpointMismatch(
-                f"{path} was saved by {layout[0]} ranks × {layout[1]} loader workers; this run "
-                f"has {self.env.world_size} × {self.cfg.data.num_workers}. Resuming needs the "
-                f"same layout (the ZeRO optimizer partitions and each rank's data position "
-                f"belong to it): rerun with the same --nproc and data.num_workers, or start a "
-                f"new run from its weights with recipe.init_from (evaluation reshards freely)")
-        rank_state = checkpoint.restore(path, sparse=self.model.sparse,
-                                        engine=self.model.engine, rank=self.env.rank)
-        self.stream.load_state(rank_state["stream"])
+        if layout == (self.env.world_size, self.cfg.data.num_workers):
+            rank_state = checkpoint.restore(path, sparse=self.model.sparse,
+                                            engine=self.model.engine, rank=self.env.rank)
+            self.stream.load_state(rank_state["stream"])
+        else:
+            self.resume_resharded(path, layout, int(saved["step"]))
         if self.env.is_main:
             print(f"resumed from {path} at step {saved['step']}", flush=True)
         return int(saved["step"])
+
+    def resume_resharded(self, path: Path, layout: tuple[int, int], step: int) -> None:
+        """A checkpoint of another layout: tables and dense state reshard exactly; the data
+        position cannot (it belongs to the old ranks × workers), so the epoch restarts."""
+        here = (self.env.world_size, self.cfg.data.num_workers)
+        epoch = json.loads((path / "rank0.json").read_text())["stream"]["epoch"]
+        if self.cfg.trainer.reshard != "restart_epoch":
+            raise checkpoint.CheckpointMismatch(
+                f"{path} was saved by {layout[0]} ranks × {layout[1]} loader workers; this run "
+                f"has {here[0]} × {here[1]}. The tables and dense state reshard, but the data "
+                f"position belongs to the old layout. Rerun with the same --nproc and "
+                f"data.num_workers to continue exactly, or add trainer.reshard=restart_epoch to "
+                f"continue on this layout from the start of epoch {epoch} (its samples consumed "
+                f"so far are seen again)")
+        checkpoint.restore_resharded(path, sparse=self.model.sparse, engine=self.model.engine)
+        self.stream.load_state({"epoch": epoch, "consumed": 0})
+        seed_everything(self.cfg.seed + step, self.env.rank)  # the saved RNGs were per old rank
+        self.resharded_from = layout[0]
+        if self.env.is_main:
+            print(f"resharded {path}: {layout[0]} ranks × {layout[1]} workers → {here[0]} × "
+                  f"{here[1]}; the data stream restarts epoch {epoch}", flush=True)
 
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
         """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
@@ -162,12 +185,12 @@ class Trainer:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
 
-    def validate(self, step: int) -> dict[str, Any]:
+    def validate(self, step: int, **note: Any) -> dict[str, Any]:
         self.model.train(False)
         limit = self.cfg.trainer.eval_batches or None
         loader = self.stream.loader(self.cfg.data.val_split, batch_size=self.cfg.data.eval_batch_size)
         result = self.task.evaluate(self.model, itertools.islice(loader, limit))
-        row = {"step": step, "split": self.cfg.data.val_split, **result["metrics"]}
+        row = {"step": step, "split": self.cfg.data.val_split, **note, **result["metrics"]}
         for name, metrics in result["baselines"].items():
             row.update({f"{name}/{k}": v for k, v in metrics.items()})
         self.logger.log(row)
