@@ -38,6 +38,7 @@ class TrainerConfig:
     eval_batches: int = 0  # limit validation batches per rank (0: the whole split)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end)
     keep_last: int = 0  # keep the newest N committed checkpoints (0: keep all)
+    async_checkpoint: bool = False  # write periodic checkpoints' tables in the background
     on_nan: str = "stop"  # a NaN/inf loss: stop (naming the step) | skip (the step, counted)
     collective_timeout_s: float = 600.0  # a hung rank fails the job after this long
     resume: str = "auto"  # auto (newest committed checkpoint in run_dir) | never | a checkpoint path

@@ -1,7 +1,8 @@
 """Resuming continues the same run: model, optimizer states, LR schedule, RNG and data position.
 
-A 2-rank run checkpoints at step 6 and finishes at step 12; a second run resumes from its
-step-6 checkpoint and must reproduce steps 7-12 exactly (same losses, same final weights).
+A 2-rank run checkpoints at step 6 (in the background) and finishes at step 12; a second run
+resumes from its step-6 checkpoint and must reproduce steps 7-12 exactly (same losses, same
+final weights).
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def losses(run_dir):
 
 def test_resume_reproduces_the_uninterrupted_run(synth_shards, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train(synth_shards, full, "trainer.checkpoint_every=6", "data.num_workers=1")
+    # The uninterrupted run writes step 6 in the background while it trains on: what it
+    # wrote must still be exactly step 6.
+    train(synth_shards, full, "trainer.checkpoint_every=6", "data.num_workers=1",
+          "trainer.async_checkpoint=true")
     step6 = full / "checkpoints" / "step-6"
     assert (step6 / "COMMITTED").exists()
     train(synth_shards, resumed, f"trainer.resume={step6}", "data.num_workers=1")

@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 
 COMMIT_MARKER = "COMMITTED"
 
@@ -64,10 +67,20 @@ def resolve(source: str | Path, which: str = "latest") -> Path:
 
 
 def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any],
-         rank_state: dict[str, Any], rank: int, barrier) -> None:
-    """Every rank writes its part; rank 0 commits once all ranks are done."""
+         rank_state: dict[str, Any], rank: int, barrier, background=None) -> Future | None:
+    """Every rank writes its part; rank 0 commits once all ranks are done.
+
+    With ``background`` (a gloo process group), the tables are copied to memory and written
+    by a background thread: the returned future finishes the write, and ``commit`` must follow
+    on every rank once all futures are done. Until then the checkpoint is invisible."""
     path.mkdir(parents=True, exist_ok=True)
-    dcp.save(_sparse_state(sparse), checkpoint_id=str(path / "sparse"))
+    pending = None
+    if background is None:
+        dcp.save(_sparse_state(sparse), checkpoint_id=str(path / "sparse"))
+    else:
+        pending = _background_writer().submit(  # from a copy: training updates the tables on
+            dcp.save, _snapshot(_sparse_state(sparse)), checkpoint_id=str(path / "sparse"),
+            process_group=background)
     engine.save(str(path / "engine"))
     dense = engine.consolidated_state_dict()  # collectives under ZeRO: every rank calls them
     dense_optim = engine.full_optimizer_state()
@@ -77,9 +90,38 @@ def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any],
         save_file(dense, str(path / "dense.safetensors"))
         save_file(dense_optim, str(path / "dense_optim.safetensors"))
         _write_json(path / "trainer_state.json", state)
+    if pending is None:
+        commit(path, rank=rank, barrier=barrier)
+    return pending
+
+
+@functools.cache
+def _background_writer() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of a state dict in memory, sharded tensors included (DCP's own async staging
+    does not handle TorchRec's ShardedTensors)."""
+    if isinstance(value, ShardedTensor):
+        shards = [Shard(s.tensor.detach().clone(), s.metadata) for s in value.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, value.metadata(), process_group=value._process_group)
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+def commit(path: Path, *, rank: int, barrier) -> None:
+    """Make a fully written checkpoint visible: after every rank is done, rank 0 writes the
+    marker, last."""
     barrier()
     if rank == 0:
-        _write_json(path / COMMIT_MARKER, {"step": state["step"]})
+        _write_json(path / COMMIT_MARKER, {"step": step_of(path)})
     barrier()
 
 

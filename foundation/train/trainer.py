@@ -6,6 +6,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ class Trainer:
         self.env = env or init_distributed(timeout_s=cfg.trainer.collective_timeout_s)
         self.preemption, self.skipped_steps = PreemptionFlag(), 0
         self.resharded_from: int | None = None  # the world size of a resharded checkpoint
+        self.pending: tuple[Path, Future] | None = None  # an async checkpoint being written
         self.run_dir = Path(cfg.run_dir)
         self.task = build_task(cfg)
         seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -56,6 +58,8 @@ class Trainer:
         self.stream = EpochStream(cfg.data, mode=self.task.data_mode, seed=cfg.seed,
                                   rank=self.env.rank, world_size=self.env.world_size)
         self.start_step = self.resume(self.resume_from())
+        # Background writes get their own gloo group: their collectives run beside training's.
+        self.writer_group = dist.new_group(backend="gloo") if cfg.trainer.async_checkpoint else None
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -87,8 +91,9 @@ class Trainer:
                                  "step_time_s": step_time, "epoch": self.stream.epoch})
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 self.validate(step)
+            self.commit_pending(wait=False)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                self.save(step)
+                self.save(step, background=self.writer_group)
             if step < cfg.max_steps and self.preemption.requested(self.env.world_size):
                 return self.stop_preempted(step)
         final = self.validate(cfg.max_steps)
@@ -196,16 +201,41 @@ class Trainer:
         self.logger.log(row)
         return result
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, background: dist.ProcessGroup | None = None) -> Path:
+        """Checkpoint ``step``; with ``background``, commit later (``commit_pending``)."""
+        self.commit_pending(wait=True)  # one checkpoint in flight at a time
         path = checkpoint.checkpoint_dir(self.run_dir, step)
         state = {"step": step, "recipe": self.task.name, "config_hash": config_hash(self.cfg),
                  "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers}
-        checkpoint.save(path, sparse=self.model.sparse, engine=self.model.engine, state=state,
-                        rank_state={"stream": self.stream.state()}, rank=self.env.rank,
-                        barrier=self.env.barrier)
+        future = checkpoint.save(path, sparse=self.model.sparse, engine=self.model.engine,
+                                 state=state, rank_state={"stream": self.stream.state()},
+                                 rank=self.env.rank, barrier=self.env.barrier,
+                                 background=background)
+        if future is None:
+            self.committed()
+        else:
+            self.pending = (path, future)
+        return path
+
+    def commit_pending(self, wait: bool) -> None:
+        """Commit the checkpoint written in the background once every rank has finished it
+        (``wait``: block until then). Ranks agree first, so all commit at the same step."""
+        if self.pending is None:
+            return
+        path, future = self.pending
+        done = torch.tensor([int(wait or future.done())], dtype=torch.int32)
+        if self.env.world_size > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if not done.item():
+            return
+        future.result()  # re-raises a failed write: the checkpoint then stays invisible
+        checkpoint.commit(path, rank=self.env.rank, barrier=self.env.barrier)
+        self.pending = None
+        self.committed()
+
+    def committed(self) -> None:
         if self.env.is_main:
             checkpoint.prune(self.run_dir, keep_last=self.cfg.trainer.keep_last)
-        return path
 
     def summarise(self, losses: list[float], events: int, seconds: float,
                   final: dict[str, Any]) -> dict[str, Any]:
