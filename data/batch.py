@@ -25,6 +25,10 @@ class SequenceBatch:
     candidates: Tensor | None = None  # ranking mode: [sum(candidate_lengths)] impression items
     candidate_lengths: Tensor | None = None  # [B]
     labels: Tensor | None = None  # [sum(candidate_lengths)] float32 0/1
+    # data.on_error=skip: corrupt samples/shards the producing process (loader worker or main)
+    # skipped since its previous batch, one per exception its ErrorPolicy saw. Summed over
+    # batches it is the epoch's skip count. A plain int: moving the batch leaves it alone.
+    skipped: int = 0
 
     def __len__(self) -> int:
         return int(self.lengths.numel())
@@ -41,8 +45,9 @@ class SequenceBatch:
         return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
 
     def _map(self, fn) -> SequenceBatch:
+        """``fn`` applied to every tensor field (absent ones and counters stay as they are)."""
         changes = {f.name: fn(getattr(self, f.name)) for f in fields(self)
-                   if getattr(self, f.name) is not None}
+                   if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SequenceBatch:

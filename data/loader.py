@@ -2,8 +2,9 @@
 
 Pipeline order (open_clip's): shard list shuffled by (seed, epoch), identical everywhere →
 split by rank → split by worker → tar to samples → decode (npz/json only, never pickle) →
-sample shuffle seeded by (seed, epoch, rank, worker) → truncate → batch. One pass is one
-epoch; every sample is read by exactly one (rank, worker).
+sample shuffle seeded by (seed, epoch, rank, worker) → truncate → batch (each batch counts
+the corrupt data skipped since the previous one). One pass is one epoch; every sample is read
+by exactly one (rank, worker).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import islice
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,13 @@ ENTRIES = frozenset({"seq.npz", "imp.npz", "meta.json"})  # everything else is r
 
 class ErrorPolicy:
     """webdataset exception handler: ``raise`` re-raises (the message names the shard url);
-    ``skip`` warns, counts (per process) and continues."""
+    ``skip`` warns, counts (per process) and continues.
+
+    ``skipped`` counts one per exception the handler sees: a sample that fails to decode is 1,
+    a shard that cannot be opened is 1, a damaged tar is 1 per read error webdataset reports
+    while reading it (the rest of that shard is dropped). Batches carry the count as
+    ``SequenceBatch.skipped`` (see ``_batch``).
+    """
 
     def __init__(self, on_error: str):
         if on_error not in ("raise", "skip"):
@@ -116,12 +123,53 @@ def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
         labels=cat("labels", torch.float32) if ranking else None)
 
 
+def _batch(src: Iterable[dict[str, Any]], *, batch_size: int,
+           handler: ErrorPolicy) -> Iterator[SequenceBatch]:
+    """Rows → batches (the last one partial), each carrying the skips of this process since
+    its previous batch.
+
+    A full batch goes out when the row after it arrives, and the last batch only once the
+    source is exhausted, so skips met after the last row (a corrupt shard at the end of the
+    epoch) ride on the last batch instead of vanishing. A process that yields no batch at all
+    has nothing to carry its count; its warnings still report it.
+    """
+    rows: list[dict[str, Any]] = []
+    reported = handler.skipped
+
+    def emit() -> SequenceBatch:
+        nonlocal reported
+        batch = collate(rows)
+        batch.skipped, reported = handler.skipped - reported, handler.skipped
+        return batch
+
+    for row in src:
+        if len(rows) == batch_size:
+            yield emit()
+            rows = []
+        rows.append(row)
+    if rows:
+        yield emit()
+
+
 def shard_urls(path: str | Path, split: str) -> list[str]:
-    """The split's shard paths, in manifest order."""
+    """The split's shard paths, in manifest order: absolute local paths inside ``path``.
+
+    The manifest is data, not code: a shard path is never handed to webdataset as a URL it
+    could act on (``pipe:cmd`` runs a shell command, ``http:`` fetches), and never leaves the
+    dataset directory.
+    """
     manifest = load_manifest(path)
     if split not in manifest["splits"]:
         raise KeyError(f"no split {split!r} in {path}; splits: {sorted(manifest['splits'])}")
-    urls = [str(Path(path) / s["path"]) for s in manifest["splits"][split]["shards"]]
+    root = Path(path).absolute()  # absolute: the url starts with "/", so it has no scheme
+    urls = []
+    for shard in manifest["splits"][split]["shards"]:
+        rel = PurePosixPath(shard["path"])
+        if rel.is_absolute() or ".." in rel.parts or rel.name in ("", "."):
+            raise ValueError(f"{root / 'manifest.json'} names shard {shard['path']!r} outside "
+                             f"{root}: shard paths are relative to the dataset directory (a "
+                             f"tampered or hand-edited manifest?)")
+        urls.append(str(root / rel))
     if not urls:
         raise ValueError(f"split {split!r} of {path} has no samples: rebuild with a larger "
                          f"{split}_fraction")
@@ -152,7 +200,7 @@ def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int,
     if shuffle and shuffle_buffer > 1:
         stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch,
                               rank=rank))
-    stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
+    stages.append(partial(_batch, batch_size=batch_size, handler=handler))
     # An own generator: creating the iterator draws a base seed from it, and drawing from the
     # global RNG instead would shift dropout and sampling after a resume.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)

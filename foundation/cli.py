@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dir", default="demo")
     demo.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from foundation.train.checkpoint import CheckpointError
+
     try:
         return _dispatch(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

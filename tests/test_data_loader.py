@@ -143,3 +143,106 @@ def test_bad_arguments_fail_clearly(shards, tmp_path):
         build_loader(shards, "val", batch_size=4, max_len=8, on_error="ignore")
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         build_loader(tmp_path, "train", batch_size=4, max_len=8)
+
+
+# -- data.on_error=skip: every skip is counted on the batches ----------------------------------
+
+def _append_samples(shard: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(shard, "a") as tar:
+        for key, entries in samples.items():
+            for name, data in entries.items():
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _object_npz() -> bytes:
+    buf = io.BytesIO()
+    z = np.arange(3, dtype=np.int64)
+    np.savez(buf, item=np.array([{"x": 1}] * 3, dtype=object), action=z, timestamp=z, device=z)
+    return buf.getvalue()
+
+
+def _meta(sample_id: int) -> bytes:
+    return json.dumps({"member_id": sample_id, "sample_id": sample_id}).encode()
+
+
+# Each corruption is one exception the ErrorPolicy sees, so each counts exactly 1.
+CORRUPTIONS = {  # name: (val shard index, what is done to it)
+    "object-npz": (0, lambda s: _append_samples(s, {"mzz1": {"seq.npz": _object_npz(),
+                                                            "meta.json": _meta(90001)}})),
+    "pickle-entry": (0, lambda s: _append_samples(s, {"mzz2": {"seq.npz": _npz_bytes(),
+                                                              "meta.json": _meta(90002),
+                                                              "state.pickle": b"\x80\x04K\x01."}})),
+    "not-a-tar": (1, lambda s: s.write_bytes(b"\x13garbage" * 500)),
+    "missing-shard": (2, lambda s: s.unlink()),
+    "bad-json": (3, lambda s: _append_samples(s, {"mzz3": {"seq.npz": _npz_bytes(),
+                                                          "meta.json": b"{not json"}})),
+}
+
+
+def _corrupted(shards: Path, tmp_path: Path, names) -> tuple[Path, dict[str, Path]]:
+    copy = tmp_path / "corrupted"
+    shutil.copytree(shards, copy)
+    entries = load_manifest(copy)["splits"]["val"]["shards"]
+    hit = {}
+    for name in names:
+        index, corrupt = CORRUPTIONS[name]
+        hit[name] = copy / entries[index]["path"]
+        corrupt(hit[name])
+    return copy, hit
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipped_corruptions_are_counted_exactly_on_the_batches(shards, tmp_path, num_workers):
+    # val: 4 shards of 10. Shards 1 (not a tar) and 2 (missing) are lost, 0 and 3 stay whole
+    # with bad samples appended after their last good one. Worker 0 reads shards 0, 2 and
+    # worker 1 reads 1, 3: each ends with 10 rows (two full batches of 5) and then a skip, the
+    # tail that must ride on its last batch.
+    copy, _ = _corrupted(shards, tmp_path, CORRUPTIONS)
+    batches = list(build_loader(copy, "val", batch_size=5, max_len=20, shuffle=False,
+                                num_workers=num_workers, on_error="skip"))
+    assert sum(len(b) for b in batches) == 20
+    assert all(isinstance(b.skipped, int) for b in batches)
+    assert sum(b.skipped for b in batches) == len(CORRUPTIONS) == 5
+    if num_workers == 0:  # rows 1-10 | two bad samples, shards 1, 2 | rows 11-20 | bad json
+        assert [b.skipped for b in batches] == [0, 4, 0, 1]
+    clean = list(build_loader(shards, "val", batch_size=5, max_len=20, shuffle=False,
+                              num_workers=num_workers, on_error="skip"))
+    assert [b.skipped for b in clean] == [0] * 8
+
+
+def test_a_truncated_shard_counts_one_per_read_error(shards, tmp_path):
+    """What is counted is exceptions, not lost samples: a tar cut mid-member reports a read
+    error, then a broken stream, then the partial sample it left behind."""
+    copy = tmp_path / "truncated"
+    shutil.copytree(shards, copy)
+    bad = copy / load_manifest(copy)["splits"]["val"]["shards"][1]["path"]
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    with pytest.warns(UserWarning) as seen:
+        batches = list(build_loader(copy, "val", batch_size=4, max_len=20, shuffle=False,
+                                    on_error="skip"))
+    skips = [w for w in seen if "skipping unreadable data" in str(w.message)]
+    assert skips and sum(b.skipped for b in batches) == len(skips)
+    assert all(bad.name in str(w.message) for w in skips)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_on_error_raise_names_the_shard_of_each_corruption(shards, tmp_path, name, num_workers):
+    copy, hit = _corrupted(shards, tmp_path, [name])
+    with pytest.raises(Exception) as err:  # noqa: B017 - the type varies; the message matters
+        list(build_loader(copy, "val", batch_size=5, max_len=20, shuffle=False,
+                          num_workers=num_workers))
+    assert str(hit[name]) in str(err.value)
+
+
+def test_moving_a_batch_keeps_its_skip_count():
+    lengths = torch.tensor([2, 1])
+    batch = SequenceBatch(sample_ids=torch.arange(2), lengths=lengths,
+                          **{k: torch.arange(3) for k in ("item", "action", "gap", "hour",
+                                                          "device", "timestamp")}, skipped=3)
+    moved = batch.to("cpu")
+    assert moved.skipped == 3 and moved.candidates is None and torch.equal(moved.item, batch.item)
+    assert batch._map(lambda t: t + 1).skipped == 3  # only tensors are mapped
+    assert SequenceBatch(**{**batch.__dict__, "skipped": 0}).skipped == 0

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import FAST, REPO, run_torchrun, spawn, wait_for_step, worker_pids
 
+from foundation.config import compose
 from foundation.train import checkpoint
+from foundation.train.stream import EpochStream
 
 RUN = ["recipe=pretrain_member_fm", "trainer.eval_every=0", "trainer.eval_batches=1",
        "data.batch_size=16", "model.num_layers=1", "logger.log_every=1"]
@@ -123,3 +128,34 @@ def test_nan_loss_can_skip_the_step_and_count_it(synth_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"loss"' in line]
     assert rows[-1]["step"] == 4 and rows[-1]["skipped_steps"] == 3
+
+
+def corrupt_copy(shards: Path, dest: Path, split: str, bad_per_shard: dict[int, int]) -> Path:
+    """A copy of ``shards`` whose ``split`` shards get unreadable samples appended."""
+    shutil.copytree(shards, dest)
+    entries = json.loads((dest / "manifest.json").read_text())["splits"][split]["shards"]
+    for index, count in bad_per_shard.items():
+        with tarfile.open(dest / entries[index]["path"], "a") as tar:
+            for n in range(count):
+                info = tarfile.TarInfo(f"bad{index}-{n}.meta.json")  # no seq.npz, broken json
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"{"))
+    return dest
+
+
+@pytest.mark.slow
+def test_skipped_corrupt_data_is_counted_as_a_training_metric(synth_shards, tmp_path):
+    shards = corrupt_copy(synth_shards, tmp_path / "shards", "train", {0: 2, 5: 1})
+    cfg = compose("train", [f"data.path={shards}", "run_dir=unused", *FAST, *RUN,
+                            "data.on_error=skip"])
+    # One epoch on one rank: the run ends on the epoch's last batch, which carries its tail.
+    stream = EpochStream(cfg.data, mode="sequence", seed=cfg.seed, rank=0, world_size=1)
+    with pytest.warns(UserWarning, match="skipping unreadable data"):
+        steps = sum(1 for _ in stream.loader("train", shuffle=True))
+    run = tmp_path / "run"
+    result = train_alone(shards, run, "data.on_error=skip", f"trainer.max_steps={steps}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"loss"' in line]
+    assert rows[-1]["step"] == steps and rows[-1]["epoch"] == 0
+    assert rows[-1]["skipped_data"] == 3
+    assert "skipping unreadable data" in result.stderr and "bad0-0" in result.stderr

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,10 +247,20 @@ def WeightsOnlyCheckpointEngine():  # noqa: N802 - a class made lazily (deepspee
 
     class _Engine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise pickle.UnpicklingError(f"{path} holds more than tensor data "
+                                             f"({_blocked_global(str(err))}); it was not "
+                                             f"written by this framework or was altered") from None
 
     return _Engine()
+
+
+def _blocked_global(message: str) -> str:
+    found = re.search(r"(?:unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", message, re.I)
+    return f"blocked global {found.group(1)}" if found else "not plain tensor data"
 
 
 def _decay_groups(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

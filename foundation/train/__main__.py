@@ -15,12 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from foundation.train.checkpoint import CheckpointMismatch
+    from foundation.train.checkpoint import CheckpointError
     from foundation.train.trainer import Trainer
 
     try:
         Trainer(cfg).fit()
-    except (CheckpointMismatch, FileNotFoundError) as err:
+    except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # trainer.on_nan=stop

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,58 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 COMMIT_MARKER = "COMMITTED"
 
 
-class CheckpointMismatch(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: the message names the file or keys and the way out."""
+
+
+class CheckpointMismatch(CheckpointError):
     """A checkpoint that does not fit the model being built: names the keys."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint file holding more than data (a pickled object that could run code)."""
+
+
+# torch.distributed.checkpoint keeps its metadata as a pickle; these are the only globals it
+# writes there (plus torch dtypes). Anything else in that file is refused, never constructed.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+     ("pathlib", "PurePosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _METADATA_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, except that its metadata pickle may hold only DCP's own classes."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpoint(f"{path}: refused to unpickle it ({err}): checkpoint "
+                                   f"metadata holds only torch.distributed.checkpoint's own "
+                                   f"classes; this file was altered") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -129,7 +176,10 @@ def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> dict[str, An
     """Load everything ``save`` wrote back into a freshly built model; returns this rank's
     state (data position)."""
     _load_sparse_and_optimizer(path, sparse)
-    engine.load(str(path / "engine"))
+    try:
+        engine.load(str(path / "engine"))
+    except pickle.UnpicklingError as err:  # weights_only refused a global: name file and class
+        raise UnsafeCheckpoint(f"refused to load DeepSpeed state of {path}: {err}") from None
     torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
     return json.loads((path / f"rank{rank}.json").read_text())
 
@@ -165,7 +215,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
 def _load_sparse_and_optimizer(path: Path, sparse: nn.Module) -> None:
     state = _sparse_state(sparse)
     _check_sparse_fits(path, state)
-    dcp.load(state, checkpoint_id=str(path / "sparse"))  # reshards to this world size
+    dcp.load(state, storage_reader=SafeReader(path / "sparse"))  # reshards to this world size
     sparse.fused_optimizer.load_state_dict(state["optim"])
 
 
@@ -177,11 +227,11 @@ def load_sparse(path: Path, sparse: nn.Module) -> None:
     """Load the sharded tables into ``sparse`` (resharding to this world size as needed)."""
     state = {"model": sparse.state_dict()}
     _check_sparse_fits(path, state)
-    dcp.load(state, checkpoint_id=str(path / "sparse"))
+    dcp.load(state, storage_reader=SafeReader(path / "sparse"))
 
 
 def _check_sparse_fits(path: Path, state: dict[str, Any]) -> None:
-    saved = dcp.FileSystemReader(str(path / "sparse")).read_metadata().state_dict_metadata
+    saved = SafeReader(path / "sparse").read_metadata().state_dict_metadata
     wanted = {f"model.{k}": tuple(v.size()) for k, v in state["model"].items()}
     have = {k: tuple(getattr(v, "size", ())) for k, v in saved.items()}
     missing = sorted(k for k in wanted if k not in have)

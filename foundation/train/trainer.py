@@ -45,6 +45,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env or init_distributed(timeout_s=cfg.trainer.collective_timeout_s)
         self.preemption, self.skipped_steps = PreemptionFlag(), 0
+        self.skipped_data = 0  # corrupt samples/shards skipped (data.on_error=skip), all ranks
         self.resharded_from: int | None = None  # the world size of a resharded checkpoint
         self.pending: tuple[Path, Future] | None = None  # an async checkpoint being written
         self.run_dir = Path(cfg.run_dir)
@@ -87,6 +88,7 @@ class Trainer:
             if step % self.cfg.logger.log_every == 0 or step == cfg.max_steps:
                 self.logger.log({"step": step, "loss": loss, "lr": self.model.engine.lr(),
                                  "skipped_steps": self.skipped_steps,
+                                 "skipped_data": self.skipped_data,
                                  "events_per_s": step_events / step_time,
                                  "step_time_s": step_time, "epoch": self.stream.epoch})
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
@@ -125,6 +127,8 @@ class Trainer:
         if path is None:
             return 0
         saved = checkpoint.read_state(path)
+        self.skipped_steps = saved.get("skipped_steps", 0)
+        self.skipped_data = saved.get("skipped_data", 0)
         layout = (saved["world_size"], saved.get("num_workers"))
         if layout == (self.env.world_size, self.cfg.data.num_workers):
             rank_state = checkpoint.restore(path, sparse=self.model.sparse,
@@ -160,9 +164,10 @@ class Trainer:
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
         """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
         self.model.train()
-        begin, losses, events = time.perf_counter(), [], 0
+        begin, losses, events, skipped = time.perf_counter(), [], 0, 0
         for _ in range(self.cfg.trainer.grad_accum):
             batch = next(batches).to(self.env.device)
+            skipped += batch.skipped
             features, extra = self.task.features(batch)
             loss = self.model.dense(batch, self.model.embed(features), **extra)
             if not self.all_finite(loss):
@@ -178,9 +183,10 @@ class Trainer:
             losses.append(loss.detach())
             events += int(batch.lengths.sum())
         mean = torch.stack(losses).mean().item() if losses else float("nan")
-        stats = torch.tensor([mean, float(events)], dtype=torch.float64)
+        stats = torch.tensor([mean, float(events), float(skipped)], dtype=torch.float64)
         if self.env.world_size > 1:
             dist.all_reduce(stats)
+        self.skipped_data += int(stats[2])
         return stats[0].item() / self.env.world_size, int(stats[1]), time.perf_counter() - begin
 
     def all_finite(self, loss: torch.Tensor) -> bool:
@@ -206,7 +212,8 @@ class Trainer:
         self.commit_pending(wait=True)  # one checkpoint in flight at a time
         path = checkpoint.checkpoint_dir(self.run_dir, step)
         state = {"step": step, "recipe": self.task.name, "config_hash": config_hash(self.cfg),
-                 "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers}
+                 "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers,
+                 "skipped_steps": self.skipped_steps, "skipped_data": self.skipped_data}
         future = checkpoint.save(path, sparse=self.model.sparse, engine=self.model.engine,
                                  state=state, rank_state={"stream": self.stream.state()},
                                  rank=self.env.rank, barrier=self.env.barrier,
