@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 VARIANT ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export DS_BUILD_OPS = 0
 
-.PHONY: env demo test lint clean
+.PHONY: env demo test test-faults lint clean
 
 env: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: env
 test: env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The fault-injection tests alone (all of them also run in `make test` and CI).
+test-faults: env
+	$(BIN)/python -m pytest -q tests/test_reliability.py tests/test_resume.py tests/test_faults.py tests/test_security.py
 
 lint: env
 	$(BIN)/ruff check .

@@ -1,10 +1,10 @@
 """Streaming loader: webdataset shards → decoded members → jagged SequenceBatches.
 
 Pipeline order (open_clip's): shard list shuffled by (seed, epoch), identical everywhere →
-split by rank → split by worker → tar to samples → decode (npz/json only, never pickle) →
-sample shuffle seeded by (seed, epoch, rank, worker) → truncate → batch (each batch counts
-the corrupt data skipped since the previous one). One pass is one epoch; every sample is read
-by exactly one (rank, worker).
+split by rank → split by worker → tar to samples (as many as the manifest says) → decode
+(npz/json only, never pickle) → sample shuffle seeded by (seed, epoch, rank, worker) →
+truncate → batch (each batch counts the corrupt data skipped since the previous one). One
+pass is one epoch; every sample is read by exactly one (rank, worker).
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ class ErrorPolicy:
     def __init__(self, on_error: str):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.on_error, self.skipped = on_error, 0
+        self.on_error, self.skipped, self.reported = on_error, 0, []
 
     def __call__(self, exn: Exception) -> bool:
         if self.on_error == "raise":
             raise exn
         self.skipped += 1
+        self.reported.append(" ".join(map(str, exn.args)))
         warnings.warn(f"skipping unreadable data ({self.skipped} so far): {exn}", stacklevel=2)
         return True
 
@@ -89,6 +90,27 @@ def _decode(src: Iterable[dict[str, Any]], *, max_len: int, mode: str,
             continue
         if row is not None:
             yield row
+
+
+def _check_sample_counts(src: Iterable[dict[str, Any]], *, expected: dict[str, int],
+                         handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
+    """Each shard must yield as many samples as the manifest says: a tar cut at a member
+    boundary reads as a valid, shorter archive, and would otherwise lose samples silently.
+    A shard whose read already failed (reported to the handler) is not reported twice."""
+    url, seen = None, 0
+
+    def check() -> None:
+        if url is not None and seen != expected[url] and not any(url in r for r in handler.reported):
+            handler(ValueError(f"shard {url} held {seen} samples, its manifest says "
+                               f"{expected[url]}: truncated or replaced; rebuild it"))
+
+    for sample in src:
+        if sample.get("__url__") != url:
+            check()
+            url, seen = sample.get("__url__"), 0
+        seen += 1
+        yield sample
+    check()
 
 
 def _split_by_rank(src: Iterable[Any], *, rank: int, world_size: int) -> Iterator[Any]:
@@ -151,8 +173,9 @@ def _batch(src: Iterable[dict[str, Any]], *, batch_size: int,
         yield emit()
 
 
-def shard_urls(path: str | Path, split: str) -> list[str]:
-    """The split's shard paths, in manifest order: absolute local paths inside ``path``.
+def shard_urls(path: str | Path, split: str) -> dict[str, int]:
+    """The split's shard paths → their sample counts, in manifest order: absolute local paths
+    inside ``path``.
 
     The manifest is data, not code: a shard path is never handed to webdataset as a URL it
     could act on (``pipe:cmd`` runs a shell command, ``http:`` fetches), and never leaves the
@@ -162,14 +185,14 @@ def shard_urls(path: str | Path, split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise KeyError(f"no split {split!r} in {path}; splits: {sorted(manifest['splits'])}")
     root = Path(path).absolute()  # absolute: the url starts with "/", so it has no scheme
-    urls = []
+    urls = {}
     for shard in manifest["splits"][split]["shards"]:
         rel = PurePosixPath(shard["path"])
         if rel.is_absolute() or ".." in rel.parts or rel.name in ("", "."):
             raise ValueError(f"{root / 'manifest.json'} names shard {shard['path']!r} outside "
                              f"{root}: shard paths are relative to the dataset directory (a "
                              f"tampered or hand-edited manifest?)")
-        urls.append(str(root / rel))
+        urls[str(root / rel)] = int(shard["samples"])
     if not urls:
         raise ValueError(f"split {split!r} of {path} has no samples: rebuild with a larger "
                          f"{split}_fraction")
@@ -190,11 +213,13 @@ def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int,
     handler = ErrorPolicy(on_error)
     # The shard seed depends only on (seed, epoch): every rank and worker sees the same order.
     shard_seed = seed * 1_000_003 + epoch if shuffle else None
+    urls = shard_urls(path, split)
     stages: list[Any] = [
-        wds.SimpleShardList(shard_urls(path, split), seed=shard_seed),
+        wds.SimpleShardList(list(urls), seed=shard_seed),
         partial(_split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=handler),
+        partial(_check_sample_counts, expected=urls, handler=handler),
         partial(_decode, max_len=max_len, mode=mode, handler=handler),
     ]
     if shuffle and shuffle_buffer > 1:

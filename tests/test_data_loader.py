@@ -246,3 +246,27 @@ def test_moving_a_batch_keeps_its_skip_count():
     assert moved.skipped == 3 and moved.candidates is None and torch.equal(moved.item, batch.item)
     assert batch._map(lambda t: t + 1).skipped == 3  # only tensors are mapped
     assert SequenceBatch(**{**batch.__dict__, "skipped": 0}).skipped == 0
+
+
+def test_a_shard_cut_at_a_member_boundary_is_caught_by_its_sample_count(shards, tmp_path):
+    """Such a tar reads as a valid, shorter archive: only the manifest's count shows the loss."""
+    copy = tmp_path / "short"
+    shutil.copytree(shards, copy)
+    bad = copy / load_manifest(copy)["splits"]["val"]["shards"][2]["path"]
+    with tarfile.open(bad) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    kept = {m.name.split(".")[0] for m, _ in members}
+    kept = sorted(kept)[:3]  # the first 3 samples of 10
+    with tarfile.open(bad, "w") as tar:
+        for member, data in members:
+            if member.name.split(".")[0] in kept:
+                tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match=rf"shard {bad} held 3 samples, its manifest says 10"):
+        list(build_loader(copy, "val", batch_size=5, max_len=20, shuffle=False))
+    with pytest.warns(UserWarning, match="held 3 samples"):
+        batches = list(build_loader(copy, "val", batch_size=5, max_len=20, shuffle=False,
+                                    on_error="skip"))
+    assert sum(b.skipped for b in batches) == 1 and sum(len(b) for b in batches) == 33
+    batches = list(build_loader(copy, "val", batch_size=5, max_len=20, shuffle=False,
+                                num_workers=2, on_error="skip"))
+    assert sum(b.skipped for b in batches) == 1 and sum(len(b) for b in batches) == 33
