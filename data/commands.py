@@ -24,7 +24,7 @@ def _typed(cfg: DictConfig | Any, schema: type) -> Any:
 
 
 def _summary(verb: str, output: str, manifest: dict[str, Any]) -> str:
-    splits = ", ".join(f"{name} {s['samples']} members/{len(s['shards'])} shards"
+    splits = ", ".join(f"{name} {s['samples']} samples/{len(s['shards'])} shards"
                        for name, s in manifest["splits"].items())
     totals = manifest["totals"]
     return (f"{verb} {totals['members']} members, {totals['events']} events, "

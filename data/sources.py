@@ -1,11 +1,14 @@
 """Source readers: event tables in many formats → one canonical set of numpy columns.
 
 A format is one function ``(path) -> pyarrow.Table`` in ``READERS``; column mapping, defaults and
-vocabulary encoding are shared, so a new format (sasrec_txt, movielens) is one function.
+vocabulary encoding are shared, so a new format is one function. Readers of fixed layouts
+(``sasrec_txt``, ``movielens``) return the canonical column names themselves.
 """
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +49,7 @@ class SourceConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     impressions_path: str | None = None  # member_id, item_id, timestamp, label (canonical names)
     catalogue_path: str | None = None  # item_id, genres, series_id, episode, release_time
+    item_attributes_path: str | None = None  # JSON {"raw item id": [attribute id, ...]}
 
 
 def read_parquet(path: Path) -> pa.Table:
@@ -60,10 +64,64 @@ def read_jsonl(path: Path) -> pa.Table:
     return pajson.read_json(path)
 
 
+def read_sasrec_txt(path: Path) -> pa.Table:
+    """``user item item ...`` per line, items in time order (the SASRec / S3-Rec release format).
+
+    The file has no times: an event's timestamp is its 0-based position in its line, which keeps
+    the order (and makes the derived gap/hour features constant, i.e. uninformative).
+    """
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                ids = np.array(line.split(), dtype=np.int64)
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: expected integer ids `user item item ...` "
+                                 f"({err})") from None
+            if ids.size:
+                rows.append(ids)
+    lengths = np.array([len(r) - 1 for r in rows], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    return pa.table({
+        "member_id": np.repeat(np.array([r[0] for r in rows], dtype=np.int64), lengths),
+        "item_id": np.concatenate([r[1:] for r in rows] or [np.zeros(0, np.int64)]),
+        "timestamp": np.arange(lengths.sum()) - np.repeat(starts, lengths),
+    })
+
+
+MOVIELENS_CSV_COLUMNS = {"userId": "member_id", "movieId": "item_id", "rating": "rating",
+                         "timestamp": "timestamp"}
+
+
+def read_movielens(path: Path) -> pa.Table:
+    """MovieLens ratings: ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``, ML-1M/10M)
+    or ``ratings.csv`` (``userId,movieId,rating,timestamp`` header, ML-20M/25M/latest).
+
+    The rating is kept as a column but not mapped to an action: every rating is a ``play``
+    (implicit feedback, as in the sequential-recommendation literature).
+    """
+    if path.suffix.lower() == ".dat":
+        data = path.read_bytes().replace(b"::", b"\t")
+        return pacsv.read_csv(io.BytesIO(data),
+                              read_options=pacsv.ReadOptions(column_names=["member_id", "item_id",
+                                                                           "rating", "timestamp"]),
+                              parse_options=pacsv.ParseOptions(delimiter="\t"))
+    if path.suffix.lower() == ".csv":
+        table = pacsv.read_csv(path)
+        missing = sorted(set(MOVIELENS_CSV_COLUMNS) - set(table.column_names))
+        if missing:
+            raise KeyError(f"{path} lacks MovieLens column(s) {missing}; found {table.column_names}")
+        return table.select(list(MOVIELENS_CSV_COLUMNS)).rename_columns(
+            list(MOVIELENS_CSV_COLUMNS.values()))
+    raise ValueError(f"source.format=movielens reads ratings.dat or ratings.csv, got {path.name}")
+
+
 READERS: dict[str, Callable[[Path], pa.Table]] = {
     "parquet": read_parquet,
     "csv": read_csv,
     "jsonl": read_jsonl,
+    "sasrec_txt": read_sasrec_txt,
+    "movielens": read_movielens,
 }
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
                   ".json": "jsonl"}
@@ -125,3 +183,24 @@ def read_impressions(path: str | Path) -> dict[str, np.ndarray]:
     """Impressions as int64 columns member_id, item_id, timestamp, label (0/1)."""
     table = read_table(path)
     return {name: _int_column(table, name, name, Path(path)) for name in IMPRESSION_COLUMNS}
+
+
+def read_item_attributes(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A JSON map raw item id → list of attribute ids, as (item ids, row lengths, flat values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"item attributes file {path} does not exist "
+                                f"(source.item_attributes_path)")
+    data = json.loads(path.read_text())
+    rows = list(data.items()) if isinstance(data, dict) else []
+    bad = [k for k, v in rows if not (isinstance(v, list) and all(type(a) is int for a in v))]
+    if not isinstance(data, dict) or bad:
+        raise ValueError(f"{path} must map item id → list of integer attribute ids, "
+                         f'e.g. {{"12": [3, 7]}}; bad entry: {bad[:1] or type(data).__name__}')
+    try:
+        items = np.array([int(k) for k, _ in rows], dtype=np.int64)
+    except ValueError as err:
+        raise ValueError(f"{path}: item ids must be integers ({err})") from None
+    lengths = np.array([len(v) for _, v in rows], dtype=np.int64)
+    values = np.array([a for _, v in rows for a in v], dtype=np.int64)
+    return items, lengths, values

@@ -5,7 +5,9 @@ Output layout::
     OUTPUT/manifest.json              written last, atomically: a build is complete iff it exists
     OUTPUT/{train,val,test}/shard-000000.tar
     OUTPUT/item_ids.npy               raw item id per contiguous id (index 0 = padding, -1)
-    OUTPUT/item_counts.npy            train-split event count per item id (popularity, logQ)
+    OUTPUT/item_counts.npy            event count per item id over the train samples (popularity, logQ)
+    OUTPUT/item_counts_all.npy        event count per item id over all source events (leaky popularity)
+    OUTPUT/item_attributes.npz        jagged attribute ids per item id (when attributes are given)
     OUTPUT/catalogue.parquet          catalogue with remapped ids (when a catalogue is given)
 
 Every shard byte is a function of the events and the seed (fixed tar mtime/owner, fixed zip
@@ -30,20 +32,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 from foundation.data.schema import ACTIONS, DEVICES, NUM_GAP_BUCKETS, NUM_HOURS, SAMPLE_SCHEMA
-from foundation.data.sources import SourceConfig, read_events, read_impressions, read_table
+from foundation.data.sources import (
+    SourceConfig,
+    read_events,
+    read_impressions,
+    read_item_attributes,
+    read_table,
+)
 from omegaconf import MISSING
 from tqdm import tqdm
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+SPLIT_KINDS = ("member", "leave_one_out", "time")
+LOO_MIN_EVENTS = 3  # leave_one_out: shorter members go to train only, whole (as SASRec does)
 
 
 @dataclass
 class BuildConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     output: str = MISSING
+    split: str = "member"  # one of SPLIT_KINDS (see plan_splits)
     seed: int = 0  # member split
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # of the members (split=member) or of the events (split=time)
     test_fraction: float = 0.1
     shards_per_split: int = 8  # train; val/test get fewer (see split_shard_count)
     max_history: int | None = None  # keep only each member's last N events
@@ -67,16 +78,69 @@ def split_shard_count(split: str, samples: int, shards_per_split: int) -> int:
     return max(1, min(wanted, samples)) if samples else 0
 
 
-def assign_splits(num_members: int, cfg: BuildConfig) -> dict[str, np.ndarray]:
-    """Member indices per split: a seeded permutation, cut test | val | train."""
+def _check_fractions(cfg: BuildConfig) -> None:
     if not 0 <= cfg.val_fraction + cfg.test_fraction < 1:
         raise ValueError(f"val_fraction + test_fraction must be in [0, 1), got "
                          f"{cfg.val_fraction} + {cfg.test_fraction}")
+
+
+def assign_splits(num_members: int, cfg: BuildConfig) -> dict[str, np.ndarray]:
+    """Member indices per split: a seeded permutation, cut test | val | train."""
+    _check_fractions(cfg)
     perm = np.random.default_rng(cfg.seed).permutation(num_members)
     n_test = int(round(num_members * cfg.test_fraction))
     n_val = int(round(num_members * cfg.val_fraction))
     return {"test": perm[:n_test], "val": perm[n_test:n_test + n_val],
             "train": perm[n_test + n_val:]}
+
+
+Plan = dict[str, tuple[np.ndarray, np.ndarray]]  # split → (member index, row end) per sample
+
+
+def plan_splits(bounds: np.ndarray, timestamp: np.ndarray, cfg: BuildConfig) -> tuple[Plan, dict[str, Any]]:
+    """The samples of each split, and what the manifest records about the split.
+
+    A sample is member ``i``'s events ``bounds[i]:end`` (then cut to its last ``max_history``).
+    ``member``: each member's whole sequence goes to one split (seeded, by fractions).
+    ``leave_one_out``: every member with ≥ 3 events has three samples: train ends 2 events
+    early, val 1 early, test holds all (shorter members: train only, whole, counted).
+    ``time``: two global cuts, ``val_start`` and ``test_start``, the times from which the last
+    ``val_fraction + test_fraction`` and ``test_fraction`` of all events lie. Train holds a
+    member's events before ``val_start``; val ends at its last event before ``test_start`` and
+    exists if that event is at or after ``val_start``; test holds all and exists if the last
+    event is at or after ``test_start``. Val/test samples need ≥ 2 events (target + history).
+    """
+    starts, ends = bounds[:-1], bounds[1:]
+    if cfg.split == "member":
+        plan = {k: np.sort(v) for k, v in assign_splits(len(starts), cfg).items()}
+        return ({k: (v, ends[v]) for k, v in plan.items()},
+                {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction})
+    if cfg.split == "leave_one_out":
+        everyone, long = np.arange(len(starts)), np.flatnonzero(ends - starts >= LOO_MIN_EVENTS)
+        train_end = ends.copy()
+        train_end[long] -= 2
+        return ({"train": (everyone, train_end), "val": (long, ends[long] - 1),
+                 "test": (long, ends[long])}, {"short_members": len(starts) - len(long)})
+    _check_fractions(cfg)
+    ordered = np.sort(timestamp)
+    val_start, test_start = (_time_cut(ordered, f) for f in (cfg.val_fraction + cfg.test_fraction,
+                                                               cfg.test_fraction))
+    row_member = np.repeat(np.arange(len(starts)), ends - starts)
+    before_val, before_test = (np.bincount(row_member, timestamp < cut, len(starts)).astype(np.int64)
+                               for cut in (val_start, test_start))  # events before the cut
+    # val/test samples need a target past the cut and at least one event before it
+    train, val = np.flatnonzero(before_val > 0), np.flatnonzero((before_test > before_val) & (before_test >= 2))
+    test = np.flatnonzero((ends - starts > before_test) & (ends - starts >= 2))
+    return ({"train": (train, starts[train] + before_val[train]),
+             "val": (val, starts[val] + before_test[val]), "test": (test, ends[test])},
+            {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
+             "val_start": val_start, "test_start": test_start})
+
+
+def _time_cut(ordered: np.ndarray, fraction: float) -> int:
+    """The time from which the last ``fraction`` of the events lie (int64 max: none)."""
+    k = len(ordered) - int(round(len(ordered) * fraction))
+    return int(ordered[k]) if k < len(ordered) else int(np.iinfo(np.int64).max)
 
 
 def _group(member_id: np.ndarray, timestamp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,10 +184,10 @@ class _Tables:
             self.impressions[member] = {"item": item[s], "label": label[s].astype(np.int64),
                                         "timestamp": ts[s]}
 
-    def sample(self, index: int, max_history: int | None) -> dict[str, Any]:
-        """The tar entries of member ``index`` (its sample id)."""
+    def sample(self, index: int, end: int, max_history: int | None) -> dict[str, Any]:
+        """The tar entries of member ``index`` (its sample id) up to row ``end``."""
         member = int(self.members[index])
-        s = _tail(int(self.bounds[index]), int(self.bounds[index + 1]), max_history)
+        s = _tail(int(self.bounds[index]), end, max_history)
         seq = {k: self.events[k][s] for k in ("item", "action", "timestamp", "device")}
         out: dict[str, Any] = {"__key__": f"m{member:09d}".replace("-", "n"),
                                "seq.npz": encode_npz(seq),
@@ -133,9 +197,15 @@ class _Tables:
             out["imp.npz"] = encode_npz(self.impressions[member])
         return out
 
-    def num_events(self, index: int, max_history: int | None) -> int:
-        s = _tail(int(self.bounds[index]), int(self.bounds[index + 1]), max_history)
-        return s.stop - s.start
+    def held(self, samples: tuple[np.ndarray, np.ndarray], max_history: int | None) -> np.ndarray:
+        """Per event row: how many of these samples (member index, row end) hold it."""
+        members, ends = samples
+        starts = self.bounds[members]
+        lo = np.maximum(starts, ends - max_history) if max_history else starts
+        delta = np.zeros(len(self.events["item"]) + 1, np.int64)
+        np.add.at(delta, lo, 1)
+        np.add.at(delta, ends, -1)
+        return np.cumsum(delta[:-1])
 
 
 def _sha256(path: Path) -> str:
@@ -153,18 +223,22 @@ def _chunks(indices: np.ndarray, num_shards: int) -> Iterator[np.ndarray]:
         yield indices[i * n // num_shards:(i + 1) * n // num_shards]
 
 
-def _write_split(tables: _Tables, split: str, indices: np.ndarray, cfg: BuildConfig,
-                 bar: tqdm) -> list[dict[str, Any]]:
+def _write_split(tables: _Tables, split: str, samples: tuple[np.ndarray, np.ndarray],
+                 cfg: BuildConfig, bar: tqdm) -> list[dict[str, Any]]:
     root = Path(cfg.output)
     (root / split).mkdir(parents=True, exist_ok=True)
+    members, ends = samples
+    count = split_shard_count(split, len(members), cfg.shards_per_split)
     shards = []
-    for i, chunk in enumerate(_chunks(indices, split_shard_count(split, len(indices), cfg.shards_per_split))):
+    for i, chunk in enumerate(_chunks(np.arange(len(members)), count)):
         rel = f"{split}/shard-{i:06d}.tar"
+        events = 0
         with wds.TarWriter(str(root / rel), encoder=False, mtime=0.0) as sink:
-            for index in chunk.tolist():
-                sink.write(tables.sample(index, cfg.max_history))
+            for index, end in zip(members[chunk].tolist(), ends[chunk].tolist()):
+                sink.write(tables.sample(index, end, cfg.max_history))
+                s = _tail(int(tables.bounds[index]), end, cfg.max_history)
+                events += s.stop - s.start
                 bar.update(1)
-        events = sum(tables.num_events(j, cfg.max_history) for j in chunk.tolist())
         shards.append({"path": rel, "samples": len(chunk), "events": events,
                        "sha256": _sha256(root / rel)})
     return shards
@@ -173,6 +247,7 @@ def _write_split(tables: _Tables, split: str, indices: np.ndarray, cfg: BuildCon
 def _clean(root: Path) -> None:
     """Drop an old manifest first (an interrupted build must not look complete), then old shards."""
     (root / "manifest.json").unlink(missing_ok=True)
+    (root / "item_attributes.npz").unlink(missing_ok=True)
     for split in SPLITS:
         for old in (root / split).glob("shard-*.tar"):
             old.unlink()
@@ -189,56 +264,78 @@ def _write_catalogue(tables: _Tables, root: Path) -> str | None:
     return "catalogue.parquet"
 
 
+def _write_item_attributes(tables: _Tables, path: str, root: Path) -> int:
+    """``item_attributes.npz``: row i (contiguous item id, 0 = padding) holds the item's
+    attribute ids ``values[offsets[i]:offsets[i + 1]]``, remapped to 1..A (0 = padding);
+    ``attribute_ids`` maps them back to the raw ids. Items absent from the source are ignored,
+    items without attributes get an empty row. Returns the attribute vocab size A + 1."""
+    raw_items, lengths, raw_values = read_item_attributes(path)
+    if len(np.unique(raw_items)) < len(raw_items):
+        raise ValueError(f"{path} lists an item id twice (e.g. as \"7\" and \"07\")")
+    known = np.isin(raw_items, tables.raw_items)
+    item = np.repeat(tables.remap(raw_items[known]), lengths[known])
+    raw_values = raw_values[np.repeat(known, lengths)]
+    attribute_ids = np.unique(raw_values)
+    order = np.argsort(item, kind="stable")  # rows by item id, each row in its file order
+    values = (np.searchsorted(attribute_ids, raw_values) + 1)[order].astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(item, minlength=len(tables.raw_items) + 1))])
+    (root / "item_attributes.npz").write_bytes(encode_npz({
+        "values": values, "offsets": offsets.astype(np.int64),
+        "attribute_ids": np.concatenate([[-1], attribute_ids]).astype(np.int64)}))
+    return len(attribute_ids) + 1
+
+
 def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     """Read the source, write shards, item tables and (last) the manifest; return the manifest."""
     if not cfg.output or cfg.output == MISSING:
         raise ValueError("no output directory: pass output=DIR")
+    if cfg.split not in SPLIT_KINDS:
+        raise ValueError(f"unknown split {cfg.split!r}: pass split= one of {list(SPLIT_KINDS)}")
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     _clean(root)
     tables = _Tables(cfg)
-    splits = {k: np.sort(v) for k, v in assign_splits(len(tables.members), cfg).items()}
+    plan, split_info = plan_splits(tables.bounds, tables.events["timestamp"], cfg)
     num_items = len(tables.raw_items) + 1
     np.save(root / "item_ids.npy", np.concatenate([[-1], tables.raw_items]).astype(np.int64))
+    vocab = {"item": num_items, "action": len(ACTIONS), "device": len(DEVICES),
+             "gap": NUM_GAP_BUCKETS, "hour": NUM_HOURS}
+    if cfg.source.item_attributes_path:
+        vocab["attribute"] = _write_item_attributes(tables, cfg.source.item_attributes_path, root)
     manifest_splits = {}
-    with tqdm(total=len(tables.members), desc="shards", unit="member", disable=not progress) as bar:
+    total = sum(len(members) for members, _ in plan.values())
+    with tqdm(total=total, desc="shards", unit="sample", disable=not progress) as bar:
         for split in SPLITS:
-            shards = _write_split(tables, split, splits[split], cfg, bar)
+            shards = _write_split(tables, split, plan[split], cfg, bar)
             manifest_splits[split] = {"shards": shards, "samples": sum(s["samples"] for s in shards),
                                       "events": sum(s["events"] for s in shards)}
-    np.save(root / "item_counts.npy", _train_counts(tables, splits["train"], cfg, num_items))
+    items = tables.events["item"]
+    held = {split: tables.held(plan[split], cfg.max_history) for split in SPLITS}
+    np.save(root / "item_counts.npy", np.bincount(items[held["train"] > 0], minlength=num_items).astype(np.int64))
+    np.save(root / "item_counts_all.npy", np.bincount(items, minlength=num_items).astype(np.int64))
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": "foundation.data.writer.build_shards",
         "source": {"format": cfg.source.format, "path": str(cfg.source.path)},
         "seed": cfg.seed,
+        "split": cfg.split, "split_info": split_info,
         "schema": SAMPLE_SCHEMA,
-        "vocab": {"item": num_items, "action": len(ACTIONS), "device": len(DEVICES),
-                  "gap": NUM_GAP_BUCKETS, "hour": NUM_HOURS},
+        "vocab": vocab,
         "actions": list(ACTIONS), "devices": list(DEVICES),
         "splits": manifest_splits,
         "totals": {"members": len(tables.members),
-                   "events": sum(s["events"] for s in manifest_splits.values()),
+                   "events": int((sum(held.values()) > 0).sum()),  # distinct events stored
                    "impressions": int(sum(len(v["item"]) for v in tables.impressions.values())),
                    "items": num_items - 1},
         "files": {"item_ids": "item_ids.npy", "item_counts": "item_counts.npy",
+                  "item_counts_all": "item_counts_all.npy",
+                  "item_attributes": "item_attributes.npz" if "attribute" in vocab else None,
                   "catalogue": _write_catalogue(tables, root)},
     }
     tmp = root / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, root / "manifest.json")
     return manifest
-
-
-def _train_counts(tables: _Tables, train: np.ndarray, cfg: BuildConfig, num_items: int) -> np.ndarray:
-    """Event count per item id over the kept train events (vectorised over all rows)."""
-    sizes = np.diff(tables.bounds)
-    row_member = np.repeat(np.arange(len(sizes)), sizes)
-    keep = np.isin(row_member, train)
-    if cfg.max_history:
-        from_end = tables.bounds[row_member + 1] - 1 - np.arange(len(row_member))
-        keep &= from_end < cfg.max_history
-    return np.bincount(tables.events["item"][keep], minlength=num_items).astype(np.int64)
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

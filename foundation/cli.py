@@ -13,6 +13,7 @@ foundation data synth output=DIR [world.members=N ...]        synthetic member w
 foundation data build source.format=F source.path=P output=DIR  event tables → shards
 foundation train [--nproc N] [--max-restarts K] recipe=NAME data.path=DIR run_dir=RUN [...]
 foundation eval run_dir=RUN [split=test]                        writes RUN/eval.json
+foundation eval compare RUN_A RUN_B|RUN_A@most_popular          offline A/B test, bootstrap CI
 foundation recipes                                              list recipes
 foundation demo [--dir DIR]                                     the whole path, end to end
 """
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="synth → pretrain (2 ranks) → fine-tune → eval")
     demo.add_argument("--dir", default="demo")
     demo.add_argument("--nproc", type=int, default=2)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["eval", "compare"]:
+        return _compare(argv[2:])
+    args = parser.parse_args(argv)
     from foundation.train.checkpoint import CheckpointError
 
     try:
@@ -49,6 +53,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _compare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="foundation eval compare",
+        description="Offline A/B test: per metric, the paired difference B − A over users with "
+                    "a 95%% bootstrap confidence interval and a verdict. Both runs must be "
+                    "evaluated (foundation eval) on the same split first.")
+    parser.add_argument("a", help="run dir A, or RUN@BASELINE (e.g. runs/x@most_popular)")
+    parser.add_argument("b", help="run dir B, or RUN@BASELINE")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--output", help="also write the comparison as JSON here")
+    args = parser.parse_args(argv)
+    from foundation.eval.compare import run_compare
+
+    try:
+        run_compare(args.a, args.b, resamples=args.resamples, seed=args.seed, output=args.output)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _train_epilog() -> str:

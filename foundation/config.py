@@ -39,6 +39,8 @@ class TrainerConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end)
     keep_last: int = 0  # keep the newest N committed checkpoints (0: keep all)
     async_checkpoint: bool = False  # write periodic checkpoints' tables in the background
+    sample_ledger: bool = False  # record the sample ids each rank trains on (RUN/ledger/)
+    patience: int = 0  # stop after N validations without a better eval metric; keep the best
     on_nan: str = "stop"  # a NaN/inf loss: stop (naming the step) | skip (the step, counted)
     collective_timeout_s: float = 600.0  # a hung rank fails the job after this long
     resume: str = "auto"  # auto (newest committed checkpoint in run_dir) | never | a checkpoint path

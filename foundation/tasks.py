@@ -33,6 +33,27 @@ class Task:
         self.num_items = int(manifest["vocab"]["item"])
         self.item_counts = torch.as_tensor(item_counts, dtype=torch.float32)
 
+    def item_attributes(self) -> tuple[Tensor, Tensor, int] | None:
+        """The dataset's item side information, if it has any: (values, offsets, vocabulary)
+        with the attribute ids of item i at ``values[offsets[i]:offsets[i+1]]``."""
+        name = self.manifest.get("files", {}).get("item_attributes")
+        if not name:
+            return None
+        with np.load(f"{self.cfg.data.path}/{name}", allow_pickle=False) as saved:
+            values, offsets = torch.as_tensor(saved["values"]), torch.as_tensor(saved["offsets"])
+        return values, offsets, int(self.manifest["vocab"]["attribute"])
+
+    def popularity_baselines(self) -> dict[str, Tensor]:
+        """Item scores of the most-popular baselines: counted over the training data and,
+        where the build wrote them, over all data (the leaky variant some papers report)."""
+        baselines = {"most_popular": self.item_counts}
+        all_counts = self.manifest.get("files", {}).get("item_counts_all")
+        if all_counts:
+            path = f"{self.cfg.data.path}/{all_counts}"
+            baselines["most_popular_all"] = torch.as_tensor(np.load(path, allow_pickle=False),
+                                                            dtype=torch.float32)
+        return baselines
+
     # -- model -----------------------------------------------------------------------
     def build_sparse(self, device: torch.device) -> nn.Module:
         return SparseArch(self.num_items, self.cfg.model.embedding_dim, device)
@@ -95,12 +116,12 @@ def synchronised(batches: Iterable[SequenceBatch], world_size: int
         yield (batch, True) if batch is not None else (dummy, False)
 
 
-def all_sum(values: dict[str, float], world_size: int) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+def all_max(flags: Tensor, world_size: int) -> Tensor:
+    """Element-wise OR of a bool tensor over ranks."""
+    values = flags.to(torch.int32)
     if world_size > 1:
-        dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.bool()
 
 
 def all_concat(arrays: list[np.ndarray], world_size: int) -> np.ndarray:

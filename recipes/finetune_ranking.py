@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from foundation.eval.metrics import auc, log_loss
+from foundation.eval.metrics import auc, calibration_error, log_loss
 from foundation.models.member import EventEncoder, MemberModelConfig, last_states
 from foundation.tasks import Task, all_concat, synchronised
 
@@ -75,5 +75,6 @@ class FinetuneRanking(Task):
         logits, labels, popular = (all_concat(x, model.world_size) for x in (logits, labels, popular))
         probs = 1 / (1 + np.exp(-logits))
         metrics = {"auc": auc(logits, labels), "log_loss": log_loss(probs, labels),
+                   "calibration_error": calibration_error(probs, labels),
                    "impressions": float(len(labels)), "positive_rate": float(labels.mean())}
         return {"metrics": metrics, "baselines": {"most_popular": {"auc": auc(popular, labels)}}}

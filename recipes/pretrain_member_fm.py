@@ -7,10 +7,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from foundation.eval.metrics import means, ranking_sums, target_ranks
+from foundation.eval.metrics import rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.models.losses import next_item_pairs, sampled_softmax_loss
-from foundation.models.member import EventEncoder, MemberModelConfig, last_states, sparse_features
-from foundation.tasks import Task, all_sum, split_last_event, synchronised
+from foundation.models.member import (
+    EventEncoder,
+    ItemAttributes,
+    MemberModelConfig,
+    last_states,
+    sparse_features,
+)
+from foundation.tasks import Task, all_concat, all_max, split_last_event, synchronised
 
 
 @dataclass
@@ -22,17 +28,29 @@ class PretrainConfig:
     logq_correction: bool = True
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     exclude_history: bool = True  # full ranking without the items already in the history
+    sampled_negatives: int = 0  # also rank among N seeded random items (0: off), as some papers
 
 
 class NextItemModel(nn.Module):
-    def __init__(self, model: MemberModelConfig, recipe: PretrainConfig, log_item_prob: Tensor):
+    def __init__(self, model: MemberModelConfig, recipe: PretrainConfig, log_item_prob: Tensor,
+                 attributes: ItemAttributes | None = None):
         super().__init__()
         self.recipe = recipe
         self.encoder = EventEncoder(model)
+        self.attributes = attributes
         self.register_buffer("log_item_prob", log_item_prob, persistent=False)
+
+    def item_vectors(self, items: Tensor, embeddings: Tensor) -> Tensor:
+        """Items' table embeddings, plus their side information when the model has it."""
+        return embeddings if self.attributes is None else embeddings + self.attributes(items)
 
     def forward(self, batch, emb: dict[str, Tensor], negatives: Tensor | None = None,
                 mode: str = "train") -> Tensor:
+        """``train``: the loss; ``encode``: each row's last state; ``items``: the vectors of
+        ``negatives`` (the catalogue, for scoring)."""
+        if mode == "items":
+            return self.item_vectors(negatives, emb["negative"])
+        emb = {**emb, "item": self.item_vectors(batch.item, emb["item"])}
         states, mask = self.encoder(emb, batch.lengths)
         if mode == "encode":
             return last_states(states, mask)
@@ -40,7 +58,7 @@ class NextItemModel(nn.Module):
         full = self.recipe.loss == "full_softmax"
         return sampled_softmax_loss(
             states.flatten(0, 1)[query_index], batch.item[target_index], emb["item"][target_index],
-            negatives, emb["negative"],
+            negatives, self.item_vectors(negatives, emb["negative"]),
             log_item_prob=None if full or not self.recipe.logq_correction else self.log_item_prob,
             in_batch=self.recipe.in_batch_negatives and not full)
 
@@ -55,7 +73,9 @@ class PretrainMemberFM(Task):
         counts = self.item_counts + 1.0  # add-one: unseen items still have a proposal rate
         counts[0] = 0.0
         log_prob = (counts / counts.sum()).clamp_min(1e-12).log()
-        return NextItemModel(self.cfg.model, self.recipe, log_prob)
+        found = self.item_attributes() if self.cfg.model.side_features else None
+        attributes = ItemAttributes(*found, dim=self.cfg.model.embedding_dim) if found else None
+        return NextItemModel(self.cfg.model, self.recipe, log_prob, attributes)
 
     def features(self, batch):
         if self.recipe.loss == "full_softmax":
@@ -67,9 +87,17 @@ class PretrainMemberFM(Task):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        """Leave-last-out full ranking over the catalogue, next to most-popular."""
-        catalogue = model.catalogue()
-        sums = {"model": [], "most_popular": []}
+        """Leave-last-out full ranking over the catalogue (and, with ``sampled_negatives``,
+        among that many random items), next to the most-popular baselines. Returns the
+        metrics and every user's target rank (``ranks``, for paired comparisons)."""
+        everything = torch.arange(self.num_items)
+        catalogue = model.dense(None, {"negative": model.catalogue()}, everything, mode="items")
+        ks = self.recipe.ks
+        baselines = self.popularity_baselines()
+        parts: dict[str, list] = {"sample_id": [], "model": [], **{n: [] for n in baselines}}
+        if self.recipe.sampled_negatives:
+            parts["model_sampled"] = []
+        covered = torch.zeros(self.num_items, dtype=torch.bool)
         for batch, real in synchronised(batches, model.world_size):
             history, targets = split_last_event(batch)
             emb = model.embed(sparse_features(history))
@@ -77,17 +105,24 @@ class PretrainMemberFM(Task):
             if not real:
                 continue
             exclude = self._excluded(history, scores.shape)
-            sums["model"].append(ranking_sums(target_ranks(scores, targets, exclude), self.recipe.ks))
-            popular = self.item_counts.expand_as(scores)
-            sums["most_popular"].append(
-                ranking_sums(target_ranks(popular, targets, exclude), self.recipe.ks))
-        results = {}
-        for name, parts in sums.items():
-            total = {k: sum(p.get(k, 0.0) for p in parts) for k in _keys(self.recipe.ks)}
-            results[name] = means(all_sum(total, model.world_size))
-        results["model"]["users"] = all_sum({"count": sum(p["count"] for p in sums["model"])},
-                                            model.world_size)["count"]
-        return {"metrics": results["model"], "baselines": {"most_popular": results["most_popular"]}}
+            parts["sample_id"].append(batch.sample_ids.numpy())
+            parts["model"].append(target_ranks(scores, targets, exclude).numpy())
+            for name, counts in baselines.items():
+                parts[name].append(target_ranks(counts.expand_as(scores), targets, exclude).numpy())
+            if self.recipe.sampled_negatives:
+                parts["model_sampled"].append(sampled_ranks(
+                    scores, targets, exclude, batch.sample_ids, self.recipe.sampled_negatives,
+                    self.cfg.seed).numpy())
+            covered |= top_k_items(scores, exclude, max(ks))
+        ranks = {name: all_concat(arrays, model.world_size) for name, arrays in parts.items()}
+        metrics = {**rank_metrics(ranks["model"], ks), "users": float(len(ranks["model"])),
+                   f"coverage@{max(ks)}": all_max(covered, model.world_size).float().mean().item()}
+        if self.recipe.sampled_negatives:
+            sampled = rank_metrics(ranks["model_sampled"], ks)
+            metrics.update({f"sampled_{k}": v for k, v in sampled.items()})
+        return {"metrics": metrics,
+                "baselines": {name: rank_metrics(ranks[name], ks) for name in baselines},
+                "ranks": ranks}
 
     def _excluded(self, history, shape) -> Tensor:
         exclude = torch.zeros(shape, dtype=torch.bool)
@@ -96,7 +131,3 @@ class PretrainMemberFM(Task):
             rows = torch.repeat_interleave(torch.arange(len(history)), history.lengths)
             exclude[rows, history.item] = True
         return exclude
-
-
-def _keys(ks: list[int]) -> list[str]:
-    return ["count", "mrr"] + [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]

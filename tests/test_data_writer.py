@@ -93,6 +93,9 @@ def test_shards_hold_no_pickle_and_round_trip_the_events(raw, tmp_path):
     counts = np.load(tmp_path / "item_counts.npy", allow_pickle=False)
     assert counts.shape == (121,) and counts[0] == 0
     assert counts.sum() == m["splits"]["train"]["events"]
+    counts_all = np.load(tmp_path / "item_counts_all.npy", allow_pickle=False)
+    assert counts_all.sum() == len(events["user"]) == m["totals"]["events"]
+    assert (counts_all >= counts).all() and m["split"] == "member"
 
 
 def test_max_history_keeps_the_last_events(raw, tmp_path):
@@ -113,7 +116,7 @@ def test_missing_file_column_and_format_errors_name_the_fix(raw, tmp_path):
         build(format="csv", path=str(tmp_path / "nowhere.csv"))
     with pytest.raises(KeyError, match=r"'member_id'.*available columns.*'user'.*source\.columns\.member_id"):
         build(format="parquet", path=str(raw["parquet"]))
-    with pytest.raises(ValueError, match=r"unknown source format 'xls'.*\['csv', 'jsonl', 'parquet'\]"):
+    with pytest.raises(ValueError, match=r"unknown source format 'xls'.*\['csv', 'jsonl', 'movielens', 'parquet', 'sasrec_txt'\]"):
         build(format="xls", path=str(raw["parquet"]))
     assert not (tmp_path / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match=r"no manifest\.json in .*foundation data synth output="):

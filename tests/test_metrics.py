@@ -5,7 +5,15 @@ import math
 import numpy as np
 import torch
 
-from foundation.eval.metrics import auc, log_loss, means, ranking_sums, target_ranks
+from foundation.eval.metrics import (
+    auc,
+    calibration_error,
+    log_loss,
+    rank_metrics,
+    sampled_ranks,
+    target_ranks,
+    top_k_items,
+)
 
 
 def test_ranks_hr_ndcg_mrr_by_hand():
@@ -17,7 +25,7 @@ def test_ranks_hr_ndcg_mrr_by_hand():
     exclude[0, 1] = True  # item 1 is in row 0's history: removed from its candidates
     ranks = target_ranks(scores, targets, exclude)
     assert ranks.tolist() == [1, 0]  # row 0: only 0.7 beats 0.5 once 0.9 is excluded
-    m = means(ranking_sums(ranks, [1, 2]))
+    m = rank_metrics(ranks.numpy(), [1, 2])
     assert m["hr@1"] == 0.5 and m["hr@2"] == 1.0
     assert math.isclose(m["ndcg@2"], (1 / math.log2(3) + 1) / 2)
     assert math.isclose(m["mrr"], (1 / 2 + 1) / 2)
@@ -35,3 +43,37 @@ def test_auc_and_log_loss_by_hand():
     assert auc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
     probs = np.array([0.9, 0.2])
     assert math.isclose(log_loss(probs, np.array([1, 0])), -(math.log(0.9) + math.log(0.8)) / 2)
+
+
+def test_calibration_error_by_hand():
+    probs = np.array([0.05, 0.15, 0.85, 0.95])
+    labels = np.array([0, 0, 1, 0])
+    # bins: [0.0,0.1): 0.05 vs 0 | [0.1,0.2): 0.15 vs 0 | [0.8,0.9): 0.85 vs 1 | [0.9,1]: 0.95 vs 0
+    assert math.isclose(calibration_error(probs, labels), (0.05 + 0.15 + 0.15 + 0.95) / 4)
+    assert calibration_error(np.array([0.25, 0.25]), np.array([0, 1])) == 0.25
+
+
+def test_sampled_ranks_use_per_user_seeded_negatives_never_the_excluded():
+    scores = torch.arange(50, dtype=torch.float32).repeat(2, 1)  # item i scores i
+    exclude = torch.zeros(2, 50, dtype=torch.bool)
+    exclude[:, 0] = True
+    exclude[0, 40:] = True  # row 0: every item above 39 is excluded
+    targets = torch.tensor([30, 30])
+    # All candidates drawn: row 0 has 1..39 minus 30 (31..39 beat it), row 1 also 40..49.
+    everything = sampled_ranks(scores, targets, exclude, torch.tensor([7, 8]), 48, seed=0)
+    assert everything.tolist() == [9, 19]
+    # 5 draws: the same user and seed draw the same negatives in any batch; another user not.
+    first = sampled_ranks(scores, targets, exclude, torch.tensor([7, 7]), 5, seed=0)
+    assert first[0] <= first[1] and torch.equal(
+        first, sampled_ranks(scores, targets, exclude, torch.tensor([7, 7]), 5, seed=0))
+    draws = {int(sampled_ranks(scores[1:], targets[1:], exclude[1:], torch.tensor([u]), 5,
+                               seed=0)) for u in range(30)}
+    assert len(draws) > 1  # users get different negatives
+
+
+def test_top_k_items_marks_the_union_of_top_lists():
+    scores = torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
+    exclude = torch.zeros(2, 4, dtype=torch.bool)
+    exclude[:, 0] = True
+    exclude[0, 1] = True
+    assert top_k_items(scores, exclude, 1).tolist() == [False, False, True, True]

@@ -101,3 +101,18 @@ def test_logq_correction_and_accidental_hits():
         others = [queries[i] @ table[c] - rate for j, c in enumerate(cand) if c != targets[i]]
         expected.append(-pos + torch.logsumexp(torch.stack([pos, *others]), 0))
     assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
+
+
+def test_item_attributes_pool_each_items_attribute_embeddings():
+    from foundation.models.member import ItemAttributes
+
+    # item 1: attributes {1, 2}; item 2: none; item 3: {3}
+    values, offsets = torch.tensor([1, 2, 3]), torch.tensor([0, 0, 2, 2, 3])
+    attributes = ItemAttributes(values, offsets, num_attributes=4, dim=3)
+    table = attributes.table.weight.detach()
+    out = attributes(torch.tensor([3, 1, 2, 1]))
+    assert torch.allclose(out[0], table[3])
+    assert torch.allclose(out[1], (table[1] + table[2]) / 2) and torch.equal(out[1], out[3])
+    assert torch.equal(out[2], torch.zeros(3))  # no side information: adds nothing
+    out.sum().backward()
+    assert attributes.table.weight.grad[[1, 2, 3]].abs().sum() > 0

@@ -159,3 +159,19 @@ def test_skipped_corrupt_data_is_counted_as_a_training_metric(synth_shards, tmp_
     assert rows[-1]["step"] == steps and rows[-1]["epoch"] == 0
     assert rows[-1]["skipped_data"] == 3
     assert "skipping unreadable data" in result.stderr and "bad0-0" in result.stderr
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_checkpoint_and_finishes_the_run(synth_shards, tmp_path):
+    run = tmp_path / "early"
+    frozen = ["trainer.optim.lr=0", "sharding.lr=0"]  # validation cannot improve
+    result = train_alone(synth_shards, run, *frozen, "trainer.max_steps=40",
+                         "trainer.eval_every=2", "trainer.patience=2", "trainer.keep_last=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped early at step 6" in result.stdout and "at step 2, is checkpoint=best" in result.stdout
+    assert json.loads((run / checkpoint.BEST).read_text())["step"] == 2
+    assert checkpoint.resolve(run, "best").name == "step-2"  # kept despite keep_last=1
+    assert checkpoint.resolve(run).name == "step-6"
+    again = train_alone(synth_shards, run, *frozen, "trainer.max_steps=40",
+                        "trainer.eval_every=2", "trainer.patience=2")
+    assert "nothing to do" in again.stdout

@@ -12,11 +12,15 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
 from conftest import FAST, run_torchrun, spawn, wait_for_step, worker_pids
+from foundation.data.loader import build_loader
 from safetensors.torch import load_file
+
+from foundation.train.ledger import SampleLedger
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +110,9 @@ def test_a_checkpoint_moves_2_to_1_to_2_ranks_with_identical_eval(synth_shards, 
 def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(
         synth_shards, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    common = ["trainer.checkpoint_every=4", "data.num_workers=1", "trainer.max_steps=40"]
+    # 40 steps of 2 × 32 members: all of epoch 0 (2400 members) and the start of epoch 1.
+    common = ["trainer.checkpoint_every=4", "data.num_workers=1", "trainer.max_steps=40",
+              "data.batch_size=32", "trainer.sample_ledger=true"]
     train(synth_shards, full, *common)
     proc = spawn([sys.executable, "-m", "foundation.cli", "train", "--nproc=2", "--max-restarts=1",
                   f"data.path={synth_shards}", f"run_dir={killed}", *FAST, *RUN, *common])
@@ -121,3 +127,17 @@ def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(
     a = load_file(str(full / "checkpoints/step-40/dense.safetensors"))
     b = load_file(str(killed / "checkpoints/step-40/dense.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # What the final weights saw: every training member exactly once in epoch 0, and the
+    # very batches of the uninterrupted run.
+    ledger = SampleLedger.read(killed)
+    assert ledger == SampleLedger.read(full)
+    epoch0 = Counter(i for entries in ledger.values() for e in entries if e["epoch"] == 0
+                     for i in e["ids"])
+    assert set(epoch0.values()) == {1}
+    assert set(epoch0) == training_ids(synth_shards)
+    assert any(e["epoch"] == 1 for entries in ledger.values() for e in entries)
+
+
+def training_ids(shards) -> set[int]:
+    loader = build_loader(shards, "train", batch_size=256, max_len=50, shuffle=False)
+    return {i for batch in loader for i in batch.sample_ids.tolist()}

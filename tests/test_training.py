@@ -70,3 +70,14 @@ def test_warm_start_from_another_model_names_the_mismatch(pretrain_run, synth_sh
     assert result.returncode == 2
     assert "item_table.weight (1001, 64) vs (1001, 32)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_compare_finds_a_run_significantly_better_than_its_most_popular_baseline(pretrain_run):
+    """The offline A/B test on a real run (two seeds of a converged run: docs/benchmarks.md)."""
+    foundation("eval", f"run_dir={pretrain_run}", "split=test")
+    out = foundation("eval", "compare", f"{pretrain_run}@most_popular", str(pretrain_run),
+                     "--output", str(pretrain_run / "compare.json"))
+    assert "compare: ndcg@10" in out and "| hr@10 |" in out
+    popular = json.loads((pretrain_run / "compare.json").read_text())["metrics"]
+    for metric in ("hr@10", "ndcg@10"):
+        assert popular[metric]["verdict"] == "B better" and popular[metric]["ci_low"] > 0

@@ -269,7 +269,8 @@ def _decay_groups(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        is_matrix = param.dim() >= 2 and not isinstance(_owner(module, name), nn.Embedding)
+        is_matrix = param.dim() >= 2 and not isinstance(_owner(module, name),
+                                                          nn.Embedding | nn.EmbeddingBag)
         (decay if is_matrix else no_decay).append(param)
     return decay, no_decay
 

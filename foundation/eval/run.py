@@ -1,7 +1,9 @@
 """``foundation eval run_dir=RUN [split=test]``: evaluate a run's checkpoint on a split.
 
 Works on any world size (alone, or under torchrun): the sharded tables are resharded on load.
-Rank 0 writes ``RUN/eval.json`` (``{"split", "metrics", "baselines"}``) and ``RUN/eval.md``.
+Rank 0 writes ``RUN/eval.json`` (``{"split", "metrics", "baselines"}``), ``RUN/eval.md`` and,
+for ranking-by-catalogue recipes, ``RUN/eval-ranks.npz`` (each user's target rank under the
+model and each baseline, by sample id) for ``foundation eval compare``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,6 +20,8 @@ from foundation.distributed.env import init_distributed, seed_everything
 from foundation.train import checkpoint
 from foundation.train.model import ShardedModel
 from foundation.train.stream import EpochStream
+
+RANKS_FILE = "eval-ranks.npz"
 
 
 def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
@@ -39,10 +44,14 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         stream = EpochStream(train_cfg.data, mode=task.data_mode, seed=train_cfg.seed,
                              rank=env.rank, world_size=env.world_size)
         result = task.evaluate(model, stream.loader(cfg.split, batch_size=cfg.batch_size))
+        ranks = result.pop("ranks", None)
         report = {"split": cfg.split, "run_dir": str(run_dir), "checkpoint": path.name,
                   "recipe": task.name, **result}
         if env.is_main:
             (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            if ranks is not None:  # every user's target rank: `foundation eval compare`
+                np.savez(run_dir / RANKS_FILE, split=np.array(cfg.split),
+                         **{k: v.astype(np.int64) for k, v in ranks.items()})
             (run_dir / "eval.md").write_text(markdown_report(report))
             print(one_line(report), flush=True)
         return report

@@ -37,6 +37,7 @@ class MemberModelConfig:
     dropout: float = 0.1
     max_len: int = 50
     context_features: bool = True  # hour-of-day and device embeddings in each token
+    side_features: bool = True  # item attributes of the dataset (when it has them) in each item
 
 
 class SparseArch(nn.Module):
@@ -128,6 +129,29 @@ class EventEncoder(nn.Module):
         causal = torch.ones(longest, longest, dtype=torch.bool, device=x.device).triu(1)
         x = self.layers(x, mask=causal, src_key_padding_mask=~mask, is_causal=True)
         return self.output_norm(x), mask
+
+
+class ItemAttributes(nn.Module):
+    """Item side information: the mean embedding of each item's attribute ids (categories,
+    brand, ...), added to the item's own embedding wherever the item appears. Items sharing
+    attributes share what is learnt about them: the lever for tail and new items.
+
+    ``values``/``offsets``: the attribute ids of item i are ``values[offsets[i]:offsets[i+1]]``.
+    """
+
+    def __init__(self, values: Tensor, offsets: Tensor, num_attributes: int, dim: int):
+        super().__init__()
+        self.register_buffer("values", values.long(), persistent=False)  # data, not weights
+        self.register_buffer("offsets", offsets.long(), persistent=False)
+        self.table = nn.EmbeddingBag(num_attributes, dim, mode="mean", padding_idx=0)
+
+    def forward(self, items: Tensor) -> Tensor:
+        starts = self.offsets[items]
+        lengths = self.offsets[items + 1] - starts
+        bags = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(int(lengths.sum()), device=items.device)
+        flat = within + torch.repeat_interleave(starts - bags, lengths)
+        return self.table(self.values[flat], bags)  # an item without attributes: zeros
 
 
 def last_states(states: Tensor, mask: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 COMMIT_MARKER = "COMMITTED"
+BEST = "best.json"  # in the run dir: the step of the best validation so far
 
 
 class CheckpointError(RuntimeError):
@@ -97,13 +98,19 @@ def step_of(path: Path) -> int:
 
 
 def resolve(source: str | Path, which: str = "latest") -> Path:
-    """A run dir or checkpoint dir → a committed checkpoint dir, or a clear error."""
+    """A run dir or checkpoint dir → a committed checkpoint dir, or a clear error. ``which``:
+    ``latest``, ``best`` (the best validation, with ``trainer.patience``) or ``step-N``."""
     path = Path(source)
     if (path / COMMIT_MARKER).exists():
         return path
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass a run dir (run_dir=...) or a "
                                 f"checkpoint dir (…/checkpoints/step-N)")
+    if which == "best":
+        if not (path / BEST).exists():
+            raise FileNotFoundError(f"{path} has no {BEST}: train with trainer.patience > 0 "
+                                    f"and trainer.eval_every > 0 to keep the best checkpoint")
+        which = f"step-{json.loads((path / BEST).read_text())['step']}"
     found = committed_checkpoints(path)
     if which != "latest":
         found = [p for p in found if p.name == which]
@@ -196,16 +203,17 @@ def restore_resharded(path: Path, *, sparse: nn.Module, engine) -> None:
                            load_file(str(path / "dense_optim.safetensors")))
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Retention: drop committed checkpoints beyond the newest ``keep_last`` and incomplete
-    ones older than the newest committed. The newest committed one is never deleted."""
+def prune(run_dir: Path, keep_last: int, keep_step: int | None = None) -> None:
+    """Retention: drop committed checkpoints beyond the newest ``keep_last`` (except step
+    ``keep_step``, the best) and incomplete ones older than the newest committed. The newest
+    committed one is never deleted."""
     import shutil
 
     committed = committed_checkpoints(run_dir)
     if not committed:
         return
     newest = step_of(committed[-1])
-    doomed = committed[:-keep_last] if keep_last > 0 else []
+    doomed = [p for p in committed[:-keep_last] if step_of(p) != keep_step] if keep_last > 0 else []
     doomed += [p for p in (run_dir / "checkpoints").glob("step-*")
                if not (p / COMMIT_MARKER).exists() and step_of(p) < newest]
     for path in doomed:
@@ -264,6 +272,10 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
+
+
+def mark_best(run_dir: Path, step: int, metric: str, value: float) -> None:
+    _write_json(run_dir / BEST, {"step": step, "metric": metric, "value": value})
 
 
 def read_state(path: Path) -> dict[str, Any]:

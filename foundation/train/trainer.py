@@ -22,6 +22,7 @@ from foundation.distributed.env import DistEnv, init_distributed, seed_everythin
 from foundation.recipes import RECIPES
 from foundation.tasks import Task
 from foundation.train import checkpoint
+from foundation.train.ledger import SampleLedger
 from foundation.train.logging import RunLogger
 from foundation.train.model import ShardedModel
 from foundation.train.plots import plot_run
@@ -47,6 +48,10 @@ class Trainer:
         self.preemption, self.skipped_steps = PreemptionFlag(), 0
         self.skipped_data = 0  # corrupt samples/shards skipped (data.on_error=skip), all ranks
         self.resharded_from: int | None = None  # the world size of a resharded checkpoint
+        # Early stopping: the best validation so far ({"step", "value"}) and how many
+        # validations since it; ``stopped_early`` marks a run that is finished.
+        self.best: dict[str, float] | None = None
+        self.stale, self.stopped_early = 0, False
         self.pending: tuple[Path, Future] | None = None  # an async checkpoint being written
         self.run_dir = Path(cfg.run_dir)
         self.task = build_task(cfg)
@@ -58,6 +63,7 @@ class Trainer:
         seed_everything(cfg.seed, self.env.rank)  # from here ranks differ: dropout, negatives
         self.stream = EpochStream(cfg.data, mode=self.task.data_mode, seed=cfg.seed,
                                   rank=self.env.rank, world_size=self.env.world_size)
+        self.ledger = SampleLedger(self.run_dir, self.env.rank) if cfg.trainer.sample_ledger else None
         self.start_step = self.resume(self.resume_from())
         # Background writes get their own gloo group: their collectives run beside training's.
         self.writer_group = dist.new_group(backend="gloo") if cfg.trainer.async_checkpoint else None
@@ -71,7 +77,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg, batches = self.cfg.trainer, iter(self.stream)
-        if self.start_step >= cfg.max_steps:
+        if self.start_step >= cfg.max_steps or self.stopped_early:
             if self.env.is_main:
                 print(f"{self.task.name}: nothing to do, {self.run_dir} is at step "
                       f"{self.start_step} ≥ trainer.max_steps={cfg.max_steps}", flush=True)
@@ -92,7 +98,9 @@ class Trainer:
                                  "events_per_s": step_events / step_time,
                                  "step_time_s": step_time, "epoch": self.stream.epoch})
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                self.validate(step)
+                result = self.validate(step)
+                if self.patience_exhausted(step, result):
+                    return self.stop_early(step, losses, events, time.perf_counter() - start, result)
             self.commit_pending(wait=False)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 self.save(step, background=self.writer_group)
@@ -102,6 +110,32 @@ class Trainer:
         self.save(cfg.max_steps)
         self.logger.close()
         return self.summarise(losses, events, time.perf_counter() - start, final)
+
+    def patience_exhausted(self, step: int, result: dict[str, Any]) -> bool:
+        """Track the best validation; with ``trainer.patience`` > 0 checkpoint each new best
+        (``RUN/best.json`` points at it) and say when ``patience`` validations brought none."""
+        value = result["metrics"].get(self.task.eval_metric, float("nan"))
+        if self.best is None or value > self.best["value"]:
+            self.best, self.stale = {"step": step, "value": value}, 0
+            if self.cfg.trainer.patience:
+                self.save(step)
+                if self.env.is_main:
+                    checkpoint.mark_best(self.run_dir, step, self.task.eval_metric, value)
+            return False
+        self.stale += 1
+        return 0 < self.cfg.trainer.patience <= self.stale
+
+    def stop_early(self, step: int, losses: list[float], events: int, seconds: float,
+                   result: dict[str, Any]) -> dict[str, Any]:
+        self.stopped_early = True
+        self.save(step)  # the run is complete: a rerun has nothing to do
+        self.logger.close()
+        if self.env.is_main:
+            print(f"{self.task.name}: stopped early at step {step}: no better validation "
+                  f"{self.task.eval_metric} in {self.stale} evaluations; the best, "
+                  f"{self.best['value']:.4f} at step {self.best['step']}, is checkpoint=best",
+                  flush=True)
+        return self.summarise(losses, events, seconds, result)
 
     def stop_preempted(self, step: int) -> dict[str, Any]:
         path = self.save(step)
@@ -124,11 +158,15 @@ class Trainer:
         return checkpoint.resolve(choice)
 
     def resume(self, path: Path | None) -> int:
+        if self.ledger is not None:
+            self.ledger.truncate(0 if path is None else checkpoint.step_of(path))
         if path is None:
             return 0
         saved = checkpoint.read_state(path)
         self.skipped_steps = saved.get("skipped_steps", 0)
         self.skipped_data = saved.get("skipped_data", 0)
+        self.best, self.stale = saved.get("best"), saved.get("stale", 0)
+        self.stopped_early = saved.get("stopped_early", False)
         layout = (saved["world_size"], saved.get("num_workers"))
         if layout == (self.env.world_size, self.cfg.data.num_workers):
             rank_state = checkpoint.restore(path, sparse=self.model.sparse,
@@ -168,6 +206,8 @@ class Trainer:
         for _ in range(self.cfg.trainer.grad_accum):
             batch = next(batches).to(self.env.device)
             skipped += batch.skipped
+            if self.ledger is not None:
+                self.ledger.record(step, self.stream.epoch, batch.sample_ids.tolist())
             features, extra = self.task.features(batch)
             loss = self.model.dense(batch, self.model.embed(features), **extra)
             if not self.all_finite(loss):
@@ -201,6 +241,7 @@ class Trainer:
         limit = self.cfg.trainer.eval_batches or None
         loader = self.stream.loader(self.cfg.data.val_split, batch_size=self.cfg.data.eval_batch_size)
         result = self.task.evaluate(self.model, itertools.islice(loader, limit))
+        result.pop("ranks", None)  # per-user detail is for `foundation eval`, not the log
         row = {"step": step, "split": self.cfg.data.val_split, **note, **result["metrics"]}
         for name, metrics in result["baselines"].items():
             row.update({f"{name}/{k}": v for k, v in metrics.items()})
@@ -213,7 +254,8 @@ class Trainer:
         path = checkpoint.checkpoint_dir(self.run_dir, step)
         state = {"step": step, "recipe": self.task.name, "config_hash": config_hash(self.cfg),
                  "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers,
-                 "skipped_steps": self.skipped_steps, "skipped_data": self.skipped_data}
+                 "skipped_steps": self.skipped_steps, "skipped_data": self.skipped_data,
+                 "best": self.best, "stale": self.stale, "stopped_early": self.stopped_early}
         future = checkpoint.save(path, sparse=self.model.sparse, engine=self.model.engine,
                                  state=state, rank_state={"stream": self.stream.state()},
                                  rank=self.env.rank, barrier=self.env.barrier,
@@ -242,7 +284,8 @@ class Trainer:
 
     def committed(self) -> None:
         if self.env.is_main:
-            checkpoint.prune(self.run_dir, keep_last=self.cfg.trainer.keep_last)
+            checkpoint.prune(self.run_dir, keep_last=self.cfg.trainer.keep_last,
+                             keep_step=self.best["step"] if self.best else None)
 
     def summarise(self, losses: list[float], events: int, seconds: float,
                   final: dict[str, Any]) -> dict[str, Any]:
