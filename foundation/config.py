@@ -121,3 +121,16 @@ def config_hash(cfg: DictConfig) -> str:
     import hashlib
 
     return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old → new`` for every leaf that differs between two resolved configs."""
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{name}.")
+        elif a != b:
+            changes.append(f"{name}: {a} → {b}")
+    return changes
+

@@ -95,3 +95,12 @@ def test_train_help_lists_groups_and_options():
     assert result.returncode == 0
     assert "sharding   auto, column_wise, table_wise" in result.stdout
     assert "recipe     finetune_ranking, pretrain_member_fm" in result.stdout
+
+
+def test_config_changes_name_each_changed_leaf():
+    from foundation.config import config_changes
+
+    old = {"trainer": {"max_steps": 4, "optim": {"lr": 0.1}}, "seed": 0}
+    new = {"trainer": {"max_steps": 6, "optim": {"lr": 0.1}}, "seed": 0, "extra": 1}
+    assert config_changes(old, new) == ["extra: None → 1", "trainer.max_steps: 4 → 6"]
+    assert config_changes(old, old) == []

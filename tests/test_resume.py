@@ -63,6 +63,7 @@ def test_auto_resume_continues_and_a_finished_run_has_nothing_to_do(synth_shards
     out = run_torchrun(["-m", "foundation.train", f"data.path={synth_shards}", f"run_dir={run}",
                         *FAST, *RUN, "trainer.max_steps=6"])
     assert "resumed from" in out.stdout and "step-4" in out.stdout
+    assert "the config differs from the checkpoint's: trainer.max_steps: 4 → 6" in out.stdout
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
     out = run_torchrun(["-m", "foundation.train", f"data.path={synth_shards}", f"run_dir={run}",
                         *FAST, *RUN, "trainer.max_steps=6"])

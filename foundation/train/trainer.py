@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from foundation.config import config_hash
+from foundation.config import config_changes, config_hash
 from foundation.data.batch import SequenceBatch
 from foundation.data.writer import load_manifest
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
@@ -176,6 +176,11 @@ class Trainer:
             self.resume_resharded(path, layout, int(saved["step"]))
         if self.env.is_main:
             print(f"resumed from {path} at step {saved['step']}", flush=True)
+            if saved.get("config_hash", config_hash(self.cfg)) != config_hash(self.cfg):
+                changes = config_changes(saved.get("config", {}),
+                                         OmegaConf.to_container(self.cfg, resolve=True))
+                print(f"note: the config differs from the checkpoint's: {'; '.join(changes)}",
+                      flush=True)
         return int(saved["step"])
 
     def resume_resharded(self, path: Path, layout: tuple[int, int], step: int) -> None:
@@ -253,6 +258,7 @@ class Trainer:
         self.commit_pending(wait=True)  # one checkpoint in flight at a time
         path = checkpoint.checkpoint_dir(self.run_dir, step)
         state = {"step": step, "recipe": self.task.name, "config_hash": config_hash(self.cfg),
+                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                  "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers,
                  "skipped_steps": self.skipped_steps, "skipped_data": self.skipped_data,
                  "best": self.best, "stale": self.stale, "stopped_early": self.stopped_early}
