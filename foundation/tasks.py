@@ -5,6 +5,7 @@ evaluation over ranks) live here so recipes stay thin."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -43,6 +44,7 @@ class Task:
             values, offsets = torch.as_tensor(saved["values"]), torch.as_tensor(saved["offsets"])
         return values, offsets, int(self.manifest["vocab"]["attribute"])
 
+    @functools.cached_property  # read once, not at every validation
     def popularity_baselines(self) -> dict[str, Tensor]:
         """Item scores of the most-popular baselines: counted over the training data and,
         where the build wrote them, over all data (the leaky variant some papers report)."""

@@ -93,7 +93,7 @@ class PretrainMemberFM(Task):
         everything = torch.arange(self.num_items)
         catalogue = model.dense(None, {"negative": model.catalogue()}, everything, mode="items")
         ks = self.recipe.ks
-        baselines = self.popularity_baselines()
+        baselines = self.popularity_baselines
         parts: dict[str, list] = {"sample_id": [], "model": [], **{n: [] for n in baselines}}
         if self.recipe.sampled_negatives:
             parts["model_sampled"] = []

@@ -53,6 +53,7 @@ class Trainer:
         self.best: dict[str, float] | None = None
         self.stale, self.stopped_early = 0, False
         self.pending: tuple[Path, Future] | None = None  # an async checkpoint being written
+        self.last_saved: int | None = None  # the step of the newest checkpoint this run wrote
         self.run_dir = Path(cfg.run_dir)
         self.task = build_task(cfg)
         seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -102,7 +103,8 @@ class Trainer:
                 if self.patience_exhausted(step, result):
                     return self.stop_early(step, losses, events, time.perf_counter() - start, result)
             self.commit_pending(wait=False)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps
+                    and self.last_saved != step):  # not again after a new best was saved
                 self.save(step, background=self.writer_group)
             if step < cfg.max_steps and self.preemption.requested(self.env.world_size):
                 return self.stop_preempted(step)
@@ -256,7 +258,7 @@ class Trainer:
     def save(self, step: int, background: dist.ProcessGroup | None = None) -> Path:
         """Checkpoint ``step``; with ``background``, commit later (``commit_pending``)."""
         self.commit_pending(wait=True)  # one checkpoint in flight at a time
-        path = checkpoint.checkpoint_dir(self.run_dir, step)
+        path, self.last_saved = checkpoint.checkpoint_dir(self.run_dir, step), step
         state = {"step": step, "recipe": self.task.name, "config_hash": config_hash(self.cfg),
                  "config": OmegaConf.to_container(self.cfg, resolve=True),
                  "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers,
