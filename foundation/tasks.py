@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
 from foundation.data.batch import SequenceBatch
-from foundation.models.member import SparseArch, sparse_features
+from foundation.models.member import SparseArch, sharded_items, sparse_features
 
 JAGGED_FIELDS = ("item", "action", "gap", "hour", "device", "timestamp")
 
@@ -33,6 +33,7 @@ class Task:
         self.cfg, self.recipe, self.manifest = cfg, cfg.recipe, manifest
         self.num_items = int(manifest["vocab"]["item"])
         self.item_counts = torch.as_tensor(item_counts, dtype=torch.float32)
+        self.sharded_items = sharded_items(cfg.model)
 
     def item_attributes(self) -> tuple[Tensor, Tensor, int] | None:
         """The dataset's item side information, if it has any: (values, offsets, vocabulary)
@@ -58,7 +59,8 @@ class Task:
 
     # -- model -----------------------------------------------------------------------
     def build_sparse(self, device: torch.device) -> nn.Module:
-        return SparseArch(self.num_items, self.cfg.model.embedding_dim, device)
+        return SparseArch(self.num_items, self.cfg.model.embedding_dim, device,
+                          with_items=self.sharded_items)
 
     def build_dense(self) -> nn.Module:
         raise NotImplementedError

@@ -55,6 +55,12 @@ class FinetuneRanking(Task):
     data_mode = "ranking"
     eval_metric = "auc"
 
+    def __init__(self, cfg, manifest, item_counts):
+        super().__init__(cfg, manifest, item_counts)
+        if not self.sharded_items:
+            raise ValueError("finetune_ranking needs model.item_table=sharded (its candidates "
+                             "are looked up in the sharded item table); pretrain with it too")
+
     def build_dense(self) -> nn.Module:
         return TargetAwareRanker(self.cfg.model, self.recipe)
 

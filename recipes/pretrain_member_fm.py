@@ -14,6 +14,7 @@ from foundation.models.member import (
     ItemAttributes,
     MemberModelConfig,
     last_states,
+    sharded_items,
     sparse_features,
 )
 from foundation.tasks import Task, all_concat, all_max, split_last_event, synchronised
@@ -38,27 +39,34 @@ class NextItemModel(nn.Module):
         self.recipe = recipe
         self.encoder = EventEncoder(model)
         self.attributes = attributes
+        # A replicated item table lives here, trained by the dense engine (model.item_table).
+        self.item_table = None if sharded_items(model) else nn.Embedding(
+            log_item_prob.numel(), model.embedding_dim, padding_idx=0)
+        if self.item_table is not None:
+            nn.init.normal_(self.item_table.weight, std=model.embedding_dim ** -0.5)
         self.register_buffer("log_item_prob", log_item_prob, persistent=False)
 
-    def item_vectors(self, items: Tensor, embeddings: Tensor) -> Tensor:
-        """Items' table embeddings, plus their side information when the model has it."""
-        return embeddings if self.attributes is None else embeddings + self.attributes(items)
+    def item_vectors(self, items: Tensor, embeddings: Tensor | None) -> Tensor:
+        """Items' table embeddings (``embeddings``, from the sharded table, or the replicated
+        table's rows), plus their side information when the model has it."""
+        vectors = embeddings if self.item_table is None else self.item_table(items)
+        return vectors if self.attributes is None else vectors + self.attributes(items)
 
     def forward(self, batch, emb: dict[str, Tensor], negatives: Tensor | None = None,
                 mode: str = "train") -> Tensor:
         """``train``: the loss; ``encode``: each row's last state; ``items``: the vectors of
         ``negatives`` (the catalogue, for scoring)."""
         if mode == "items":
-            return self.item_vectors(negatives, emb["negative"])
-        emb = {**emb, "item": self.item_vectors(batch.item, emb["item"])}
-        states, mask = self.encoder(emb, batch.lengths)
+            return self.item_vectors(negatives, emb.get("negative"))
+        emb = {**emb, "item": self.item_vectors(batch.item, emb.get("item"))}
+        states, mask = self.encoder(emb, batch.lengths, newest_is_target=mode == "train")
         if mode == "encode":
             return last_states(states, mask)
         query_index, target_index = next_item_pairs(states, mask, batch.lengths)
         full = self.recipe.loss == "full_softmax"
         return sampled_softmax_loss(
             states.flatten(0, 1)[query_index], batch.item[target_index], emb["item"][target_index],
-            negatives, self.item_vectors(negatives, emb["negative"]),
+            negatives, self.item_vectors(negatives, emb.get("negative")),
             log_item_prob=None if full or not self.recipe.logq_correction else self.log_item_prob,
             in_batch=self.recipe.in_batch_negatives and not full)
 
@@ -82,16 +90,28 @@ class PretrainMemberFM(Task):
             negatives = torch.arange(1, self.num_items)
         else:
             negatives = torch.randint(1, self.num_items, (self.recipe.num_negatives,))
-        kjt = sparse_features(batch, negatives=negatives)
+        kjt = sparse_features(batch, negatives=negatives, with_items=self.sharded_items)
         return kjt, {"negatives": negatives}
+
+    @torch.no_grad()
+    def catalogue_vectors(self, model) -> Tensor:
+        """Every item's scoring vector ``[V, D]`` (table row + side features); collective."""
+        everything = torch.arange(self.num_items)
+        looked_up = {"negative": model.catalogue()} if self.sharded_items else {}
+        return model.dense(None, looked_up, everything, mode="items")
+
+    @torch.no_grad()
+    def member_vectors(self, model, history) -> Tensor:
+        """Each history's member embedding ``[B, D]`` (its newest state); collective."""
+        emb = model.embed(sparse_features(history, with_items=self.sharded_items))
+        return model.dense(history, emb, mode="encode")
 
     @torch.no_grad()
     def evaluate(self, model, batches):
         """Leave-last-out full ranking over the catalogue (and, with ``sampled_negatives``,
         among that many random items), next to the most-popular baselines. Returns the
         metrics and every user's target rank (``ranks``, for paired comparisons)."""
-        everything = torch.arange(self.num_items)
-        catalogue = model.dense(None, {"negative": model.catalogue()}, everything, mode="items")
+        catalogue = self.catalogue_vectors(model)
         ks = self.recipe.ks
         baselines = self.popularity_baselines
         parts: dict[str, list] = {"sample_id": [], "model": [], **{n: [] for n in baselines}}
@@ -100,8 +120,7 @@ class PretrainMemberFM(Task):
         covered = torch.zeros(self.num_items, dtype=torch.bool)
         for batch, real in synchronised(batches, model.world_size):
             history, targets = split_last_event(batch)
-            emb = model.embed(sparse_features(history))
-            scores = model.dense(history, emb, mode="encode") @ catalogue.T
+            scores = self.member_vectors(model, history) @ catalogue.T
             if not real:
                 continue
             exclude = self._excluded(history, scores.shape)

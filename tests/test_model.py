@@ -12,6 +12,7 @@ from foundation.models.member import (
     pad_jagged,
     sparse_features,
 )
+from foundation.tasks import take_events
 
 
 def make_batch(lengths, num_items=50, seed=0):
@@ -116,3 +117,46 @@ def test_item_attributes_pool_each_items_attribute_embeddings():
     assert torch.equal(out[2], torch.zeros(3))  # no side information: adds nothing
     out.sum().backward()
     assert attributes.table.weight.grad[[1, 2, 3]].abs().sum() > 0
+
+
+def test_the_last_training_query_is_encoded_exactly_as_when_serving():
+    """In next-item training the newest event is only a target, so positions count back from
+    the event before it: the state that predicts the newest event is the state a server
+    computes for the history without it (the recency-0 slot is trained, as in SASRec)."""
+    torch.manual_seed(0)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0, max_len=12)
+    encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
+    batch = make_batch([6, 3])
+    states, _ = encoder(table(sparse_features(batch)), batch.lengths, newest_is_target=True)
+    history = take_events(batch, torch.tensor([True] * 5 + [False] + [True] * 2 + [False]))
+    served, mask = encode(encoder, table, history)
+    assert torch.allclose(states[0, 4], served[0, 4], atol=1e-5)
+    assert torch.allclose(states[1, 1], served[1, 1], atol=1e-5)
+    unshifted, _ = encode(encoder, table, batch)
+    assert not torch.allclose(unshifted[0, 4], served[0, 4], atol=1e-3)
+
+
+def test_a_replicated_item_table_lives_in_the_dense_model_not_the_sharded_arch():
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
+
+    from foundation.config import compose
+
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, item_table="replicated")
+    model = NextItemModel(cfg, PretrainConfig(loss="full_softmax"), torch.zeros(50))
+    sparse = SparseArch(50, 16, with_items=False)
+    assert model.item_table.weight.shape == (50, 16)
+    assert "item_table" not in str(list(sparse.state_dict()))
+    batch = make_batch([4, 3])
+    emb = sparse(sparse_features(batch, with_items=False))
+    assert set(emb) == {"action", "gap", "hour", "device"}
+    loss = model(batch, emb, negatives=torch.arange(1, 50))
+    loss.backward()
+    assert model.item_table.weight.grad[1:].abs().sum(1).min() > 0  # full softmax: every item
+    bad = compose("train", ["recipe=pretrain_member_fm", "data.path=x", "run_dir=y",
+                            "model.item_table=mirrored"])
+    import pytest
+
+    with pytest.raises(ValueError, match="model.item_table='mirrored' is unknown"):
+        from foundation.models.member import sharded_items
+
+        sharded_items(bad.model)

@@ -26,6 +26,7 @@ ITEM_FEATURES = ("item", "candidate", "negative")
 EVENT_TABLES = {"action": len(ACTIONS), "gap": NUM_GAP_BUCKETS, "hour": NUM_HOURS,
                 "device": len(DEVICES)}
 FEATURES = ITEM_FEATURES + tuple(EVENT_TABLES)
+ITEM_PLACEMENTS = ("sharded", "replicated")
 
 
 @dataclass
@@ -38,15 +39,31 @@ class MemberModelConfig:
     max_len: int = 50
     context_features: bool = True  # hour-of-day and device embeddings in each token
     side_features: bool = True  # item attributes of the dataset (when it has them) in each item
+    # sharded: the item table is a TorchRec table, sharded by the planner and trained by its
+    # fused sparse optimizer (catalogues of any size). replicated: every rank holds the whole
+    # table in the dense module, trained by the engine's AdamW with gradients averaged over
+    # ranks (TorchRec's data_parallel placement, which fbgemm's CPU kernels cannot run for
+    # sequence tables): for catalogues that fit one device, where Adam learns items faster.
+    item_table: str = "sharded"
+
+
+def sharded_items(cfg: MemberModelConfig) -> bool:
+    """Whether the item table is a sharded TorchRec table (else replicated in the dense module)."""
+    if cfg.item_table not in ITEM_PLACEMENTS:
+        raise ValueError(f"model.item_table={cfg.item_table!r} is unknown; choose from "
+                         f"{list(ITEM_PLACEMENTS)}")
+    return cfg.item_table == "sharded"
 
 
 class SparseArch(nn.Module):
-    """All categorical tables of the member model in one EmbeddingCollection."""
+    """All categorical tables of the member model in one EmbeddingCollection (the item table
+    only when it is sharded: ``with_items``)."""
 
-    def __init__(self, num_items: int, dim: int, device: torch.device | None = None):
+    def __init__(self, num_items: int, dim: int, device: torch.device | None = None,
+                 with_items: bool = True):
         super().__init__()
         tables = [EmbeddingConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=num_items,
-                                  feature_names=list(ITEM_FEATURES))]
+                                  feature_names=list(ITEM_FEATURES))] if with_items else []
         tables += [EmbeddingConfig(name=f"{key}_table", embedding_dim=dim, num_embeddings=size,
                                    feature_names=[key]) for key, size in EVENT_TABLES.items()]
         self.embedding_collection = EmbeddingCollection(tables=tables, device=device)
@@ -57,11 +74,13 @@ class SparseArch(nn.Module):
 
 def sparse_features(batch=None, *, candidates: Tensor | None = None,
                     candidate_lengths: Tensor | None = None,
-                    negatives: Tensor | None = None) -> KeyedJaggedTensor:
+                    negatives: Tensor | None = None, with_items: bool = True
+                    ) -> KeyedJaggedTensor:
     """One KJT for every lookup of a step: the batch's events, candidates and negatives.
 
     Absent parts get zero lengths. Negatives are shared by the whole batch, so they all sit
-    in row 0. Without a batch (a catalogue lookup) there is one empty row.
+    in row 0. Without a batch (a catalogue lookup) there is one empty row. Without
+    ``with_items`` (a replicated item table) only the event attributes are looked up.
     """
     lengths = batch.lengths if batch is not None else torch.zeros(1, dtype=torch.long)
     empty, zeros = lengths.new_zeros(0), lengths.new_zeros(lengths.numel())
@@ -76,10 +95,11 @@ def sparse_features(batch=None, *, candidates: Tensor | None = None,
         **{key: (getattr(batch, key) if batch is not None else empty, lengths)
            for key in EVENT_TABLES},
     }
+    keys = FEATURES if with_items else tuple(EVENT_TABLES)
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(FEATURES),
-        values=torch.cat([parts[k][0].long() for k in FEATURES]),
-        lengths=torch.cat([parts[k][1].long() for k in FEATURES]))
+        keys=list(keys),
+        values=torch.cat([parts[k][0].long() for k in keys]),
+        lengths=torch.cat([parts[k][1].long() for k in keys]))
 
 
 def pad_jagged(values: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,6 +126,8 @@ class EventEncoder(nn.Module):
         dim = cfg.embedding_dim
         self.cfg = cfg
         self.position = nn.Embedding(cfg.max_len, dim)
+        # Small, so the items (not their slots) dominate the first tokens the model sees.
+        nn.init.normal_(self.position.weight, std=0.02)
         self.input_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(
@@ -114,21 +136,35 @@ class EventEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(dim)
 
-    def forward(self, emb: dict[str, Tensor], lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """``emb``: the sparse arch's per-event embeddings; ``lengths``: events per row."""
-        tokens = emb["item"] + emb["action"] + emb["gap"]
-        if self.cfg.context_features:
-            tokens = tokens + emb["hour"] + emb["device"]
+    def forward(self, emb: dict[str, Tensor], lengths: Tensor, newest_is_target: bool = False
+                ) -> tuple[Tensor, Tensor]:
+        """``emb``: the sparse arch's per-event embeddings; ``lengths``: events per row.
+
+        ``newest_is_target``: each row's newest event is only a prediction target (next-item
+        training), so positions count back from the event before it, as when serving.
+        """
+        tokens = sum(emb[key] for key in self.token_features)
         x, mask = pad_jagged(tokens, lengths)
-        # Positions count back from the newest event, so "the latest event" means the same
-        # slot whatever the history length (SASRec's left padding does the same).
-        recency = (mask.sum(1, keepdim=True) - 1 - torch.arange(x.shape[1], device=x.device))
+        return self.encode_padded(x, mask, int(newest_is_target)), mask
+
+    @property
+    def token_features(self) -> tuple[str, ...]:
+        """The embeddings summed into each event's token."""
+        return ("item", "action", "gap") + (("hour", "device") if self.cfg.context_features else ())
+
+    def encode_padded(self, x: Tensor, mask: Tensor, skip_newest: int = 0) -> Tensor:
+        """Tokens ``[B, L, D]`` (rows left-aligned, ``mask`` true on events) → states."""
+        # Positions count back from the newest input event, so "the latest event" means the
+        # same slot whatever the history length (SASRec's left padding does the same), and
+        # the state that predicts at serving time (recency 0) is the one trained to predict.
+        newest = mask.sum(1, keepdim=True) - 1 - skip_newest
+        recency = newest - torch.arange(x.shape[1], device=x.device)
         x = x + self.position(recency.clamp(0, self.cfg.max_len - 1))
         x = self.dropout(self.input_norm(x))
         longest = x.shape[1]
         causal = torch.ones(longest, longest, dtype=torch.bool, device=x.device).triu(1)
         x = self.layers(x, mask=causal, src_key_padding_mask=~mask, is_causal=True)
-        return self.output_norm(x), mask
+        return self.output_norm(x)
 
 
 class ItemAttributes(nn.Module):
@@ -144,6 +180,7 @@ class ItemAttributes(nn.Module):
         self.register_buffer("values", values.long(), persistent=False)  # data, not weights
         self.register_buffer("offsets", offsets.long(), persistent=False)
         self.table = nn.EmbeddingBag(num_attributes, dim, mode="mean", padding_idx=0)
+        nn.init.normal_(self.table.weight, std=dim ** -0.5)  # the scale of an item's own row
 
     def forward(self, items: Tensor) -> Tensor:
         starts = self.offsets[items]
