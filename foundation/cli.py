@@ -14,11 +14,13 @@ foundation data build source.format=F source.path=P output=DIR  event tables →
 foundation train [--nproc N] [--max-restarts K] recipe=NAME data.path=DIR run_dir=RUN [...]
 foundation eval run_dir=RUN [split=test]                        writes RUN/eval.json
 foundation eval compare RUN_A RUN_B|RUN_A@most_popular          offline A/B test, bootstrap CI
+foundation export [--nproc N] run_dir=RUN output=BUNDLE           serving bundle + parity gate
 foundation recipes                                              list recipes
 foundation demo [--dir DIR]                                     the whole path, end to end
 """
 
-CONFIG_OF = {"synth": "data_synth", "build": "data_build", "train": "train", "eval": "eval"}
+CONFIG_OF = {"synth": "data_synth", "build": "data_build", "train": "train", "eval": "eval",
+             "export": "export"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
     train.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
     _with_overrides(sub.add_parser("eval", help="evaluate a run: RUN/eval.json"))
+    export = _with_overrides(sub.add_parser(
+        "export", help="export a member model to a serving bundle (docs/serving.md)",
+        description="Write BUNDLE (model.pt2, model.onnx, embeddings/*.safetensors, "
+                    "manifest.json, ann/) from a run's checkpoint; the parity gate compares "
+                    "the sharded model with the bundle served by torch and onnxruntime and "
+                    "writes nothing if they disagree. Keys: run_dir, output, checkpoint="
+                    "latest|best|step-N, precisions=[fp32,fp16,int8], ann=true|false, "
+                    "parity_batches, max_abs_diff, overwrite."))
+    export.add_argument("--nproc", type=int, default=1, help="ranks to load the model on")
     sub.add_parser("recipes", help="list the recipes")
     demo = sub.add_parser("demo", help="synth → pretrain (2 ranks) → fine-tune → eval")
     demo.add_argument("--dir", default="demo")
@@ -46,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["eval", "compare"]:
         return _compare(argv[2:])
     args = parser.parse_args(argv)
+    from foundation.export.exporter import ExportError
     from foundation.train.checkpoint import CheckpointError
 
     try:
         return _dispatch(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, ExportError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -126,7 +138,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         evaluate_run(cfg)
         return 0
+    if args.command == "export":
+        return _export(args, cfg)
     return _train(args, cfg)
+
+
+def _export(args: argparse.Namespace, cfg) -> int:
+    if args.nproc == 1:
+        from foundation.export.exporter import export_run
+
+        export_run(cfg)
+        return 0
+    from foundation.launch.torchrun import LaunchSpec, run_torchrun
+
+    return run_torchrun(LaunchSpec(nproc=args.nproc), "foundation.export", args.overrides)
 
 
 def _train(args: argparse.Namespace, cfg) -> int:

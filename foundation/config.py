@@ -78,6 +78,9 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    from foundation.export.exporter import ExportConfig
+
+    store.store(name="export_schema", node=ExportConfig)
     for name, recipe in RECIPES.items():
         store.store(group="recipe", name=f"{name}_schema", node=recipe.config_class)
     register_data_configs()

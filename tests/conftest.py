@@ -28,6 +28,18 @@ def synth_shards(tmp_path_factory) -> Path:
     return out
 
 
+def foundation(*args: str, timeout: int = 600, check: bool = True
+               ) -> subprocess.CompletedProcess | str:
+    """``foundation ARGS`` in a subprocess; its stdout (``check``) or the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "foundation.cli", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if not check:
+        return result
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout
+
+
 def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600,
                  check: bool = True) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N args``; fails the test with the output."""

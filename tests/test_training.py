@@ -13,17 +13,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FAST, REPO
+from conftest import FAST, REPO, foundation
 
 pytestmark = pytest.mark.slow
-
-
-def foundation(*args: str, timeout: int = 600) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "foundation.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

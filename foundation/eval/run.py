@@ -9,6 +9,7 @@ model and each baseline, by sample id) for ``foundation eval compare``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import numpy as np
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from foundation.distributed.env import init_distributed, seed_everything
+from foundation.distributed.env import DistEnv, init_distributed, seed_everything
+from foundation.tasks import Task
 from foundation.train import checkpoint
 from foundation.train.model import ShardedModel
 from foundation.train.stream import EpochStream
@@ -24,26 +26,47 @@ from foundation.train.stream import EpochStream
 RANKS_FILE = "eval-ranks.npz"
 
 
-def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
-    run_dir = Path(cfg.run_dir)
+@dataclass
+class TrainedRun:
+    """A run's checkpoint loaded for inference on this process group (any world size)."""
+
+    cfg: DictConfig  # the training config
+    task: Task
+    model: ShardedModel
+    checkpoint: Path
+    env: DistEnv
+
+    def batches(self, split: str, batch_size: int):
+        stream = EpochStream(self.cfg.data, mode=self.task.data_mode, seed=self.cfg.seed,
+                             rank=self.env.rank, world_size=self.env.world_size)
+        return stream.loader(split, batch_size=batch_size)
+
+
+def load_run(run_dir: Path, which: str, env: DistEnv) -> TrainedRun:
+    """Load ``run_dir``'s checkpoint ``which`` (latest | best | step-N), sharded over ``env``."""
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml not found: run_dir must be a training "
                                 f"run directory (the run_dir=... given to `foundation train`)")
-    path = checkpoint.resolve(run_dir, cfg.checkpoint)
+    path = checkpoint.resolve(run_dir, which)
     train_cfg = OmegaConf.load(run_dir / "config.yaml")
     from foundation.train.trainer import build_task
 
+    task = build_task(train_cfg)
+    seed_everything(train_cfg.seed)
+    model = ShardedModel(task, train_cfg, env, train=False)
+    checkpoint.load_sparse(path, model.sparse)
+    checkpoint.load_dense(path, model.dense_module)
+    model.train(False)
+    return TrainedRun(train_cfg, task, model, path, env)
+
+
+def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
     env = init_distributed()
     try:
-        task = build_task(train_cfg)
-        seed_everything(train_cfg.seed)
-        model = ShardedModel(task, train_cfg, env, train=False)
-        checkpoint.load_sparse(path, model.sparse)
-        checkpoint.load_dense(path, model.dense_module)
-        model.train(False)
-        stream = EpochStream(train_cfg.data, mode=task.data_mode, seed=train_cfg.seed,
-                             rank=env.rank, world_size=env.world_size)
-        result = task.evaluate(model, stream.loader(cfg.split, batch_size=cfg.batch_size))
+        run = load_run(run_dir, cfg.checkpoint, env)
+        task, path = run.task, run.checkpoint
+        result = task.evaluate(run.model, run.batches(cfg.split, cfg.batch_size))
         ranks = result.pop("ranks", None)
         report = {"split": cfg.split, "run_dir": str(run_dir), "checkpoint": path.name,
                   "recipe": task.name, **result}

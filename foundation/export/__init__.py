@@ -1,0 +1,6 @@
+"""Serving bundles. ``load_bundle`` needs only numpy, safetensors and one backend (torch or
+onnxruntime); the exporter (``foundation.export.exporter``) needs the training stack."""
+
+from foundation.export.bundle import BundleError, History, Predictor, load_bundle
+
+__all__ = ["BundleError", "History", "Predictor", "load_bundle"]

@@ -1,0 +1,241 @@
+"""Serving bundles: what ``foundation export`` writes, and the reference predictor that serves
+one with torch *or* onnxruntime alone (no torchrec, fbgemm or deepspeed: this module imports
+numpy and safetensors, and the chosen backend only when a predictor is built).
+
+Layout (docs/serving.md)::
+
+    BUNDLE/manifest.json                    schema, vocabularies, provenance, metrics, sha256s
+    BUNDLE/model.pt2                        member encoder: torch.export, dynamic batch × length
+    BUNDLE/model.onnx                       the same program in ONNX
+    BUNDLE/embeddings/<table>.safetensors   every table, fp32 (+ .fp16 / .int8 row-wise)
+    BUNDLE/embeddings/item_vectors*.safetensors  the scoring catalogue (table + side features)
+    BUNDLE/ann/items.faiss                  optional approximate-nearest-neighbour index
+
+Nothing here unpickles: tables are safetensors, the manifest is JSON, and ``model.pt2`` is
+refused if any of its entries is a pickle (``torch.export.load`` would fall back to
+``weights_only=False`` on one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from foundation.data.schema import ACTIONS, hour_of_day, sequence_gaps, time_gap_bucket
+
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = {"torch": "model.pt2", "onnx": "model.onnx"}
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be served: the message names the file and what is wrong."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def table_file(name: str, precision: str = "fp32") -> str:
+    suffix = "" if precision == "fp32" else f".{precision}"
+    return f"embeddings/{name}{suffix}.safetensors"
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path} not found: not an export bundle (write one with "
+                          f"`foundation export run_dir=RUN output={root}`)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: bundle format {manifest.get('format')!r}, this reader "
+                          f"understands {BUNDLE_FORMAT}; re-export with this version")
+    return manifest
+
+
+def verify(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists exists, stays inside the bundle and has its sha256."""
+    for name, expected in manifest["files"].items():
+        path = (root / name).resolve()
+        if root.resolve() not in path.parents:
+            raise BundleError(f"manifest lists {name!r}, outside the bundle: refusing it")
+        if not path.is_file():
+            raise BundleError(f"{root / name} is missing (listed in the manifest)")
+        if sha256(path) != expected:
+            raise BundleError(f"{root / name} does not match its sha256 in the manifest: the "
+                              f"file was changed or corrupted after export; re-export the bundle")
+
+
+def quantise_rows(weight: np.ndarray, precision: str) -> dict[str, np.ndarray]:
+    """A table as stored: fp32, fp16, or int8 row-wise (``scale``/``offset`` per row)."""
+    if precision == "fp32":
+        return {"weight": weight.astype(np.float32)}
+    if precision == "fp16":
+        return {"weight": weight.astype(np.float16)}
+    low, high = weight.min(1, keepdims=True), weight.max(1, keepdims=True)
+    scale = np.maximum(high - low, 1e-12) / 255.0
+    codes = np.round((weight - low) / scale) - 128
+    return {"weight": codes.astype(np.int8), "scale": scale.astype(np.float32),
+            "offset": low.astype(np.float32)}
+
+
+def dequantise_rows(stored: dict[str, np.ndarray]) -> np.ndarray:
+    weight = stored["weight"]
+    if weight.dtype == np.int8:
+        return (weight.astype(np.float32) + 128) * stored["scale"] + stored["offset"]
+    return weight.astype(np.float32)
+
+
+@dataclass
+class History:
+    """One member's events, oldest first. ``items`` are catalogue ids (as in the source data);
+    ``actions`` names or ids (default ``play``); ``timestamps`` unix seconds (default: none,
+    which the model sees as events with no time information)."""
+
+    items: Sequence[int]
+    actions: Sequence[str | int] | None = None
+    timestamps: Sequence[int] | None = None
+
+
+def load_bundle(path: str | Path, backend: str = "torch", precision: str = "fp32") -> Predictor:
+    """Verify a bundle's checksums and return its predictor (``backend``: torch | onnx)."""
+    return Predictor(Path(path), backend=backend, precision=precision)
+
+
+class Predictor:
+    """Serves a member-model bundle: ``recommend`` (top-K of the catalogue) and ``score``."""
+
+    def __init__(self, root: Path, backend: str = "torch", precision: str = "fp32"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: choose from {list(BACKENDS)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: choose from {list(PRECISIONS)}")
+        self.root, self.backend = root, backend
+        self.manifest = read_manifest(root)
+        verify(root, self.manifest)
+        model = self.manifest["model"]
+        self.max_len, self.token_features = model["max_len"], model["token_features"]
+        self.catalogue = self._table("item_vectors", precision)
+        self.item_ids = load_file(root / table_file("item_ids"))["ids"]
+        self._internal = {int(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
+        self.tables = {key: self._table(f"{key}_table") for key in self.token_features
+                       if key != "item"}
+        self._run = self._load_program(root / BACKENDS[backend])
+
+    def _table(self, name: str, precision: str = "fp32") -> np.ndarray:
+        available = self.manifest["tables"].get(name, {}).get("precisions", [])
+        if precision not in available:
+            raise BundleError(f"{self.root}: table {name!r} has no {precision} copy "
+                              f"(exported: {available}); re-export with that precision")
+        return dequantise_rows(load_file(self.root / table_file(name, precision)))
+
+    def _load_program(self, path: Path):
+        if self.backend == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return lambda tokens, lengths: session.run(None, {"tokens": tokens,
+                                                              "lengths": lengths})[0]
+        import torch
+
+        refuse_pickled_entries(path)
+        program = torch.export.load(str(path)).module()
+
+        def run(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return program(torch.from_numpy(tokens), torch.from_numpy(lengths)).numpy()
+        return run
+
+    # -- public API ---------------------------------------------------------------------
+    def recommend(self, history: History | Sequence[int], k: int = 10,
+                  exclude_seen: bool = True) -> list[int]:
+        """The top-``k`` catalogue ids for one member, best first."""
+        return self.recommend_batch([history], k, exclude_seen)[0]
+
+    def recommend_batch(self, histories: Sequence[History | Sequence[int]], k: int = 10,
+                        exclude_seen: bool = True) -> list[list[int]]:
+        events = [self._events(h) for h in histories]
+        scores = self.member_vectors_of(events) @ self.catalogue.T
+        scores[:, 0] = -np.inf  # padding id
+        if exclude_seen:
+            for row, e in enumerate(events):
+                scores[row, e["item"]] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [[int(self.item_ids[i]) for i in row] for row in top]
+
+    def score(self, history: History | Sequence[int], candidates: Sequence[int]) -> np.ndarray:
+        """Scores of ``candidates`` (catalogue ids) for one member; higher is better."""
+        member = self.member_vectors_of([self._events(history)])[0]
+        return self.catalogue[self._known(candidates, "candidates")] @ member
+
+    def member_vectors(self, histories: Sequence[History | Sequence[int]]) -> np.ndarray:
+        """Members' embeddings ``[B, D]`` (for an embedding store or the ANN index)."""
+        return self.member_vectors_of([self._events(h) for h in histories])
+
+    # -- internals ----------------------------------------------------------------------
+    def _known(self, items: Sequence[int], what: str) -> np.ndarray:
+        unknown = [i for i in items if int(i) not in self._internal]
+        if unknown:
+            raise ValueError(f"{what}: unknown catalogue id(s) {unknown[:5]} (not in the "
+                             f"bundle's {len(self._internal)} items)")
+        return np.array([self._internal[int(i)] for i in items], dtype=np.int64)
+
+    def _events(self, history: History | Sequence[int]) -> dict[str, np.ndarray]:
+        """A history as the model's event ids, cut to its newest ``max_len`` events."""
+        h = history if isinstance(history, History) else History(items=list(history))
+        if len(h.items) == 0:
+            raise ValueError("empty history: the member model needs at least one event")
+        n = len(h.items)
+        actions = h.actions if h.actions is not None else ["play"] * n
+        ts = np.asarray(h.timestamps if h.timestamps is not None else [0] * n, dtype=np.int64)
+        if not len(actions) == len(ts) == n:
+            raise ValueError(f"history lengths differ: {n} items, {len(actions)} actions, "
+                             f"{len(ts)} timestamps")
+        keep = slice(max(0, n - self.max_len), None)  # gaps from the whole history first
+        action_ids = np.array([a if isinstance(a, int | np.integer) else ACTIONS.index(a)
+                               for a in actions], dtype=np.int64)
+        return {"item": self._known(h.items, "history")[keep], "action": action_ids[keep],
+                "gap": time_gap_bucket(sequence_gaps(ts))[keep], "hour": hour_of_day(ts)[keep],
+                "device": np.zeros(n, dtype=np.int64)[keep]}
+
+    def member_vectors_of(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        """Event ids (one dict of equal-length arrays per member) → member embeddings."""
+        lengths = np.array([len(e["item"]) for e in events], dtype=np.int64)
+        dim = self.catalogue.shape[1]
+        tokens = np.zeros((len(events), int(lengths.max()), dim), dtype=np.float32)
+        for row, e in enumerate(events):
+            token = self.catalogue[e["item"]].copy()
+            for key, table in self.tables.items():
+                token += table[e[key]]
+            tokens[row, : len(token)] = token
+        return np.asarray(self._run(tokens, lengths), dtype=np.float32)
+
+
+def refuse_pickled_entries(path: Path) -> None:
+    """``torch.export.load`` unpickles (falling back to ``weights_only=False``) any tensor or
+    sample input stored as a pickle: refuse an archive holding one before it is read."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename
+            if name.endswith("_config.json"):
+                config = json.loads(archive.read(name)).get("config", {})
+                pickled = [k for k, v in config.items() if v.get("use_pickle")]
+                if pickled:
+                    raise BundleError(f"{path} stores {pickled[:3]} as pickles: refusing to "
+                                      f"load it (pickles can run code)")
+            elif name.endswith((".pt", ".pkl", ".pickle")) and info.file_size > 0:
+                raise BundleError(f"{path} holds a pickle ({name}): refusing to load it "
+                                  f"(pickles can run code); re-export the bundle")

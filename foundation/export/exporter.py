@@ -1,0 +1,322 @@
+"""``foundation export run_dir=RUN output=BUNDLE``: a trained member model → a serving bundle.
+
+Runs alone or under torchrun (``--nproc N``): the checkpoint is loaded sharded over the ranks,
+each table is gathered to rank 0 one at a time and written as safetensors (never the whole
+model in one process), the encoder is exported with ``torch.export`` and to ONNX, and the
+parity gate compares the sharded model with the bundle, served in a fresh process by both
+backends, on real evaluation data. The bundle is written under a staging name and renamed
+into place only when the gate passes: a failed export leaves no bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import MISSING, DictConfig
+from safetensors.numpy import save_file
+from torch import Tensor, nn
+
+from foundation.config import config_hash
+from foundation.data.schema import ACTIONS, DEVICES
+from foundation.distributed.env import init_distributed
+from foundation.eval.run import TrainedRun, load_run
+from foundation.export.bundle import (
+    BUNDLE_FORMAT,
+    MANIFEST,
+    PRECISIONS,
+    quantise_rows,
+    sha256,
+    table_file,
+)
+from foundation.models.member import last_states
+from foundation.tasks import split_last_event, synchronised
+from foundation.train import checkpoint
+
+# torch.export and the ONNX exporter log notes meant for their developers (torchvision ops
+# skipped, fx-tracing API names); the export prints its own summary.
+for _name in ("torch.onnx._internal.exporter._registration", "torch.fx._symbolic_trace"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+class ExportError(RuntimeError):
+    """An export that must not produce a bundle (the parity gate failed, ...)."""
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str = MISSING
+    checkpoint: str = "latest"  # latest | best | step-N
+    output: str = MISSING
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    ann: bool = True  # a faiss HNSW index over the item vectors (ann/items.faiss)
+    parity_split: str = "val"
+    parity_batches: int = 2  # per rank
+    batch_size: int = 256
+    max_abs_diff: float = 1e-4  # parity: largest score difference allowed (fp32)
+    min_top10_agreement: float = 0.99  # parity: share of members with identical top-10
+    overwrite: bool = False
+
+
+class MemberEncoderProgram(nn.Module):
+    """The exported path: summed event tokens ``[B, L, D]`` (rows left-aligned) and their
+    lengths ``[B]`` → member embeddings ``[B, D]``. Scores are ``member · item_vectors``."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
+        return last_states(self.encoder.encode_padded(tokens, mask), mask)
+
+
+def export_run(cfg: DictConfig) -> Path:
+    output = Path(cfg.output)
+    if output.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{output} exists: choose another output= or add overwrite=true")
+    bad = sorted(set(cfg.precisions) - set(PRECISIONS)) or ("fp32" not in cfg.precisions)
+    if bad:
+        raise ValueError(f"precisions={list(cfg.precisions)}: must include fp32, from "
+                         f"{list(PRECISIONS)}")
+    env = init_distributed()
+    staging = output.with_name(f".{output.name}.staging")
+    parity_dir = output.with_name(f".{output.name}.parity")
+    try:
+        run = load_run(Path(cfg.run_dir), cfg.checkpoint, env)
+        if not hasattr(run.task, "catalogue_vectors"):
+            raise ValueError(f"export serves member models; recipe {run.task.name} has no "
+                             f"catalogue to score (export its pretraining run instead)")
+        if env.is_main:
+            for d in (staging, parity_dir):
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir(parents=True)
+        env.barrier()
+        start = time.time()
+        tables = write_tables(run, staging, cfg.precisions)
+        write_parity_inputs(run, parity_dir, cfg)
+        env.barrier()
+        ok = torch.tensor([1])
+        if env.is_main:
+            try:
+                report = _finish(run, cfg, staging, parity_dir, tables, output)
+                print(f"export: {output} | parity max|Δ| {report['max_abs_diff']:.1e}, top-10 "
+                      f"identical {report['top10_identical']:.1%} | {len(tables)} tables | "
+                      f"{time.time() - start:.0f}s", flush=True)
+            except Exception:
+                ok[0] = 0
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            finally:
+                shutil.rmtree(parity_dir, ignore_errors=True)
+        if env.world_size > 1:
+            dist.broadcast(ok, src=0)
+        if not ok.item():
+            raise ExportError("the export failed on rank 0 (see its error); no bundle written")
+        return output
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def write_tables(run: TrainedRun, root: Path, precisions: list[str]) -> dict[str, Any]:
+    """Every table, gathered to rank 0 one at a time, plus the scoring catalogue."""
+    tables: dict[str, Any] = {}
+
+    def write(name: str, weight: np.ndarray) -> None:
+        for precision in precisions:
+            save_file(quantise_rows(weight, precision), str(root / table_file(name, precision)))
+        tables[name] = {"shape": list(weight.shape), "precisions": list(precisions)}
+
+    (root / "embeddings").mkdir(exist_ok=True)
+    for key, value in run.model.sparse.state_dict().items():
+        name = key.split(".")[-2]  # "...embeddings.<table>.weight"
+        full = torch.empty(value.size()) if run.env.is_main else None
+        value.gather(dst=0, out=full)
+        if run.env.is_main:
+            write(name, full.numpy())
+        del full
+    dense = run.model.dense_module
+    for name, module in dense.named_modules():
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and run.env.is_main:
+            write(name.replace(".", "_") or "table", module.weight.detach().numpy())
+    catalogue = run.task.catalogue_vectors(run.model)  # collective
+    if run.env.is_main:
+        write("item_vectors", catalogue.numpy())
+        ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
+        save_file({"ids": ids.astype(np.int64)}, str(root / table_file("item_ids")))
+    return tables
+
+
+def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
+    """Each rank's evaluation histories and the sharded model's member vectors for them."""
+    parts: dict[str, list[np.ndarray]] = {}
+    batches = run.batches(cfg.parity_split, cfg.batch_size)
+    for index, (batch, real) in enumerate(synchronised(batches, run.env.world_size)):
+        if index >= cfg.parity_batches:
+            break
+        history, targets = split_last_event(batch)
+        vectors = run.task.member_vectors(run.model, history)
+        if real:
+            fields = {key: getattr(history, key) for key in ("item", "action", "gap", "hour",
+                                                              "device", "lengths")}
+            for key, value in {**fields, "targets": targets, "vectors": vectors}.items():
+                parts.setdefault(key, []).append(value.numpy())
+    if not parts:
+        raise ExportError(f"rank {run.env.rank} got no {cfg.parity_split} data for the parity "
+                          f"gate; export on fewer ranks or choose another parity_split")
+    np.savez(root / f"rank{run.env.rank}.npz", **{k: np.concatenate(v) for k, v in parts.items()})
+
+
+def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
+            tables: dict[str, Any], output: Path) -> dict[str, Any]:
+    program = MemberEncoderProgram(run.model.dense_module.encoder).eval()
+    write_programs(program, run.cfg.model.embedding_dim, run.cfg.model.max_len, staging)
+    ann = write_ann_index(staging) if cfg.ann else None
+    manifest = _manifest(run, tables, ann)
+    _write_manifest(staging, manifest)
+    report = run_parity_gate(staging, parity_dir)
+    failures = [f"{backend}: max|Δ| {r['max_abs_diff']:.2e} (limit {cfg.max_abs_diff:.0e}), "
+                f"top-10 identical {r['top10_identical']:.2%} (need "
+                f"{cfg.min_top10_agreement:.0%})"
+                for backend, r in report["backends"].items()
+                if r["max_abs_diff"] > cfg.max_abs_diff
+                or r["top10_identical"] < cfg.min_top10_agreement]
+    if failures:
+        raise ExportError("parity gate failed, no bundle written: the exported model does "
+                          "not compute what was trained — " + "; ".join(failures))
+    manifest["parity"] = report
+    _write_manifest(staging, manifest)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staging, output)
+    worst = max(report["backends"].values(), key=lambda r: r["max_abs_diff"])
+    return {"max_abs_diff": worst["max_abs_diff"],
+            "top10_identical": min(r["top10_identical"] for r in report["backends"].values())}
+
+
+def write_programs(program: nn.Module, dim: int, max_len: int, root: Path) -> None:
+    """``model.pt2`` (torch.export, no pickled entries) and ``model.onnx`` (checked)."""
+    import onnx
+
+    tokens, lengths = torch.randn(3, min(4, max_len), dim), torch.tensor([min(4, max_len), 2, 1])
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    seq = torch.export.Dim("seq", min=1, max=max_len)
+    shapes = ({0: batch, 1: seq}, {0: batch})
+    with torch.no_grad():
+        exported = torch.export.export(program, (tokens, lengths), dynamic_shapes=shapes)
+        exported._example_inputs = None  # else saved as a pickle inside the archive
+        torch.export.save(exported, str(root / "model.pt2"))
+        torch.onnx.export(program, (tokens, lengths), str(root / "model.onnx"),
+                          input_names=["tokens", "lengths"], output_names=["member"],
+                          dynamic_shapes=shapes, dynamo=True, verbose=False,
+                          external_data=False)
+    onnx.checker.check_model(onnx.load(str(root / "model.onnx")), full_check=True)
+
+
+def write_ann_index(root: Path) -> dict[str, Any]:
+    """An HNSW inner-product index over the item vectors (id = row = internal item id)."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise ExportError("ann=true needs faiss (pip install faiss-cpu), or export with "
+                          "ann=false") from err
+    from safetensors.numpy import load_file
+
+    vectors = load_file(root / table_file("item_vectors"))["weight"]
+    index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction, index.hnsw.efSearch = 200, 128
+    index.add(np.ascontiguousarray(vectors[1:]))  # row 0 is padding: faiss id = item id - 1
+    (root / "ann").mkdir(exist_ok=True)
+    faiss.write_index(index, str(root / "ann" / "items.faiss"))
+    return {"file": "ann/items.faiss", "kind": "faiss HNSW32, inner product",
+            "id_offset": 1, "ef_search": 128}
+
+
+def run_parity_gate(bundle: Path, parity_dir: Path) -> dict[str, Any]:
+    """Serve the bundle in a fresh process (torchrec, fbgemm and deepspeed unimportable) with
+    both backends, against the sharded model's vectors; returns its report."""
+    cmd = [sys.executable, "-m", "foundation.export.parity", str(bundle), str(parity_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ExportError(f"parity gate process failed (exit {done.returncode}):\n"
+                          f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | None
+              ) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    model_cfg = run.cfg.model
+    encoder = run.model.dense_module.encoder
+    data_manifest = run.task.manifest
+    eval_path = Path(run.cfg.run_dir) / "eval.json"
+    state = checkpoint.read_state(run.checkpoint)
+    return {
+        "format": BUNDLE_FORMAT,
+        "kind": "member_model",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"run_dir": str(Path(run.cfg.run_dir).resolve()),
+                   "checkpoint": run.checkpoint.name, "step": state.get("step"),
+                   "recipe": run.task.name, "config_hash": config_hash(run.cfg),
+                   "data": data_manifest.get("source", {})},
+        "model": {"embedding_dim": model_cfg.embedding_dim, "max_len": model_cfg.max_len,
+                  "num_items": run.task.num_items, "item_table": model_cfg.item_table,
+                  "token_features": list(encoder.token_features)},
+        "inputs": {"tokens": {"dtype": "float32", "shape": ["batch", "seq",
+                                                            model_cfg.embedding_dim],
+                              "meaning": "per event: item_vectors[item] + sum of "
+                                         "<feature>_table[id] over token_features[1:]"},
+                   "lengths": {"dtype": "int64", "shape": ["batch"],
+                               "meaning": "events per row; rows are left-aligned"}},
+        "outputs": {"member": {"dtype": "float32", "shape": ["batch", model_cfg.embedding_dim],
+                               "meaning": "member embedding; score = member · item_vectors"}},
+        "vocab": {**data_manifest["vocab"], "actions": list(ACTIONS), "devices": list(DEVICES)},
+        "tables": tables,
+        "ann": ann,
+        "eval": json.loads(eval_path.read_text()) if eval_path.exists() else None,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+                     "foundation": _version()},
+    }
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest["files"] = {str(p.relative_to(root)): sha256(p) for p in files}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("foundation")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from foundation.config import ConfigError, compose
+
+    try:
+        cfg = compose("export", sys.argv[1:] if argv is None else argv)
+        export_run(cfg)
+    except (ConfigError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError,
+            ValueError, ExportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+

@@ -1,0 +1,94 @@
+"""``python -m foundation.export.parity BUNDLE PARITY_DIR``: the serving half of the parity gate.
+
+Runs in a fresh process where torchrec, fbgemm and deepspeed cannot be imported, loads the
+bundle with each backend, recomputes the member vectors of the histories the sharded model
+encoded (``PARITY_DIR/rank*.npz``) and prints one JSON line: per backend the largest score
+difference and the share of members whose top-10 is identical; per stored precision the
+HR@10 on those members; the ANN index's recall@10 against exact search.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import json
+import sys
+from pathlib import Path
+
+BLOCKED = ("torchrec", "fbgemm_gpu", "deepspeed")
+
+
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not available when serving (blocked by the gate)")
+        return None
+
+
+def main(bundle: Path, parity_dir: Path) -> dict:
+    sys.meta_path.insert(0, _Blocker())
+    import numpy as np
+
+    from foundation.export.bundle import load_bundle
+
+    data = [dict(np.load(p, allow_pickle=False)) for p in sorted(parity_dir.glob("rank*.npz"))]
+    report: dict = {"members": int(sum(len(d["lengths"]) for d in data)), "backends": {},
+                    "precisions": {}}
+    for backend in ("torch", "onnx"):
+        predictor = load_bundle(bundle, backend=backend)
+        diffs, same = [], []
+        for d in data:
+            events = _events(d)
+            served = predictor.member_vectors_of(events)
+            scores, reference = served @ predictor.catalogue.T, d["vectors"] @ predictor.catalogue.T
+            diffs.append(float(np.abs(scores - reference).max()))
+            same.extend((_top(scores, events) == _top(reference, events)).all(1).tolist())
+        report["backends"][backend] = {"max_abs_diff": max(diffs),
+                                       "top10_identical": float(np.mean(same))}
+    for precision in predictor.manifest["tables"]["item_vectors"]["precisions"]:
+        quantised = load_bundle(bundle, precision=precision) if precision != "fp32" else predictor
+        hits = [_hits(quantised, d) for d in data]
+        report["precisions"][precision] = {"hr@10": float(np.mean(np.concatenate(hits)))}
+    for result in report["precisions"].values():  # the metric change of each stored copy
+        result["hr@10_change"] = result["hr@10"] - report["precisions"]["fp32"]["hr@10"]
+    if predictor.manifest.get("ann"):
+        report["ann"] = _ann_recall(bundle, predictor, data)
+    return report
+
+
+def _events(d):
+    starts = d["lengths"].cumsum() - d["lengths"]
+    keys = ("item", "action", "gap", "hour", "device")
+    return [{k: d[k][s:s + n] for k in keys} for s, n in zip(starts, d["lengths"])]
+
+
+def _top(scores, events, k: int = 10):
+    import numpy as np
+
+    scores = scores.copy()
+    scores[:, 0] = -np.inf
+    for row, e in enumerate(events):
+        scores[row, e["item"]] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def _hits(predictor, d):
+    events = _events(d)
+    top = _top(predictor.member_vectors_of(events) @ predictor.catalogue.T, events)
+    return (top == d["targets"][:, None]).any(1)
+
+
+def _ann_recall(bundle: Path, predictor, data, k: int = 10) -> dict:
+    import faiss
+    import numpy as np
+
+    index = faiss.read_index(str(bundle / predictor.manifest["ann"]["file"]))
+    index.hnsw.efSearch = predictor.manifest["ann"]["ef_search"]
+    queries = np.concatenate([d["vectors"] for d in data]).astype(np.float32)
+    _, found = index.search(queries, k)
+    exact = np.argsort(-(queries @ predictor.catalogue[1:].T), axis=1)[:, :k]
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)])
+    return {f"recall@{k}": float(recall), "queries": len(queries)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]))))

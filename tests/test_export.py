@@ -1,0 +1,180 @@
+"""Export to serving: a 2-rank sharded member model → bundle → served by torch.export and by
+onnxruntime in fresh processes where torchrec and deepspeed cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAST, REPO, foundation
+
+from foundation.export.bundle import BundleError, dequantise_rows, load_bundle, quantise_rows
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("export_run")
+    foundation("train", "--nproc=2", "recipe=pretrain_member_fm", f"data.path={synth_shards}",
+               f"run_dir={run}", "trainer.max_steps=150", "trainer.eval_every=0", *FAST)
+    foundation("eval", f"run_dir={run}", "split=val")
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "member"
+    printed = foundation("export", "--nproc=2", f"run_dir={trained_run}", f"output={out}")
+    assert "export:" in printed and "parity" in printed  # the one-line summary
+    return out
+
+
+def test_bundle_holds_every_table_gathered_and_a_checksummed_manifest(bundle, trained_run):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
+    assert on_disk - {"manifest.json"} == set(manifest["files"])
+    assert {"model.pt2", "model.onnx", "ann/items.faiss"} <= on_disk
+    tables = manifest["tables"]
+    # Every sharded table of the 2-rank run, whole (both ranks' shards), in three precisions.
+    for name, rows in {"item_table": 1001, "action_table": 7, "gap_table": 16,
+                       "hour_table": 25, "device_table": 5, "item_vectors": 1001}.items():
+        assert tables[name]["shape"] == [rows, 64] and tables[name]["precisions"] == [
+            "fp32", "fp16", "int8"]
+    from safetensors.numpy import load_file
+
+    item_table = load_file(bundle / "embeddings/item_table.safetensors")["weight"]
+    assert item_table.shape == (1001, 64) and np.abs(item_table[1:]).sum(1).min() > 0
+    source = manifest["source"]
+    assert source["run_dir"] == str(trained_run.resolve()) and source["step"] == 150
+    assert manifest["eval"]["metrics"]["hr@10"] > 0
+    assert manifest["inputs"]["tokens"]["shape"] == ["batch", "seq", 64]
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+
+
+def test_parity_gate_passed_on_real_data_and_reports_quantisation_and_ann(bundle):
+    parity = json.loads((bundle / "manifest.json").read_text())["parity"]
+    assert parity["members"] >= 256  # the val split's members, both ranks
+    for backend in ("torch", "onnx"):
+        assert parity["backends"][backend]["max_abs_diff"] <= 1e-4
+        assert parity["backends"][backend]["top10_identical"] >= 0.99
+    precisions = parity["precisions"]
+    assert precisions["fp32"]["hr@10"] > 0.1  # a trained model, not noise
+    assert abs(precisions["fp16"]["hr@10_change"]) <= 0.02
+    assert abs(precisions["int8"]["hr@10_change"]) <= 0.05
+    assert parity["ann"]["recall@10"] >= 0.9
+
+
+SERVE = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torchrec", "fbgemm_gpu", "deepspeed"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from foundation.export import History, load_bundle
+bundle, backend = sys.argv[1], sys.argv[2]
+p = load_bundle(bundle, backend=backend)
+history = [int(i) for i in p.item_ids[1:6]]
+member = History(items=history, timestamps=[0, 60, 120, 3600, 7200])
+top = p.recommend(member, k=10)
+scores = p.score(member, top).tolist()
+print(json.dumps({"top": top, "scores": scores, "history": history,
+                  "loaded": sorted(m for m in ("torchrec", "deepspeed", "fbgemm_gpu", "torch")
+                                   if m in sys.modules)}))
+"""
+
+
+def serve(bundle: Path, backend: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", SERVE, str(bundle), backend], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_fresh_processes_without_torchrec_or_deepspeed_serve_the_same_recommendations(bundle):
+    by_torch, by_onnx = serve(bundle, "torch"), serve(bundle, "onnx")
+    assert "torchrec" not in by_torch["loaded"] and "deepspeed" not in by_torch["loaded"]
+    assert "torch" not in by_onnx["loaded"]  # onnxruntime alone serves the onnx backend
+    assert by_torch["top"] == by_onnx["top"] and len(by_torch["top"]) == 10
+    assert not set(by_torch["top"]) & set(by_torch["history"])  # seen items excluded
+    scores = np.array(by_torch["scores"])
+    assert np.all(np.diff(scores) <= 1e-6)  # score() agrees with recommend()'s order
+    assert np.allclose(scores, by_onnx["scores"], atol=1e-4)
+
+
+def test_a_changed_file_fails_the_checksum_naming_it(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    target = copy / "embeddings/item_vectors.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="item_vectors.safetensors does not match its sha256"):
+        load_bundle(copy)
+    shutil.copy(bundle / "embeddings/item_vectors.safetensors", target)
+    (copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="model.onnx is missing"):
+        load_bundle(copy, backend="onnx")
+
+
+def test_a_pickle_planted_in_the_exported_program_is_refused_not_run(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    sentinel = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    import pickle
+
+    program = copy / "model.pt2"
+    with zipfile.ZipFile(program) as archive:
+        entries = {i.filename: archive.read(i.filename) for i in archive.infolist()}
+    sample = next(name for name in entries if "sample_inputs" in name)
+    entries[sample] = pickle.dumps(Payload())
+    with zipfile.ZipFile(program, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    # An attacker able to edit the bundle can edit the manifest's checksums too.
+    from foundation.export.bundle import sha256
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.pt2"] = sha256(program)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="holds a pickle"):
+        load_bundle(copy)
+    assert not sentinel.exists()
+
+
+def test_a_failed_parity_gate_writes_no_bundle(trained_run, tmp_path):
+    out = tmp_path / "strict"
+    result = foundation("export", f"run_dir={trained_run}", f"output={out}", "ann=false",
+                        "precisions=[fp32]", "max_abs_diff=-1", check=False)
+    assert result.returncode == 2
+    assert "parity gate failed, no bundle written" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".strict*"))
+
+
+def test_an_existing_output_is_not_overwritten_unless_asked(bundle, trained_run):
+    result = foundation("export", f"run_dir={trained_run}", f"output={bundle}", check=False)
+    assert result.returncode == 2 and "overwrite=true" in result.stderr
+
+
+def test_row_wise_int8_keeps_each_row_within_half_a_step():
+    rows = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
+    stored = quantise_rows(rows, "int8")
+    assert stored["weight"].dtype == np.int8
+    step = (rows.max(1) - rows.min(1)) / 255
+    assert np.all(np.abs(dequantise_rows(stored) - rows).max(1) <= step / 2 + 1e-6)
+    assert np.array_equal(dequantise_rows(quantise_rows(rows, "fp16")), rows.astype(np.float16)
+                          .astype(np.float32))
