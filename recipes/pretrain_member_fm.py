@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from foundation.eval.metrics import rank_metrics, sampled_ranks, target_ranks, top_k_items
-from foundation.models.losses import next_item_pairs, sampled_softmax_loss
+from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
     EventEncoder,
     ItemAttributes,
@@ -63,12 +63,14 @@ class NextItemModel(nn.Module):
         if mode == "encode":
             return last_states(states, mask)
         query_index, target_index = next_item_pairs(states, mask, batch.lengths)
-        full = self.recipe.loss == "full_softmax"
+        queries, targets = states.flatten(0, 1)[query_index], batch.item[target_index]
+        negative_vectors = self.item_vectors(negatives, emb.get("negative"))
+        if self.recipe.loss == "full_softmax":  # negatives: every item 1..V-1, in order
+            return full_softmax_loss(queries, targets, negative_vectors)
         return sampled_softmax_loss(
-            states.flatten(0, 1)[query_index], batch.item[target_index], emb["item"][target_index],
-            negatives, self.item_vectors(negatives, emb.get("negative")),
-            log_item_prob=None if full or not self.recipe.logq_correction else self.log_item_prob,
-            in_batch=self.recipe.in_batch_negatives and not full)
+            queries, targets, emb["item"][target_index], negatives, negative_vectors,
+            log_item_prob=self.log_item_prob if self.recipe.logq_correction else None,
+            in_batch=self.recipe.in_batch_negatives)
 
 
 class PretrainMemberFM(Task):

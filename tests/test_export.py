@@ -32,7 +32,8 @@ def trained_run(synth_shards, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(trained_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "member"
-    printed = foundation("export", "--nproc=2", f"run_dir={trained_run}", f"output={out}")
+    printed = foundation("export", "--nproc=2", f"run_dir={trained_run}", f"output={out}",
+                         "member_embeddings=test")
     assert "export:" in printed and "parity" in printed  # the one-line summary
     return out
 
@@ -52,6 +53,9 @@ def test_bundle_holds_every_table_gathered_and_a_checksummed_manifest(bundle, tr
 
     item_table = load_file(bundle / "embeddings/item_table.safetensors")["weight"]
     assert item_table.shape == (1001, 64) and np.abs(item_table[1:]).sum(1).min() > 0
+    members = load_file(bundle / "embeddings/member_vectors.safetensors")  # on request
+    assert members["weight"].shape == (300, 64) and len(set(members["sample_ids"])) == 300
+    assert tables["member_vectors"]["split"] == "test"
     source = manifest["source"]
     assert source["run_dir"] == str(trained_run.resolve()) and source["step"] == 150
     assert manifest["eval"]["metrics"]["hr@10"] > 0

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
 
-from foundation.models.losses import next_item_pairs, sampled_softmax_loss
+from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
     EventEncoder,
     MemberModelConfig,
@@ -83,6 +83,7 @@ def test_sampled_softmax_with_all_items_equals_full_softmax():
                                 log_item_prob=None, in_batch=False)
     full = F.cross_entropy(queries @ table[1:].T, targets - 1)
     assert torch.allclose(loss, full, atol=1e-6)
+    assert torch.allclose(full_softmax_loss(queries, targets, table[everything]), full, atol=1e-6)
 
 
 def test_logq_correction_and_accidental_hits():

@@ -42,7 +42,7 @@ from foundation.export.bundle import (
     table_file,
 )
 from foundation.models.member import last_states
-from foundation.tasks import split_last_event, synchronised
+from foundation.tasks import all_concat, split_last_event, synchronised
 from foundation.train import checkpoint
 
 # torch.export and the ONNX exporter log notes meant for their developers (torchvision ops
@@ -62,6 +62,7 @@ class ExportConfig:
     output: str = MISSING
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
     ann: bool = True  # a faiss HNSW index over the item vectors (ann/items.faiss)
+    member_embeddings: str | None = None  # a split: its members' embeddings for a store
     parity_split: str = "val"
     parity_batches: int = 2  # per rank
     batch_size: int = 256
@@ -108,6 +109,8 @@ def export_run(cfg: DictConfig) -> Path:
         start = time.time()
         tables = write_tables(run, staging, cfg.precisions)
         write_parity_inputs(run, parity_dir, cfg)
+        if cfg.member_embeddings:
+            tables["member_vectors"] = write_member_vectors(run, staging, cfg)
         env.barrier()
         ok = torch.tensor([1])
         if env.is_main:
@@ -159,6 +162,25 @@ def write_tables(run: TrainedRun, root: Path, precisions: list[str]) -> dict[str
         ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
         save_file({"ids": ids.astype(np.int64)}, str(root / table_file("item_ids")))
     return tables
+
+
+def write_member_vectors(run: TrainedRun, root: Path, cfg: DictConfig) -> dict[str, Any]:
+    """Every member of a split: the embedding of their whole history, by sample id."""
+    vectors, ids = [], []
+    batches = run.batches(cfg.member_embeddings, cfg.batch_size)
+    for batch, real in synchronised(batches, run.env.world_size):
+        encoded = run.task.member_vectors(run.model, batch)
+        if real:
+            vectors.append(encoded.numpy().ravel())
+            ids.append(batch.sample_ids.numpy())
+    dim = run.cfg.model.embedding_dim
+    weight = all_concat(vectors, run.env.world_size).astype(np.float32).reshape(-1, dim)
+    sample_ids = all_concat(ids, run.env.world_size).astype(np.int64)
+    if run.env.is_main:
+        order = np.argsort(sample_ids)
+        save_file({"weight": weight[order], "sample_ids": sample_ids[order]},
+                  str(root / table_file("member_vectors")))
+    return {"shape": list(weight.shape), "precisions": ["fp32"], "split": cfg.member_embeddings}
 
 
 def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:

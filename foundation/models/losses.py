@@ -51,3 +51,9 @@ def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor
     logits = logits.masked_fill(cand_ids.unsqueeze(0) == target_ids.unsqueeze(1), float("-inf"))
     full = torch.cat([pos_logit, logits], dim=1)
     return F.cross_entropy(full, torch.zeros_like(target_ids))
+
+
+def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor) -> Tensor:
+    """Cross-entropy over the whole catalogue; ``catalogue`` holds items 1..V-1 in order (id 0
+    is padding). The limit of the sampled loss, without its candidate bookkeeping."""
+    return F.cross_entropy(queries @ catalogue.T, target_ids - 1)
