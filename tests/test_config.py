@@ -42,7 +42,7 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path):
     assert next(sparse.parameters()).shape == (101, cfg.model.embedding_dim)
 
 
-@pytest.mark.parametrize("name", ["data_synth", "data_build", "eval"])
+@pytest.mark.parametrize("name", ["data_synth", "data_build", "eval", "export"])
 def test_command_configs_require_their_paths(name):
     with pytest.raises(ConfigError, match="output|run_dir"):
         compose(name, [])

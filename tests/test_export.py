@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 def trained_run(synth_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("export_run")
     foundation("train", "--nproc=2", "recipe=pretrain_member_fm", f"data.path={synth_shards}",
-               f"run_dir={run}", "trainer.max_steps=150", "trainer.eval_every=0", *FAST)
+               f"run_dir={run}", "trainer.max_steps=150", "trainer.eval_every=0",
+               "model.item_scale=8.0", *FAST)  # the predictor must scale items like the model
     foundation("eval", f"run_dir={run}", "split=val")
     return run
 

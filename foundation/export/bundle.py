@@ -128,6 +128,7 @@ class Predictor:
         verify(root, self.manifest)
         model = self.manifest["model"]
         self.max_len, self.token_features = model["max_len"], model["token_features"]
+        self.item_scale = float(model.get("item_scale", 1.0))
         self.catalogue = self._table("item_vectors", precision)
         self.item_ids = load_file(root / table_file("item_ids"))["ids"]
         self._internal = {int(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
@@ -217,7 +218,7 @@ class Predictor:
         dim = self.catalogue.shape[1]
         tokens = np.zeros((len(events), int(lengths.max()), dim), dtype=np.float32)
         for row, e in enumerate(events):
-            token = self.catalogue[e["item"]].copy()
+            token = self.catalogue[e["item"]] * np.float32(self.item_scale)
             for key, table in self.tables.items():
                 token += table[e[key]]
             tokens[row, : len(token)] = token

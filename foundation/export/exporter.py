@@ -299,11 +299,12 @@ def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | Non
                    "data": data_manifest.get("source", {})},
         "model": {"embedding_dim": model_cfg.embedding_dim, "max_len": model_cfg.max_len,
                   "num_items": run.task.num_items, "item_table": model_cfg.item_table,
-                  "token_features": list(encoder.token_features)},
+                  "token_features": list(encoder.token_features),
+                  "item_scale": model_cfg.item_scale},
         "inputs": {"tokens": {"dtype": "float32", "shape": ["batch", "seq",
                                                             model_cfg.embedding_dim],
-                              "meaning": "per event: item_vectors[item] + sum of "
-                                         "<feature>_table[id] over token_features[1:]"},
+                              "meaning": "per event: item_scale · item_vectors[item] + "
+                                         "sum of <feature>_table[id] over token_features[1:]"},
                    "lengths": {"dtype": "int64", "shape": ["batch"],
                                "meaning": "events per row; rows are left-aligned"}},
         "outputs": {"member": {"dtype": "float32", "shape": ["batch", model_cfg.embedding_dim],

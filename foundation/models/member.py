@@ -45,6 +45,9 @@ class MemberModelConfig:
     # ranks (TorchRec's data_parallel placement, which fbgemm's CPU kernels cannot run for
     # sequence tables): for catalogues that fit one device, where Adam learns items faster.
     item_table: str = "sharded"
+    # The item embedding's weight in each event token, against the event attributes and the
+    # position (SASRec and the Transformer scale by sqrt(embedding_dim)).
+    item_scale: float = 1.0
 
 
 def sharded_items(cfg: MemberModelConfig) -> bool:
@@ -143,7 +146,7 @@ class EventEncoder(nn.Module):
         ``newest_is_target``: each row's newest event is only a prediction target (next-item
         training), so positions count back from the event before it, as when serving.
         """
-        tokens = sum(emb[key] for key in self.token_features)
+        tokens = sum(emb[key] * self.token_scale(key) for key in self.token_features)
         x, mask = pad_jagged(tokens, lengths)
         return self.encode_padded(x, mask, int(newest_is_target)), mask
 
@@ -151,6 +154,9 @@ class EventEncoder(nn.Module):
     def token_features(self) -> tuple[str, ...]:
         """The embeddings summed into each event's token."""
         return ("item", "action", "gap") + (("hour", "device") if self.cfg.context_features else ())
+
+    def token_scale(self, feature: str) -> float:
+        return self.cfg.item_scale if feature == "item" else 1.0
 
     def encode_padded(self, x: Tensor, mask: Tensor, skip_newest: int = 0) -> Tensor:
         """Tokens ``[B, L, D]`` (rows left-aligned, ``mask`` true on events) → states."""
