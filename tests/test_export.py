@@ -163,10 +163,12 @@ def test_a_pickle_planted_in_the_exported_program_is_refused_not_run(bundle, tmp
 
 def test_a_failed_parity_gate_writes_no_bundle(trained_run, tmp_path):
     out = tmp_path / "strict"
-    result = foundation("export", f"run_dir={trained_run}", f"output={out}", "ann=false",
+    # On 2 ranks: rank 0 fails the gate, rank 1 must hear of it and exit too (not hang).
+    result = foundation("export", "--nproc=2", f"run_dir={trained_run}", f"output={out}", "ann=false",
                         "precisions=[fp32]", "max_abs_diff=-1", check=False)
-    assert result.returncode == 2
+    assert result.returncode != 0  # torchrun reports its workers' exit 2 as a failure
     assert "parity gate failed, no bundle written" in result.stderr
+    assert "the export failed on rank 0" in result.stderr  # rank 1 stopped too
     assert not out.exists() and not list(tmp_path.glob(".strict*"))
 
 

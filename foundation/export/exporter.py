@@ -112,21 +112,23 @@ def export_run(cfg: DictConfig) -> Path:
         if cfg.member_embeddings:
             tables["member_vectors"] = write_member_vectors(run, staging, cfg)
         env.barrier()
-        ok = torch.tensor([1])
+        failure: Exception | None = None
         if env.is_main:
             try:
                 report = _finish(run, cfg, staging, parity_dir, tables, output)
                 print(f"export: {output} | parity max|Δ| {report['max_abs_diff']:.1e}, top-10 "
                       f"identical {report['top10_identical']:.1%} | {len(tables)} tables | "
                       f"{time.time() - start:.0f}s", flush=True)
-            except Exception:
-                ok[0] = 0
+            except Exception as err:  # raised after the other ranks heard of it
+                failure = err
                 shutil.rmtree(staging, ignore_errors=True)
-                raise
             finally:
                 shutil.rmtree(parity_dir, ignore_errors=True)
+        ok = torch.tensor([int(failure is None)])
         if env.world_size > 1:
             dist.broadcast(ok, src=0)
+        if failure is not None:
+            raise failure
         if not ok.item():
             raise ExportError("the export failed on rank 0 (see its error); no bundle written")
         return output
