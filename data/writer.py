@@ -16,7 +16,6 @@ timestamps), so the same input in parquet, csv or jsonl yields identical shards 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -41,6 +40,8 @@ from foundation.data.sources import (
 )
 from omegaconf import MISSING
 from tqdm import tqdm
+
+from foundation.checksum import sha256
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -208,14 +209,6 @@ class _Tables:
         return np.cumsum(delta[:-1])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _chunks(indices: np.ndarray, num_shards: int) -> Iterator[np.ndarray]:
     """Balanced contiguous chunks: shard sizes differ by at most one sample."""
     n = len(indices)
@@ -240,7 +233,7 @@ def _write_split(tables: _Tables, split: str, samples: tuple[np.ndarray, np.ndar
                 events += s.stop - s.start
                 bar.update(1)
         shards.append({"path": rel, "samples": len(chunk), "events": events,
-                       "sha256": _sha256(root / rel)})
+                       "sha256": sha256(root / rel)})
     return shards
 
 

@@ -18,7 +18,6 @@ refused if any of its entries is a pickle (``torch.export.load`` would fall back
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
+from foundation.checksum import sha256
 from foundation.data.schema import ACTIONS, hour_of_day, sequence_gaps, time_gap_bucket
 
 MANIFEST = "manifest.json"
@@ -39,14 +39,6 @@ BACKENDS = {"torch": "model.pt2", "onnx": "model.onnx"}
 
 class BundleError(RuntimeError):
     """A bundle that cannot be served: the message names the file and what is wrong."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def table_file(name: str, precision: str = "fp32") -> str:
@@ -169,12 +161,7 @@ class Predictor:
     def recommend_batch(self, histories: Sequence[History | Sequence[int]], k: int = 10,
                         exclude_seen: bool = True) -> list[list[int]]:
         events = [self._events(h) for h in histories]
-        scores = self.member_vectors_of(events) @ self.catalogue.T
-        scores[:, 0] = -np.inf  # padding id
-        if exclude_seen:
-            for row, e in enumerate(events):
-                scores[row, e["item"]] = -np.inf
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top = top_k(self.member_vectors_of(events) @ self.catalogue.T, events, k, exclude_seen)
         return [[int(self.item_ids[i]) for i in row] for row in top]
 
     def score(self, history: History | Sequence[int], candidates: Sequence[int]) -> np.ndarray:
@@ -223,6 +210,18 @@ class Predictor:
                 token += table[e[key]]
             tokens[row, : len(token)] = token
         return np.asarray(self._run(tokens, lengths), dtype=np.float32)
+
+
+def top_k(scores: np.ndarray, events: Sequence[dict[str, np.ndarray]], k: int,
+          exclude_seen: bool = True) -> np.ndarray:
+    """Row ids of each member's ``k`` best items, never padding and (``exclude_seen``) never
+    an item of their history."""
+    scores = scores.copy()
+    scores[:, 0] = -np.inf
+    if exclude_seen:
+        for row, e in enumerate(events):
+            scores[row, e["item"]] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
 def refuse_pickled_entries(path: Path) -> None:

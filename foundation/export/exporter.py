@@ -29,6 +29,7 @@ from omegaconf import MISSING, DictConfig
 from safetensors.numpy import save_file
 from torch import Tensor, nn
 
+from foundation.checksum import sha256
 from foundation.config import config_hash
 from foundation.data.schema import ACTIONS, DEVICES
 from foundation.distributed.env import init_distributed
@@ -38,7 +39,6 @@ from foundation.export.bundle import (
     MANIFEST,
     PRECISIONS,
     quantise_rows,
-    sha256,
     table_file,
 )
 from foundation.models.member import last_states

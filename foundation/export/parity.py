@@ -28,7 +28,7 @@ def main(bundle: Path, parity_dir: Path) -> dict:
     sys.meta_path.insert(0, _Blocker())
     import numpy as np
 
-    from foundation.export.bundle import load_bundle
+    from foundation.export.bundle import load_bundle, top_k
 
     data = [dict(np.load(p, allow_pickle=False)) for p in sorted(parity_dir.glob("rank*.npz"))]
     report: dict = {"members": int(sum(len(d["lengths"]) for d in data)), "backends": {},
@@ -41,7 +41,7 @@ def main(bundle: Path, parity_dir: Path) -> dict:
             served = predictor.member_vectors_of(events)
             scores, reference = served @ predictor.catalogue.T, d["vectors"] @ predictor.catalogue.T
             diffs.append(float(np.abs(scores - reference).max()))
-            same.extend((_top(scores, events) == _top(reference, events)).all(1).tolist())
+            same.extend((top_k(scores, events, 10) == top_k(reference, events, 10)).all(1).tolist())
         report["backends"][backend] = {"max_abs_diff": max(diffs),
                                        "top10_identical": float(np.mean(same))}
     for precision in predictor.manifest["tables"]["item_vectors"]["precisions"]:
@@ -61,19 +61,11 @@ def _events(d):
     return [{k: d[k][s:s + n] for k in keys} for s, n in zip(starts, d["lengths"])]
 
 
-def _top(scores, events, k: int = 10):
-    import numpy as np
-
-    scores = scores.copy()
-    scores[:, 0] = -np.inf
-    for row, e in enumerate(events):
-        scores[row, e["item"]] = -np.inf
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
 def _hits(predictor, d):
     events = _events(d)
-    top = _top(predictor.member_vectors_of(events) @ predictor.catalogue.T, events)
+    from foundation.export.bundle import top_k
+
+    top = top_k(predictor.member_vectors_of(events) @ predictor.catalogue.T, events, 10)
     return (top == d["targets"][:, None]).any(1)
 
 
