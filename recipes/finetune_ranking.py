@@ -31,7 +31,7 @@ class TargetAwareRanker(nn.Module):
                                   nn.Dropout(model.dropout), nn.Linear(recipe.mlp_hidden, 1))
 
     def forward(self, batch, emb: dict[str, Tensor], mode: str = "train") -> Tensor:
-        states, mask = self.encoder(emb, batch.lengths)
+        states, mask = self.encoder(emb, batch.lengths, timestamps=batch.timestamp)
         rows = torch.repeat_interleave(torch.arange(len(batch), device=states.device),
                                        batch.candidate_lengths)
         cand = emb["candidate"]

@@ -59,7 +59,8 @@ class NextItemModel(nn.Module):
         if mode == "items":
             return self.item_vectors(negatives, emb.get("negative"))
         emb = {**emb, "item": self.item_vectors(batch.item, emb.get("item"))}
-        states, mask = self.encoder(emb, batch.lengths, newest_is_target=mode == "train")
+        states, mask = self.encoder(emb, batch.lengths, newest_is_target=mode == "train",
+                                   timestamps=batch.timestamp)
         if mode == "encode":
             return last_states(states, mask)
         query_index, target_index = next_item_pairs(states, mask, batch.lengths)

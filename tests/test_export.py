@@ -25,7 +25,9 @@ def trained_run(synth_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("export_run")
     foundation("train", "--nproc=2", "recipe=pretrain_member_fm", f"data.path={synth_shards}",
                f"run_dir={run}", "trainer.max_steps=150", "trainer.eval_every=0",
-               "model.item_scale=8.0", *FAST)  # the predictor must scale items like the model
+               "model.item_scale=8.0",  # the predictor must scale items like the model
+               "model.attention=pointwise",  # the serving program reads event times too
+               *FAST)
     foundation("eval", f"run_dir={run}", "split=val")
     return run
 
@@ -59,8 +61,10 @@ def test_bundle_holds_every_table_gathered_and_a_checksummed_manifest(bundle, tr
     assert tables["member_vectors"]["split"] == "test"
     source = manifest["source"]
     assert source["run_dir"] == str(trained_run.resolve()) and source["step"] == 150
-    assert manifest["eval"]["metrics"]["hr@10"] > 0
+    learnt, popular = manifest["eval"]["metrics"], manifest["eval"]["baselines"]["most_popular"]
+    assert learnt["hr@10"] >= 2 * popular["hr@10"]  # HSTU layers learn, too
     assert manifest["inputs"]["tokens"]["shape"] == ["batch", "seq", 64]
+    assert manifest["inputs"]["timestamps"]["shape"] == ["batch", "seq"]
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
 
 
@@ -185,3 +189,31 @@ def test_row_wise_int8_keeps_each_row_within_half_a_step():
     assert np.all(np.abs(dequantise_rows(stored) - rows).max(1) <= step / 2 + 1e-6)
     assert np.array_equal(dequantise_rows(quantise_rows(rows, "fp16")), rows.astype(np.float16)
                           .astype(np.float32))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "pointwise"])
+def test_exported_programs_compute_what_the_encoder_computes(attention, tmp_path):
+    """Both attention kinds export (torch.export and ONNX, dynamic batch and length) to
+    programs that match the eager encoder on a batch of another shape than the example."""
+    import onnxruntime
+    import torch
+
+    from foundation.export.exporter import MemberEncoderProgram, write_programs
+    from foundation.models.member import EventEncoder, MemberModelConfig
+
+    torch.manual_seed(0)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, max_len=12,
+                            attention=attention)
+    program = MemberEncoderProgram(EventEncoder(cfg)).eval()
+    write_programs(program, 16, 12, tmp_path)
+    lengths = torch.tensor([12, 5, 1, 9, 3])
+    inputs = (torch.randn(5, 12, 16), lengths, torch.randint(0, 10**9, (5, 12)).cumsum(1))
+    inputs = inputs[:len(program.input_names)]
+    with torch.no_grad():
+        expected = program(*inputs).numpy()
+        exported = torch.export.load(str(tmp_path / "model.pt2")).module()(*inputs).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    served = session.run(None, {name: x.numpy() for name, x in
+                                zip(program.input_names, inputs)})[0]
+    assert [i.name for i in session.get_inputs()] == program.input_names
+    assert np.abs(exported - expected).max() < 1e-5 and np.abs(served - expected).max() < 1e-4

@@ -1,5 +1,6 @@
 """The member model's building blocks: exact causality and correct losses."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
@@ -29,19 +30,25 @@ def make_batch(lengths, num_items=50, seed=0):
 
 
 def encode(encoder, table, batch):
-    return encoder(table(sparse_features(batch)), batch.lengths)
+    return encoder(table(sparse_features(batch)), batch.lengths, timestamps=batch.timestamp)
 
 
-def test_no_position_sees_its_target_or_the_future():
+ATTENTION = pytest.mark.parametrize("attention", ["softmax", "pointwise"])
+
+
+@ATTENTION
+def test_no_position_sees_its_target_or_the_future(attention):
     torch.manual_seed(0)
-    cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0, max_len=12)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0, max_len=12,
+                            attention=attention)
     encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
     batch = make_batch([7, 4, 9])
     states, mask = encode(encoder, table, batch)
     # Change the events of row 2 from position t on; states before t must not move.
     for t in (1, 4, 8):
         changed = make_batch([7, 4, 9], seed=1)
-        for name in ("item", "action", "gap", "hour", "device"):
+        changed.timestamp = changed.timestamp * 7  # later events happen at other times too
+        for name in ("item", "action", "gap", "hour", "device", "timestamp"):
             new, old = getattr(changed, name), getattr(batch, name).clone()
             old[11 + t:] = new[11 + t:]
             setattr(changed, name, old)
@@ -51,9 +58,11 @@ def test_no_position_sees_its_target_or_the_future():
         assert torch.equal(states[:2], states2[:2])  # other rows untouched
 
 
-def test_states_do_not_depend_on_batch_padding():
+@ATTENTION
+def test_states_do_not_depend_on_batch_padding(attention):
     torch.manual_seed(0)
-    cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, dropout=0.0, max_len=12)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, dropout=0.0, max_len=12,
+                            attention=attention)
     encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
     batch = make_batch([3, 9])
     alone = SequenceBatch(**{**batch.__dict__, "lengths": torch.tensor([3]),
@@ -120,15 +129,18 @@ def test_item_attributes_pool_each_items_attribute_embeddings():
     assert attributes.table.weight.grad[[1, 2, 3]].abs().sum() > 0
 
 
-def test_the_last_training_query_is_encoded_exactly_as_when_serving():
+@ATTENTION
+def test_the_last_training_query_is_encoded_exactly_as_when_serving(attention):
     """In next-item training the newest event is only a target, so positions count back from
     the event before it: the state that predicts the newest event is the state a server
     computes for the history without it (the recency-0 slot is trained, as in SASRec)."""
     torch.manual_seed(0)
-    cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0, max_len=12)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0, max_len=12,
+                            attention=attention)
     encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
     batch = make_batch([6, 3])
-    states, _ = encoder(table(sparse_features(batch)), batch.lengths, newest_is_target=True)
+    states, _ = encoder(table(sparse_features(batch)), batch.lengths, newest_is_target=True,
+                        timestamps=batch.timestamp)
     history = take_events(batch, torch.tensor([True] * 5 + [False] + [True] * 2 + [False]))
     served, mask = encode(encoder, table, history)
     assert torch.allclose(states[0, 4], served[0, 4], atol=1e-5)
@@ -161,3 +173,34 @@ def test_a_replicated_item_table_lives_in_the_dense_model_not_the_sharded_arch()
         from foundation.models.member import sharded_items
 
         sharded_items(bad.model)
+
+
+def test_pointwise_attention_biases_by_relative_position_and_time():
+    """HSTU layers: the time bias reads how long before the query each past event happened
+    (shifting every timestamp changes nothing, spreading them does); the position bias reads
+    the distance between events; both are learnt, and unknown attention kinds are refused."""
+    from foundation.models.member import relative_time_bucket
+
+    assert relative_time_bucket(torch.tensor([-5, 0, 59, 60, 3600, 10**12])).tolist() == [
+        0, 0, 0, 1, 5, 31]
+    torch.manual_seed(0)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, dropout=0.0, max_len=12,
+                            attention="pointwise")
+    encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
+    for layer in encoder.layers:  # zero at initialisation: give them something to say
+        torch.nn.init.normal_(layer.time_bias.weight)
+        torch.nn.init.normal_(layer.position_bias.weight)
+    batch = make_batch([6, 4])
+    batch.timestamp = batch.timestamp * 3600
+    states, _ = encode(encoder, table, batch)
+    shifted = SequenceBatch(**{**batch.__dict__, "timestamp": batch.timestamp + 10**9})
+    assert torch.allclose(states, encode(encoder, table, shifted)[0], atol=1e-6)
+    spread = SequenceBatch(**{**batch.__dict__, "timestamp": batch.timestamp * 30})
+    assert not torch.allclose(states[:, 1:], encode(encoder, table, spread)[0][:, 1:], atol=1e-3)
+    loss = encode(encoder.train(), table, batch)[0].square().sum()
+    loss.backward()
+    layer = encoder.layers[0]
+    assert layer.time_bias.weight.grad.abs().sum() > 0
+    assert layer.position_bias.weight.grad[:6].abs().sum(1).min() > 0  # every distance seen
+    with pytest.raises(ValueError, match="model.attention='linear' is unknown"):
+        EventEncoder(MemberModelConfig(attention="linear"))

@@ -121,6 +121,7 @@ class Predictor:
         model = self.manifest["model"]
         self.max_len, self.token_features = model["max_len"], model["token_features"]
         self.item_scale = float(model.get("item_scale", 1.0))
+        self.uses_time = "timestamps" in self.manifest["inputs"]
         self.catalogue = self._table("item_vectors", precision)
         self.item_ids = load_file(root / table_file("item_ids"))["ids"]
         self._internal = {int(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
@@ -140,16 +141,16 @@ class Predictor:
             import onnxruntime
 
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            return lambda tokens, lengths: session.run(None, {"tokens": tokens,
-                                                              "lengths": lengths})[0]
+            names = [i.name for i in session.get_inputs()]
+            return lambda *inputs: session.run(None, dict(zip(names, inputs)))[0]
         import torch
 
         refuse_pickled_entries(path)
         program = torch.export.load(str(path)).module()
 
-        def run(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        def run(*inputs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return program(torch.from_numpy(tokens), torch.from_numpy(lengths)).numpy()
+                return program(*map(torch.from_numpy, inputs)).numpy()
         return run
 
     # -- public API ---------------------------------------------------------------------
@@ -197,19 +198,23 @@ class Predictor:
                                for a in actions], dtype=np.int64)
         return {"item": self._known(h.items, "history")[keep], "action": action_ids[keep],
                 "gap": time_gap_bucket(sequence_gaps(ts))[keep], "hour": hour_of_day(ts)[keep],
-                "device": np.zeros(n, dtype=np.int64)[keep]}
+                "device": np.zeros(n, dtype=np.int64)[keep], "timestamp": ts[keep]}
 
     def member_vectors_of(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Event ids (one dict of equal-length arrays per member) → member embeddings."""
         lengths = np.array([len(e["item"]) for e in events], dtype=np.int64)
         dim = self.catalogue.shape[1]
         tokens = np.zeros((len(events), int(lengths.max()), dim), dtype=np.float32)
+        times = np.zeros(tokens.shape[:2], dtype=np.int64)
         for row, e in enumerate(events):
             token = self.catalogue[e["item"]] * np.float32(self.item_scale)
             for key, table in self.tables.items():
                 token += table[e[key]]
             tokens[row, : len(token)] = token
-        return np.asarray(self._run(tokens, lengths), dtype=np.float32)
+            if self.uses_time:
+                times[row, : len(token)] = e["timestamp"]
+        inputs = (tokens, lengths, times) if self.uses_time else (tokens, lengths)
+        return np.asarray(self._run(*inputs), dtype=np.float32)
 
 
 def top_k(scores: np.ndarray, events: Sequence[dict[str, np.ndarray]], k: int,

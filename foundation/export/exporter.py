@@ -72,17 +72,24 @@ class ExportConfig:
 
 
 class MemberEncoderProgram(nn.Module):
-    """The exported path: summed event tokens ``[B, L, D]`` (rows left-aligned) and their
-    lengths ``[B]`` → member embeddings ``[B, D]``. Scores are ``member · item_vectors``."""
+    """The exported path: summed event tokens ``[B, L, D]`` (rows left-aligned), their
+    lengths ``[B]`` and, for encoders that read time, the events' unix seconds ``[B, L]`` →
+    member embeddings ``[B, D]``. Scores are ``member · item_vectors``."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, lengths: Tensor, timestamps: Tensor | None = None
+                ) -> Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
-        return last_states(self.encoder.encode_padded(tokens, mask), mask)
+        return last_states(self.encoder.encode_padded(tokens, mask, timestamps=timestamps),
+                           mask)
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["tokens", "lengths"] + (["timestamps"] if self.encoder.uses_time else [])
 
 
 def export_run(cfg: DictConfig) -> Path:
@@ -196,7 +203,7 @@ def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
         vectors = run.task.member_vectors(run.model, history)
         if real:
             fields = {key: getattr(history, key) for key in ("item", "action", "gap", "hour",
-                                                              "device", "lengths")}
+                                                              "device", "timestamp", "lengths")}
             for key, value in {**fields, "targets": targets, "vectors": vectors}.items():
                 parts.setdefault(key, []).append(value.numpy())
     if not parts:
@@ -236,16 +243,18 @@ def write_programs(program: nn.Module, dim: int, max_len: int, root: Path) -> No
     """``model.pt2`` (torch.export, no pickled entries) and ``model.onnx`` (checked)."""
     import onnx
 
-    tokens, lengths = torch.randn(3, min(4, max_len), dim), torch.tensor([min(4, max_len), 2, 1])
+    longest = min(4, max_len)
+    inputs = (torch.randn(3, longest, dim), torch.tensor([longest, 2, 1]),
+              torch.randint(0, 1 << 31, (3, longest)))[:len(program.input_names)]
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     seq = torch.export.Dim("seq", min=1, max=max_len)
-    shapes = ({0: batch, 1: seq}, {0: batch})
+    shapes = ({0: batch, 1: seq}, {0: batch}, {0: batch, 1: seq})[:len(inputs)]
     with torch.no_grad():
-        exported = torch.export.export(program, (tokens, lengths), dynamic_shapes=shapes)
+        exported = torch.export.export(program, inputs, dynamic_shapes=shapes)
         exported._example_inputs = None  # else saved as a pickle inside the archive
         torch.export.save(exported, str(root / "model.pt2"))
-        torch.onnx.export(program, (tokens, lengths), str(root / "model.onnx"),
-                          input_names=["tokens", "lengths"], output_names=["member"],
+        torch.onnx.export(program, inputs, str(root / "model.onnx"),
+                          input_names=program.input_names, output_names=["member"],
                           dynamic_shapes=shapes, dynamo=True, verbose=False,
                           external_data=False)
     onnx.checker.check_model(onnx.load(str(root / "model.onnx")), full_check=True)
@@ -308,7 +317,10 @@ def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | Non
                               "meaning": "per event: item_scale · item_vectors[item] + "
                                          "sum of <feature>_table[id] over token_features[1:]"},
                    "lengths": {"dtype": "int64", "shape": ["batch"],
-                               "meaning": "events per row; rows are left-aligned"}},
+                               "meaning": "events per row; rows are left-aligned"},
+                   **({"timestamps": {"dtype": "int64", "shape": ["batch", "seq"],
+                                      "meaning": "each event's unix seconds"}}
+                      if encoder.uses_time else {})},
         "outputs": {"member": {"dtype": "float32", "shape": ["batch", model_cfg.embedding_dim],
                                "meaning": "member embedding; score = member · item_vectors"}},
         "vocab": {**data_manifest["vocab"], "actions": list(ACTIONS), "devices": list(DEVICES)},

@@ -57,7 +57,7 @@ def main(bundle: Path, parity_dir: Path) -> dict:
 
 def _events(d):
     starts = d["lengths"].cumsum() - d["lengths"]
-    keys = ("item", "action", "gap", "hour", "device")
+    keys = ("item", "action", "gap", "hour", "device", "timestamp")
     return [{k: d[k][s:s + n] for k in keys} for s, n in zip(starts, d["lengths"])]
 
 

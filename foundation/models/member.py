@@ -7,7 +7,8 @@ The model is split the way the whole framework is (ARCHITECTURE.md, "Sparse / de
   ``item``s, ranking ``candidate``s and sampled ``negative``s, so one lookup per step fetches
   them all) and one table per event attribute (action, time-gap bucket, hour, device).
 * ``EventEncoder`` is the dense trunk: token = item + action + time-gap (+ hour + device)
-  + recency position, then pre-norm causal self-attention.
+  + recency position, then causal layers: pre-norm softmax self-attention (SASRec) or HSTU's
+  pointwise attention with relative position and time biases (``model.attention``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
@@ -27,6 +29,9 @@ EVENT_TABLES = {"action": len(ACTIONS), "gap": NUM_GAP_BUCKETS, "hour": NUM_HOUR
                 "device": len(DEVICES)}
 FEATURES = ITEM_FEATURES + tuple(EVENT_TABLES)
 ITEM_PLACEMENTS = ("sharded", "replicated")
+ATTENTIONS = ("softmax", "pointwise")
+# Relative time between two events, in log2-minute buckets: up to 2^31 minutes apart.
+RELATIVE_TIME_BUCKETS = 32
 
 
 @dataclass
@@ -48,6 +53,10 @@ class MemberModelConfig:
     # The item embedding's weight in each event token, against the event attributes and the
     # position (SASRec and the Transformer scale by sqrt(embedding_dim)).
     item_scale: float = 1.0
+    # softmax: causal softmax self-attention + feed-forward (SASRec). pointwise: HSTU layers
+    # (Zhai et al., 2024): SiLU attention weights without softmax normalisation, so how much
+    # of the history matters is learnt too, plus learned relative position and time biases.
+    attention: str = "softmax"
 
 
 def sharded_items(cfg: MemberModelConfig) -> bool:
@@ -133,22 +142,36 @@ class EventEncoder(nn.Module):
         nn.init.normal_(self.position.weight, std=0.02)
         self.input_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(
-            dim, cfg.num_heads, dim * cfg.ffn_multiplier, cfg.dropout,
-            activation="gelu", batch_first=True, norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+        if cfg.attention not in ATTENTIONS:
+            raise ValueError(f"model.attention={cfg.attention!r} is unknown; choose from "
+                             f"{list(ATTENTIONS)}")
+        if cfg.attention == "pointwise":
+            self.layers = nn.ModuleList(PointwiseAttention(cfg) for _ in range(cfg.num_layers))
+        else:
+            layer = nn.TransformerEncoderLayer(
+                dim, cfg.num_heads, dim * cfg.ffn_multiplier, cfg.dropout,
+                activation="gelu", batch_first=True, norm_first=True)
+            self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(dim)
 
-    def forward(self, emb: dict[str, Tensor], lengths: Tensor, newest_is_target: bool = False
-                ) -> tuple[Tensor, Tensor]:
-        """``emb``: the sparse arch's per-event embeddings; ``lengths``: events per row.
+    def forward(self, emb: dict[str, Tensor], lengths: Tensor, newest_is_target: bool = False,
+                timestamps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``emb``: the sparse arch's per-event embeddings; ``lengths``: events per row;
+        ``timestamps``: each event's unix seconds, jagged like ``emb`` (read by pointwise
+        attention's time bias when ``uses_time``).
 
         ``newest_is_target``: each row's newest event is only a prediction target (next-item
         training), so positions count back from the event before it, as when serving.
         """
         tokens = sum(emb[key] * self.token_scale(key) for key in self.token_features)
         x, mask = pad_jagged(tokens, lengths)
-        return self.encode_padded(x, mask, int(newest_is_target)), mask
+        times = pad_jagged(timestamps, lengths)[0] if self.uses_time else None
+        return self.encode_padded(x, mask, int(newest_is_target), times), mask
+
+    @property
+    def uses_time(self) -> bool:
+        """Whether the encoder reads event timestamps (pointwise attention's time bias)."""
+        return self.cfg.attention == "pointwise"
 
     @property
     def token_features(self) -> tuple[str, ...]:
@@ -158,8 +181,10 @@ class EventEncoder(nn.Module):
     def token_scale(self, feature: str) -> float:
         return self.cfg.item_scale if feature == "item" else 1.0
 
-    def encode_padded(self, x: Tensor, mask: Tensor, skip_newest: int = 0) -> Tensor:
-        """Tokens ``[B, L, D]`` (rows left-aligned, ``mask`` true on events) → states."""
+    def encode_padded(self, x: Tensor, mask: Tensor, skip_newest: int = 0,
+                      timestamps: Tensor | None = None) -> Tensor:
+        """Tokens ``[B, L, D]`` (rows left-aligned, ``mask`` true on events) → states;
+        ``timestamps`` ``[B, L]`` when ``uses_time``."""
         # Positions count back from the newest input event, so "the latest event" means the
         # same slot whatever the history length (SASRec's left padding does the same), and
         # the state that predicts at serving time (recency 0) is the one trained to predict.
@@ -167,10 +192,67 @@ class EventEncoder(nn.Module):
         recency = newest - torch.arange(x.shape[1], device=x.device)
         x = x + self.position(recency.clamp(0, self.cfg.max_len - 1))
         x = self.dropout(self.input_norm(x))
+        if self.cfg.attention == "pointwise":
+            if timestamps is None:
+                raise ValueError("pointwise attention needs the events' timestamps")
+            return self.output_norm(self._pointwise(x, mask, timestamps))
         longest = x.shape[1]
         causal = torch.ones(longest, longest, dtype=torch.bool, device=x.device).triu(1)
         x = self.layers(x, mask=causal, src_key_padding_mask=~mask, is_causal=True)
         return self.output_norm(x)
+
+    def _pointwise(self, x: Tensor, mask: Tensor, timestamps: Tensor) -> Tensor:
+        steps = torch.arange(x.shape[1], device=x.device)
+        distance = steps.unsqueeze(1) - steps.unsqueeze(0)  # query i - key j
+        attend = (distance >= 0).unsqueeze(0) & mask.unsqueeze(1)  # causal, real keys only
+        distance = distance.clamp(0, self.cfg.max_len - 1)
+        elapsed = relative_time_bucket(timestamps.unsqueeze(2) - timestamps.unsqueeze(1))
+        for layer in self.layers:
+            x = layer(x, attend, distance, elapsed)
+        return x
+
+
+def relative_time_bucket(seconds: Tensor) -> Tensor:
+    """Seconds between two events → log2-minute buckets ``0..RELATIVE_TIME_BUCKETS-1``."""
+    minutes = seconds.clamp(min=0).to(torch.float32) / 60.0
+    return torch.log2(1.0 + minutes).floor().long().clamp(max=RELATIVE_TIME_BUCKETS - 1)
+
+
+class PointwiseAttention(nn.Module):
+    """One HSTU layer (Zhai et al., 2024, "Actions Speak Louder than Words"): one projection
+    gives U, V, Q, K (SiLU); weights ``SiLU(QKᵀ/√d + position bias + time bias) / max_len``
+    (no softmax: a history's weights need not sum to one, so intensity is kept); output
+    ``W · LayerNorm(AV) ⊙ U``, residual. Dividing by the fixed ``max_len`` (not the batch's
+    longest row) keeps a member's state independent of how the batch was padded."""
+
+    def __init__(self, cfg: MemberModelConfig):
+        super().__init__()
+        dim, self.heads, self.max_len = cfg.embedding_dim, cfg.num_heads, cfg.max_len
+        if dim % self.heads:
+            raise ValueError(f"model.embedding_dim={dim} is not divisible by "
+                             f"model.num_heads={self.heads}")
+        self.norm = nn.LayerNorm(dim)
+        self.uvqk = nn.Linear(dim, 4 * dim)
+        self.mix_norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.position_bias = nn.Embedding(cfg.max_len, self.heads)  # by distance i - j
+        self.time_bias = nn.Embedding(RELATIVE_TIME_BUCKETS, self.heads)
+        nn.init.zeros_(self.position_bias.weight)
+        nn.init.zeros_(self.time_bias.weight)
+
+    def forward(self, x: Tensor, attend: Tensor, distance: Tensor, elapsed: Tensor) -> Tensor:
+        """``x`` ``[B, L, D]``; ``attend`` ``[B, L, L]`` (query, key) allowed; ``distance``
+        ``[L, L]`` and ``elapsed`` ``[B, L, L]`` bucket ids for the biases."""
+        batch, length, dim = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm(x))).chunk(4, dim=-1)
+        q, k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        bias = (self.position_bias(distance).permute(2, 0, 1).unsqueeze(0)
+                + self.time_bias(elapsed).permute(0, 3, 1, 2))
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias
+        weights = F.silu(scores) * attend.unsqueeze(1) / self.max_len
+        mixed = (weights @ v).transpose(1, 2).reshape(batch, length, dim)
+        return x + self.dropout(self.out(self.mix_norm(mixed) * u))
 
 
 class ItemAttributes(nn.Module):
