@@ -22,6 +22,7 @@ import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ class BuildConfig:
     seed: int = 0  # member split
     val_fraction: float = 0.1  # of the members (split=member) or of the events (split=time)
     test_fraction: float = 0.1
+    # split=time: the cuts themselves (unix seconds or an ISO date/time, UTC), instead of the
+    # times from which the last val_fraction + test_fraction / test_fraction of events lie
+    val_start: str | None = None
+    test_start: str | None = None
     shards_per_split: int = 8  # train; val/test get fewer (see split_shard_count)
     max_history: int | None = None  # keep only each member's last N events
 
@@ -105,8 +110,8 @@ def plan_splits(bounds: np.ndarray, timestamp: np.ndarray, cfg: BuildConfig) -> 
     ``member``: each member's whole sequence goes to one split (seeded, by fractions).
     ``leave_one_out``: every member with ≥ 3 events has three samples: train ends 2 events
     early, val 1 early, test holds all (shorter members: train only, whole, counted).
-    ``time``: two global cuts, ``val_start`` and ``test_start``, the times from which the last
-    ``val_fraction + test_fraction`` and ``test_fraction`` of all events lie. Train holds a
+    ``time``: two global cuts, ``val_start`` and ``test_start``: given, or the times from which
+    the last ``val_fraction + test_fraction`` and ``test_fraction`` of all events lie. Train holds a
     member's events before ``val_start``; val ends at its last event before ``test_start`` and
     exists if that event is at or after ``val_start``; test holds all and exists if the last
     event is at or after ``test_start``. Val/test samples need ≥ 2 events (target + history).
@@ -122,10 +127,7 @@ def plan_splits(bounds: np.ndarray, timestamp: np.ndarray, cfg: BuildConfig) -> 
         train_end[long] -= 2
         return ({"train": (everyone, train_end), "val": (long, ends[long] - 1),
                  "test": (long, ends[long])}, {"short_members": len(starts) - len(long)})
-    _check_fractions(cfg)
-    ordered = np.sort(timestamp)
-    val_start, test_start = (_time_cut(ordered, f) for f in (cfg.val_fraction + cfg.test_fraction,
-                                                               cfg.test_fraction))
+    val_start, test_start = _time_cuts(timestamp, cfg)
     row_member = np.repeat(np.arange(len(starts)), ends - starts)
     before_val, before_test = (np.bincount(row_member, timestamp < cut, len(starts)).astype(np.int64)
                                for cut in (val_start, test_start))  # events before the cut
@@ -135,7 +137,40 @@ def plan_splits(bounds: np.ndarray, timestamp: np.ndarray, cfg: BuildConfig) -> 
     return ({"train": (train, starts[train] + before_val[train]),
              "val": (val, starts[val] + before_test[val]), "test": (test, ends[test])},
             {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
-             "val_start": val_start, "test_start": test_start})
+             "val_start": val_start, "test_start": test_start,
+             "cuts": "given" if cfg.val_start is not None else "fractions"})
+
+
+def _time_cuts(timestamp: np.ndarray, cfg: BuildConfig) -> tuple[int, int]:
+    """``(val_start, test_start)`` of a time split: the configured ones, or by fractions."""
+    if (cfg.val_start is None) != (cfg.test_start is None):
+        raise ValueError("split=time: give both val_start and test_start, or neither (then "
+                         "val_fraction and test_fraction place the cuts)")
+    if cfg.val_start is None:
+        _check_fractions(cfg)
+        ordered = np.sort(timestamp)
+        return (_time_cut(ordered, cfg.val_fraction + cfg.test_fraction),
+                _time_cut(ordered, cfg.test_fraction))
+    val_start, test_start = _unix_seconds("val_start", cfg.val_start), _unix_seconds(
+        "test_start", cfg.test_start)
+    if val_start > test_start:
+        raise ValueError(f"split=time: val_start={cfg.val_start} is after "
+                         f"test_start={cfg.test_start}")
+    return val_start, test_start
+
+
+def _unix_seconds(key: str, value: str | int) -> int:
+    """Unix seconds, or an ISO 8601 date/time (UTC unless it names a zone) → unix seconds."""
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is neither unix seconds nor an ISO date/time "
+                         f"(e.g. {key}=2019-01-01 or {key}=1546300800)") from None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp())
 
 
 def _time_cut(ordered: np.ndarray, fraction: float) -> int:

@@ -108,6 +108,17 @@ def test_time_split_cuts_the_timeline(tmp_path):
     assert np.load(root / "item_counts.npy").tolist() == [0, 2, 2, 2, 0]
     assert np.load(root / "item_counts_all.npy").tolist() == [0, 3, 2, 3, 2]
     assert m["totals"]["members"] == 4 and m["totals"]["events"] == 9
+    # The same cuts given as times (unix seconds, or ISO dates in UTC) split identically.
+    given = _build(tmp_path, text, "events.csv", "csv", out="given", split="time",
+                   val_start="7", test_start="1970-01-01T00:00:09")
+    assert given["split_info"]["cuts"] == "given" and given["splits"] == m["splits"]
+    assert (given["split_info"]["val_start"], given["split_info"]["test_start"]) == (7, 9)
+    for bad, message in ((dict(val_start="7"), "give both val_start and test_start"),
+                         (dict(val_start="9", test_start="7"), "val_start=9 is after"),
+                         (dict(val_start="last tuesday", test_start="9"),
+                          "neither unix seconds nor an ISO date")):
+        with pytest.raises(ValueError, match=message):
+            _build(tmp_path, text, "events.csv", "csv", out="bad", split="time", **bad)
 
 
 ML_ROWS = [(1, 10, 5, 978300760), (1, 20, 3, 978300700), (2, 10, 4, 978300800)]
