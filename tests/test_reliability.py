@@ -175,3 +175,13 @@ def test_early_stopping_keeps_the_best_checkpoint_and_finishes_the_run(synth_sha
     again = train_alone(synth_shards, run, *frozen, "trainer.max_steps=40",
                         "trainer.eval_every=2", "trainer.patience=2")
     assert "nothing to do" in again.stdout
+
+
+@pytest.mark.slow
+def test_the_final_validation_can_be_the_best(synth_shards, tmp_path):
+    run = tmp_path / "final"  # no validation before the last step: the last one is the best
+    result = train_alone(synth_shards, run, "trainer.max_steps=4", "trainer.eval_every=10",
+                         "trainer.patience=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / checkpoint.BEST).read_text())["step"] == 4
+    assert checkpoint.resolve(run, "best").name == "step-4"

@@ -109,7 +109,9 @@ class Trainer:
             if step < cfg.max_steps and self.preemption.requested(self.env.world_size):
                 return self.stop_preempted(step)
         final = self.validate(cfg.max_steps)
-        self.save(cfg.max_steps)
+        self.patience_exhausted(cfg.max_steps, final)  # the last validation may be the best
+        if self.last_saved != cfg.max_steps:
+            self.save(cfg.max_steps)
         self.logger.close()
         return self.summarise(losses, events, time.perf_counter() - start, final)
 
