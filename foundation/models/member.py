@@ -14,11 +14,14 @@ The model is split the way the whole framework is (ARCHITECTURE.md, "Sparse / de
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+if TYPE_CHECKING:
+    from torchrec import KeyedJaggedTensor
 
 from foundation.data.schema import ACTIONS, DEVICES, NUM_GAP_BUCKETS, NUM_HOURS
 
@@ -74,6 +77,10 @@ class SparseArch(nn.Module):
     def __init__(self, num_items: int, dim: int, device: torch.device | None = None,
                  with_items: bool = True):
         super().__init__()
+        # TorchRec is imported by the sparse parts only: the dense trunk (EventEncoder) loads
+        # where TorchRec and fbgemm cannot (GPU checks, serving-side tools).
+        from torchrec import EmbeddingCollection, EmbeddingConfig
+
         tables = [EmbeddingConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=num_items,
                                   feature_names=list(ITEM_FEATURES))] if with_items else []
         tables += [EmbeddingConfig(name=f"{key}_table", embedding_dim=dim, num_embeddings=size,
@@ -107,6 +114,8 @@ def sparse_features(batch=None, *, candidates: Tensor | None = None,
         **{key: (getattr(batch, key) if batch is not None else empty, lengths)
            for key in EVENT_TABLES},
     }
+    from torchrec import KeyedJaggedTensor
+
     keys = FEATURES if with_items else tuple(EVENT_TABLES)
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(keys),
