@@ -101,6 +101,8 @@ def sparse_features(batch=None, *, candidates: Tensor | None = None,
     in row 0. Without a batch (a catalogue lookup) there is one empty row. Without
     ``with_items`` (a replicated item table) only the event attributes are looked up.
     """
+    from torchrec import KeyedJaggedTensor  # sparse parts only (see SparseArch)
+
     lengths = batch.lengths if batch is not None else torch.zeros(1, dtype=torch.long)
     empty, zeros = lengths.new_zeros(0), lengths.new_zeros(lengths.numel())
     negative_lengths = zeros.clone()
@@ -114,8 +116,6 @@ def sparse_features(batch=None, *, candidates: Tensor | None = None,
         **{key: (getattr(batch, key) if batch is not None else empty, lengths)
            for key in EVENT_TABLES},
     }
-    from torchrec import KeyedJaggedTensor
-
     keys = FEATURES if with_items else tuple(EVENT_TABLES)
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(keys),

@@ -109,22 +109,28 @@ class Trainer:
             if step < cfg.max_steps and self.preemption.requested(self.env.world_size):
                 return self.stop_preempted(step)
         final = self.validate(cfg.max_steps)
-        self.patience_exhausted(cfg.max_steps, final)  # the last validation may be the best
+        self.track_best(cfg.max_steps, final)  # the last validation may be the best
         if self.last_saved != cfg.max_steps:
             self.save(cfg.max_steps)
         self.logger.close()
         return self.summarise(losses, events, time.perf_counter() - start, final)
 
-    def patience_exhausted(self, step: int, result: dict[str, Any]) -> bool:
-        """Track the best validation; with ``trainer.patience`` > 0 checkpoint each new best
-        (``RUN/best.json`` points at it) and say when ``patience`` validations brought none."""
+    def track_best(self, step: int, result: dict[str, Any]) -> bool:
+        """Whether this validation is the best so far; with ``trainer.patience`` > 0 each new
+        best is checkpointed (``RUN/best.json`` points at it)."""
         value = result["metrics"].get(self.task.eval_metric, float("nan"))
-        if self.best is None or value > self.best["value"]:
-            self.best, self.stale = {"step": step, "value": value}, 0
-            if self.cfg.trainer.patience:
-                self.save(step)
-                if self.env.is_main:
-                    checkpoint.mark_best(self.run_dir, step, self.task.eval_metric, value)
+        if self.best is not None and not value > self.best["value"]:
+            return False
+        self.best, self.stale = {"step": step, "value": value}, 0
+        if self.cfg.trainer.patience:
+            self.save(step)
+            if self.env.is_main:
+                checkpoint.mark_best(self.run_dir, step, self.task.eval_metric, value)
+        return True
+
+    def patience_exhausted(self, step: int, result: dict[str, Any]) -> bool:
+        """Track the best validation and say when ``patience`` validations brought none."""
+        if self.track_best(step, result):
             return False
         self.stale += 1
         return 0 < self.cfg.trainer.patience <= self.stale
