@@ -50,6 +50,10 @@ class SourceConfig:
     impressions_path: str | None = None  # member_id, item_id, timestamp, label (canonical names)
     catalogue_path: str | None = None  # item_id, genres, series_id, episode, release_time
     item_attributes_path: str | None = None  # JSON {"raw item id": [attribute id, ...]}
+    # Item content, keyed by the same raw item ids as the events (data/items.py):
+    item_text_path: str | None = None  # TSV item_id<TAB>text (a RecBole typed header is fine)
+    item_vectors_path: str | None = None  # .safetensors {vectors, item_ids} or .npy matrix
+    item_vector_ids_path: str | None = None  # with a .npy matrix: its row ids (.npy or text)
 
 
 def read_parquet(path: Path) -> pa.Table:
@@ -116,13 +120,82 @@ def read_movielens(path: Path) -> pa.Table:
     raise ValueError(f"source.format=movielens reads ratings.dat or ratings.csv, got {path.name}")
 
 
+UNISREC_SPLITS = ("train", "valid", "test")
+
+
+def unisrec_file(directory: Path, suffix: str) -> Path:
+    """The one ``*.<suffix>`` file of a UniSRec/RecBole dataset directory."""
+    found = sorted(directory.glob(f"*.{suffix}"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{directory} must hold exactly one *.{suffix} file (a "
+                                f"UniSRec/RecBole dataset directory), found {len(found)}")
+    return found[0]
+
+
+def _inter_rows(path: Path) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
+    """A RecBole ``.inter`` file: (user per row, history per row, target per row)."""
+    users, histories, targets = [], [], []
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if [h.split(":")[0] for h in header] != ["user_id", "item_id_list", "item_id"]:
+            raise ValueError(f"{path}: expected the header user_id:token<TAB>item_id_list:"
+                             f"token_seq<TAB>item_id:token, found {header}")
+        for number, line in enumerate(f, 2):
+            try:
+                user, history, target = line.rstrip("\n").split("\t")
+                histories.append([int(i) for i in history.split()])
+                users.append(int(user))
+                targets.append(int(target))
+            except ValueError:
+                raise ValueError(f"{path}:{number}: expected user<TAB>items<TAB>item as "
+                                 f"integers, got {line.strip()[:80]!r}") from None
+    return np.array(users, np.int64), histories, np.array(targets, np.int64)
+
+
+def read_unisrec(path: Path) -> pa.Table:
+    """A UniSRec/RecBole dataset directory (``X.train.inter``, ``X.valid.inter``,
+    ``X.test.inter``; histories truncated to their last 50 items) → each user's whole
+    sequence, its position as the timestamp.
+
+    A user's train rows are every prefix of its training sequence, newest first: the oldest
+    row's history plus every row's target, oldest first, is that sequence. The valid and test
+    targets follow. The files' histories are checked against the reconstruction, so
+    ``split=leave_one_out`` gives back exactly the files' own split.
+    """
+    train_user, train_hist, train_target = _inter_rows(unisrec_file(path, "train.inter"))
+    sequences: dict[int, list[int]] = {}
+    bounds = np.flatnonzero(np.diff(train_user, prepend=-1, append=-1))
+    for start, end in zip(bounds[:-1], bounds[1:]):  # one user's rows, newest first
+        user = int(train_user[start])
+        if user in sequences:
+            raise ValueError(f"{path}: the train rows of user {user} are not contiguous")
+        sequences[user] = train_hist[end - 1] + train_target[start:end][::-1].tolist()
+    for split in ("valid", "test"):
+        file = unisrec_file(path, f"{split}.inter")
+        for user, history, target in zip(*_inter_rows(file)):
+            seq = sequences.setdefault(int(user), [])
+            if history != seq[len(seq) - len(history):]:
+                raise ValueError(f"{file}: user {user}'s history is not its training sequence "
+                                 f"(files of different datasets or processings?)")
+            seq.append(int(target))
+    users = np.array(sorted(sequences), dtype=np.int64)
+    lengths = np.array([len(sequences[u]) for u in users], dtype=np.int64)
+    return pa.table({
+        "member_id": np.repeat(users, lengths),
+        "item_id": np.array([i for u in users for i in sequences[int(u)]], dtype=np.int64),
+        "timestamp": np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths),
+    })
+
+
 READERS: dict[str, Callable[[Path], pa.Table]] = {
     "parquet": read_parquet,
     "csv": read_csv,
     "jsonl": read_jsonl,
     "sasrec_txt": read_sasrec_txt,
     "movielens": read_movielens,
+    "unisrec": read_unisrec,
 }
+DIRECTORY_FORMATS = ("unisrec",)  # formats whose source.path is a directory
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
                   ".json": "jsonl"}
 
@@ -134,7 +207,10 @@ def read_table(path: str | Path, fmt: str | None = None) -> pa.Table:
     if fmt not in READERS:
         raise ValueError(f"unknown source format {fmt!r} for {path}: supported formats are "
                          f"{sorted(READERS)} (pass source.format=...)")
-    if not path.is_file():
+    if fmt in DIRECTORY_FORMATS and not path.is_dir():
+        raise FileNotFoundError(f"source.format={fmt} reads a dataset directory; {path} is not "
+                                f"one (pass source.path=/path/to/dataset_dir)")
+    if fmt not in DIRECTORY_FORMATS and not path.is_file():
         raise FileNotFoundError(f"source file {path} does not exist: pass the event table as "
                                 f"source.path=/path/to/events.{fmt}")
     return READERS[fmt](path)

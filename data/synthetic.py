@@ -45,6 +45,7 @@ class SynthConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     shards_per_split: int = 8
+    cold_items: float = 0.0  # held out of train/val samples (see BuildConfig.cold_items)
     output: str = MISSING
 
 
@@ -216,6 +217,37 @@ def generate(cfg: SynthConfig) -> dict[str, Any]:
     return {"events": events, "impressions": world.impressions(), "catalogue": cat}
 
 
+# Words of each latent genre: an item's title draws from its genres, so text carries the
+# signal a content tower can find (and an ID-free model can score a new title by).
+GENRE_WORDS: tuple[tuple[str, ...], ...] = (
+    ("space", "galaxy", "starship", "alien"), ("love", "romance", "wedding", "heart"),
+    ("murder", "detective", "crime", "case"), ("war", "soldier", "battle", "army"),
+    ("ghost", "haunted", "horror", "curse"), ("cooking", "kitchen", "chef", "recipe"),
+    ("football", "champion", "team", "stadium"), ("dragon", "wizard", "kingdom", "magic"),
+    ("comedy", "laugh", "prank", "funny"), ("ocean", "wildlife", "jungle", "nature"),
+    ("cowboy", "frontier", "sheriff", "desert"), ("robot", "future", "cyber", "machine"),
+    ("spy", "agent", "secret", "mission"), ("music", "band", "song", "concert"),
+    ("family", "kids", "puppy", "holiday"), ("history", "empire", "queen", "ancient"),
+)
+TITLE_FILLERS = ("the", "of", "night", "last", "return", "story", "days", "new", "a", "in")
+
+
+def item_titles(cat: Catalogue, seed: int) -> list[str]:
+    """One title per item from its genres' words (its own seeded stream: the events do not
+    change); episodes share their series' title with a part number."""
+    rng = np.random.default_rng([seed, 7])
+    titles = []
+    for genre, secondary in zip(cat.genre, cat.secondary):
+        words = list(rng.choice(GENRE_WORDS[genre % len(GENRE_WORDS)], 2, replace=False))
+        if secondary >= 0:
+            words.append(str(rng.choice(GENRE_WORDS[secondary % len(GENRE_WORDS)])))
+        words.insert(int(rng.integers(len(words) + 1)), str(rng.choice(TITLE_FILLERS)))
+        titles.append(" ".join(words).capitalize())
+    first = cat.first_episode
+    return [f"{titles[first[i]]}, part {cat.episode[i]}" if cat.episode[i] else titles[i]
+            for i in range(len(titles))]
+
+
 def _catalogue_table(cat: Catalogue) -> pa.Table:
     genres = [[int(g)] + ([int(s)] if s >= 0 else []) for g, s in zip(cat.genre, cat.secondary)]
     return pa.table({"item_id": np.arange(1, cat.genre.size + 1), "genres": genres,
@@ -233,10 +265,15 @@ def synthesize(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
     pq.write_table(pa.table(world["events"]), raw / "events.parquet")
     pq.write_table(pa.table(world["impressions"]), raw / "impressions.parquet")
     pq.write_table(_catalogue_table(world["catalogue"]), raw / "catalogue.parquet")
+    titles = item_titles(world["catalogue"], cfg.seed)
+    (raw / "item_text.tsv").write_text("item_id\ttitle\n" + "".join(
+        f"{i}\t{t}\n" for i, t in enumerate(titles, 1)))
     source = SourceConfig(format="parquet", path=str(raw / "events.parquet"),
                           impressions_path=str(raw / "impressions.parquet"),
-                          catalogue_path=str(raw / "catalogue.parquet"))
+                          catalogue_path=str(raw / "catalogue.parquet"),
+                          item_text_path=str(raw / "item_text.tsv"))
     build = BuildConfig(source=source, output=cfg.output, seed=cfg.seed,
                         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                        shards_per_split=cfg.shards_per_split)
+                        shards_per_split=cfg.shards_per_split, cold_items=cfg.cold_items,
+                        cold_seed=cfg.seed)
     return build_shards(build, progress=progress)

@@ -8,7 +8,9 @@ Output layout::
     OUTPUT/item_counts.npy            event count per item id over the train samples (popularity, logQ)
     OUTPUT/item_counts_all.npy        event count per item id over all source events (leaky popularity)
     OUTPUT/item_attributes.npz        jagged attribute ids per item id (when attributes are given)
+    OUTPUT/cold_items.npy             item ids removed from train/val samples (cold_items=F)
     OUTPUT/catalogue.parquet          catalogue with remapped ids (when a catalogue is given)
+    OUTPUT/items/shard-000000.tar     item content, one sample per item (data/items.py)
 
 Every shard byte is a function of the events and the seed (fixed tar mtime/owner, fixed zip
 timestamps), so the same input in parquet, csv or jsonl yields identical shards and checksums.
@@ -16,6 +18,7 @@ timestamps), so the same input in parquet, csv or jsonl yields identical shards 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -31,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
+from foundation.data.items import content_items, read_item_content, write_item_shards
 from foundation.data.schema import ACTIONS, DEVICES, NUM_GAP_BUCKETS, NUM_HOURS, SAMPLE_SCHEMA
 from foundation.data.sources import (
     SourceConfig,
@@ -47,6 +51,8 @@ from foundation.checksum import sha256
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SPLIT_KINDS = ("member", "leave_one_out", "time")
+# split=auto: a format's own split where its files carry one, else member
+FORMAT_SPLITS = {"unisrec": "leave_one_out"}
 LOO_MIN_EVENTS = 3  # leave_one_out: shorter members go to train only, whole (as SASRec does)
 
 
@@ -54,7 +60,7 @@ LOO_MIN_EVENTS = 3  # leave_one_out: shorter members go to train only, whole (as
 class BuildConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     output: str = MISSING
-    split: str = "member"  # one of SPLIT_KINDS (see plan_splits)
+    split: str = "auto"  # one of SPLIT_KINDS (see plan_splits), or auto (see FORMAT_SPLITS)
     seed: int = 0  # member split
     val_fraction: float = 0.1  # of the members (split=member) or of the events (split=time)
     test_fraction: float = 0.1
@@ -64,6 +70,10 @@ class BuildConfig:
     test_start: str | None = None
     shards_per_split: int = 8  # train; val/test get fewer (see split_shard_count)
     max_history: int | None = None  # keep only each member's last N events
+    # Cold start: a seeded fraction of the catalogue is removed from every train and val
+    # sample (after max_history); test samples keep them. The items stay in the catalogue.
+    cold_items: float = 0.0
+    cold_seed: int = 0
 
 
 def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -76,6 +86,19 @@ def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
             zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
                         npy.getvalue())
     return buf.getvalue()
+
+
+COLD_FREE_SPLITS = ("train", "val")
+
+
+def choose_cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
+    """A per-item-id mask of the cold items: a seeded ``fraction`` of ids 1..num_items-1."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"cold_items={fraction}: a fraction of the catalogue in [0, 1)")
+    cold = np.zeros(num_items, dtype=bool)
+    count = int(round((num_items - 1) * fraction))
+    cold[1 + np.random.default_rng(seed).permutation(num_items - 1)[:count]] = True
+    return cold
 
 
 def split_shard_count(split: str, samples: int, shards_per_split: int) -> int:
@@ -197,7 +220,9 @@ class _Tables:
         ev = read_events(cfg.source)
         imp = read_impressions(cfg.source.impressions_path) if cfg.source.impressions_path else None
         cat = read_table(cfg.source.catalogue_path) if cfg.source.catalogue_path else None
-        raw = [ev["item_id"]] + ([imp["item_id"]] if imp else [])
+        self.content = read_item_content(cfg.source)
+        # Items with content but no events stay in the catalogue: they can be recommended.
+        raw = [ev["item_id"], content_items(self.content)] + ([imp["item_id"]] if imp else [])
         if cat is not None:
             raw.append(cat.column("item_id").to_numpy().astype(np.int64))
         self.raw_items = np.unique(np.concatenate(raw))  # sorted raw ids: order-independent vocab
@@ -220,18 +245,23 @@ class _Tables:
             self.impressions[member] = {"item": item[s], "label": label[s].astype(np.int64),
                                         "timestamp": ts[s]}
 
-    def sample(self, index: int, end: int, max_history: int | None) -> dict[str, Any]:
-        """The tar entries of member ``index`` (its sample id) up to row ``end``."""
+    def sample(self, index: int, end: int, max_history: int | None,
+               drop: np.ndarray | None = None) -> tuple[dict[str, Any], int]:
+        """The tar entries of member ``index`` (its sample id) up to row ``end``, and how many
+        events they hold; ``drop`` (per item id) removes those items' events."""
         member = int(self.members[index])
-        s = _tail(int(self.bounds[index]), end, max_history)
-        seq = {k: self.events[k][s] for k in ("item", "action", "timestamp", "device")}
+        rows = np.arange(int(self.bounds[index]), end)[_tail(0, end - int(self.bounds[index]),
+                                                             max_history)]
+        if drop is not None:
+            rows = rows[~drop[self.events["item"][rows]]]
+        seq = {k: self.events[k][rows] for k in ("item", "action", "timestamp", "device")}
         out: dict[str, Any] = {"__key__": f"m{member:09d}".replace("-", "n"),
                                "seq.npz": encode_npz(seq),
                                "meta.json": json.dumps({"member_id": member, "sample_id": index},
                                                        sort_keys=True).encode()}
         if member in self.impressions:
             out["imp.npz"] = encode_npz(self.impressions[member])
-        return out
+        return out, len(rows)
 
     def held(self, samples: tuple[np.ndarray, np.ndarray], max_history: int | None) -> np.ndarray:
         """Per event row: how many of these samples (member index, row end) hold it."""
@@ -252,7 +282,7 @@ def _chunks(indices: np.ndarray, num_shards: int) -> Iterator[np.ndarray]:
 
 
 def _write_split(tables: _Tables, split: str, samples: tuple[np.ndarray, np.ndarray],
-                 cfg: BuildConfig, bar: tqdm) -> list[dict[str, Any]]:
+                 cfg: BuildConfig, bar: tqdm, drop: np.ndarray | None) -> list[dict[str, Any]]:
     root = Path(cfg.output)
     (root / split).mkdir(parents=True, exist_ok=True)
     members, ends = samples
@@ -263,9 +293,9 @@ def _write_split(tables: _Tables, split: str, samples: tuple[np.ndarray, np.ndar
         events = 0
         with wds.TarWriter(str(root / rel), encoder=False, mtime=0.0) as sink:
             for index, end in zip(members[chunk].tolist(), ends[chunk].tolist()):
-                sink.write(tables.sample(index, end, cfg.max_history))
-                s = _tail(int(tables.bounds[index]), end, cfg.max_history)
-                events += s.stop - s.start
+                entries, held = tables.sample(index, end, cfg.max_history, drop)
+                sink.write(entries)
+                events += held
                 bar.update(1)
         shards.append({"path": rel, "samples": len(chunk), "events": events,
                        "sha256": sha256(root / rel)})
@@ -276,6 +306,8 @@ def _clean(root: Path) -> None:
     """Drop an old manifest first (an interrupted build must not look complete), then old shards."""
     (root / "manifest.json").unlink(missing_ok=True)
     (root / "item_attributes.npz").unlink(missing_ok=True)
+    for old in (root / "items").glob("shard-*.tar"):
+        old.unlink()
     for split in SPLITS:
         for old in (root / split).glob("shard-*.tar"):
             old.unlink()
@@ -317,8 +349,14 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     """Read the source, write shards, item tables and (last) the manifest; return the manifest."""
     if not cfg.output or cfg.output == MISSING:
         raise ValueError("no output directory: pass output=DIR")
+    if cfg.split == "auto":
+        cfg = dataclasses.replace(cfg, split=FORMAT_SPLITS.get(cfg.source.format, "member"))
     if cfg.split not in SPLIT_KINDS:
-        raise ValueError(f"unknown split {cfg.split!r}: pass split= one of {list(SPLIT_KINDS)}")
+        raise ValueError(f"unknown split {cfg.split!r}: pass split= one of "
+                         f"{['auto', *SPLIT_KINDS]}")
+    if cfg.source.format in FORMAT_SPLITS and cfg.split != FORMAT_SPLITS[cfg.source.format]:
+        raise ValueError(f"source.format={cfg.source.format} files carry their own "
+                         f"{FORMAT_SPLITS[cfg.source.format]} split: leave split=auto")
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     _clean(root)
@@ -330,17 +368,23 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
              "gap": NUM_GAP_BUCKETS, "hour": NUM_HOURS}
     if cfg.source.item_attributes_path:
         vocab["attribute"] = _write_item_attributes(tables, cfg.source.item_attributes_path, root)
+    items = write_item_shards(root, tables.content, tables.remap)
+    cold = choose_cold_items(num_items, cfg.cold_items, cfg.cold_seed)
+    np.save(root / "cold_items.npy", np.flatnonzero(cold).astype(np.int64))
     manifest_splits = {}
     total = sum(len(members) for members, _ in plan.values())
     with tqdm(total=total, desc="shards", unit="sample", disable=not progress) as bar:
         for split in SPLITS:
-            shards = _write_split(tables, split, plan[split], cfg, bar)
+            drop = cold if split in COLD_FREE_SPLITS else None
+            shards = _write_split(tables, split, plan[split], cfg, bar, drop)
             manifest_splits[split] = {"shards": shards, "samples": sum(s["samples"] for s in shards),
                                       "events": sum(s["events"] for s in shards)}
-    items = tables.events["item"]
+    events = tables.events["item"]
     held = {split: tables.held(plan[split], cfg.max_history) for split in SPLITS}
-    np.save(root / "item_counts.npy", np.bincount(items[held["train"] > 0], minlength=num_items).astype(np.int64))
-    np.save(root / "item_counts_all.npy", np.bincount(items, minlength=num_items).astype(np.int64))
+    for split in COLD_FREE_SPLITS:  # cold items' events were removed from these samples
+        held[split] = held[split] * ~cold[events]
+    np.save(root / "item_counts.npy", np.bincount(events[held["train"] > 0], minlength=num_items).astype(np.int64))
+    np.save(root / "item_counts_all.npy", np.bincount(events, minlength=num_items).astype(np.int64))
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": "foundation.data.writer.build_shards",
@@ -351,6 +395,9 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
         "vocab": vocab,
         "actions": list(ACTIONS), "devices": list(DEVICES),
         "splits": manifest_splits,
+        "items": items,  # item content shards (None without content)
+        "cold_items": {"fraction": cfg.cold_items, "seed": cfg.cold_seed,
+                       "count": int(cold.sum()), "removed_from": list(COLD_FREE_SPLITS)},
         "totals": {"members": len(tables.members),
                    "events": int((sum(held.values()) > 0).sum()),  # distinct events stored
                    "impressions": int(sum(len(v["item"]) for v in tables.impressions.values())),
@@ -358,6 +405,7 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
         "files": {"item_ids": "item_ids.npy", "item_counts": "item_counts.npy",
                   "item_counts_all": "item_counts_all.npy",
                   "item_attributes": "item_attributes.npz" if "attribute" in vocab else None,
+                  "cold_items": "cold_items.npy",
                   "catalogue": _write_catalogue(tables, root)},
     }
     tmp = root / "manifest.json.tmp"

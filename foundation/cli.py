@@ -13,7 +13,7 @@ foundation data synth output=DIR [world.members=N ...]        synthetic member w
 foundation data build source.format=F source.path=P output=DIR  event tables → shards
 foundation train [--nproc N] [--max-restarts K] recipe=NAME data.path=DIR run_dir=RUN [...]
 foundation eval run_dir=RUN [split=test]                        writes RUN/eval.json
-foundation eval compare RUN_A RUN_B|RUN_A@most_popular          offline A/B test, bootstrap CI
+foundation eval compare RUN_A RUN_B|RUN_A@most_popular [--group cold]  offline A/B test
 foundation export [--nproc N] run_dir=RUN output=BUNDLE           serving bundle + parity gate
 foundation recipes                                              list recipes
 foundation demo [--dir DIR]                                     the whole path, end to end
@@ -78,11 +78,14 @@ def _compare(argv: list[str]) -> int:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--output", help="also write the comparison as JSON here")
+    parser.add_argument("--group", help="compare only the users of a group: cold (their "
+                                        "target is a cold item) or warm; needs a cold_items build")
     args = parser.parse_args(argv)
     from foundation.eval.compare import run_compare
 
     try:
-        run_compare(args.a, args.b, resamples=args.resamples, seed=args.seed, output=args.output)
+        run_compare(args.a, args.b, resamples=args.resamples, seed=args.seed, output=args.output,
+                    group=args.group)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

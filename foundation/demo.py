@@ -82,8 +82,10 @@ def _serve_from(bundle: Path, shards: Path, members: int = 3) -> None:
     starts = np.cumsum(batch.lengths.numpy()) - batch.lengths.numpy()
     for row, (start, n) in enumerate(zip(starts, batch.lengths.numpy())):
         items = raw_ids[batch.item[start:start + n].numpy()]
-        history = History(items=items[:-1].tolist(),
-                          timestamps=batch.timestamp[start:start + n - 1].tolist())
+        events = slice(start, start + n - 1)  # everything but the newest: the member's past
+        history = History(items=items[:-1].tolist(), timestamps=batch.timestamp[events].tolist(),
+                          actions=batch.action[events].tolist(),
+                          devices=batch.device[events].tolist())
         top = predictor.recommend(history, k=5)
         hit = "hit" if items[-1] in top else "miss"
         print(f"member {int(batch.sample_ids[row])}: last played {items[-4:-1].tolist()} → "

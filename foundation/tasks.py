@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,7 +18,9 @@ from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
 from foundation.data.batch import SequenceBatch
+from foundation.models.content import CACHE_DIR, ContentAdapter, ItemContent, content_vectors
 from foundation.models.member import SparseArch, sharded_items, sparse_features
+from foundation.models.towers import Modality
 
 JAGGED_FIELDS = ("item", "action", "gap", "hour", "device", "timestamp")
 
@@ -44,6 +47,21 @@ class Task:
         with np.load(f"{self.cfg.data.path}/{name}", allow_pickle=False) as saved:
             values, offsets = torch.as_tensor(saved["values"]), torch.as_tensor(saved["offsets"])
         return values, offsets, int(self.manifest["vocab"]["attribute"])
+
+    def item_content(self) -> ItemContent | None:
+        """The adapted content of every modality in ``model.item_content`` (None: ID only)."""
+        model = self.cfg.model
+        if not model.item_content:
+            return None
+        cache = Path(self.cfg.run_dir) / CACHE_DIR
+        adapters = {}
+        for modality in model.item_content:
+            modality = Modality(modality)
+            vectors, has = content_vectors(modality, self.cfg.data.path, self.manifest,
+                                           self.num_items, model.text_tower, cache)
+            adapters[modality.value] = ContentAdapter(vectors, has, model.embedding_dim,
+                                                      model.dropout)
+        return ItemContent(adapters)
 
     @functools.cached_property  # read once, not at every validation
     def popularity_baselines(self) -> dict[str, Tensor]:
@@ -88,6 +106,12 @@ def take_events(batch: SequenceBatch, keep: Tensor) -> SequenceBatch:
     lengths = torch.bincount(rows[keep], minlength=len(batch))
     changes = {f: getattr(batch, f)[keep] for f in JAGGED_FIELDS}
     return dataclasses.replace(batch, lengths=lengths, **changes)
+
+
+def keep_last(batch: SequenceBatch, n: int) -> SequenceBatch:
+    """A batch with each row cut to its newest ``n`` events (what the loader keeps)."""
+    ends = torch.repeat_interleave(torch.cumsum(batch.lengths, 0), batch.lengths)
+    return take_events(batch, ends - torch.arange(batch.item.numel()) <= n)
 
 
 def split_last_event(batch: SequenceBatch) -> tuple[SequenceBatch, Tensor]:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
+from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
 from foundation.eval.metrics import rank_metrics, sampled_ranks, target_ranks, top_k_items
+from foundation.models.content import CACHE_DIR, ItemContent, content_vectors
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
     EventEncoder,
@@ -17,6 +23,7 @@ from foundation.models.member import (
     sharded_items,
     sparse_features,
 )
+from foundation.models.towers import Modality
 from foundation.tasks import Task, all_concat, all_max, split_last_event, synchronised
 
 
@@ -33,24 +40,39 @@ class PretrainConfig:
 
 
 class NextItemModel(nn.Module):
-    def __init__(self, model: MemberModelConfig, recipe: PretrainConfig, log_item_prob: Tensor,
-                 attributes: ItemAttributes | None = None):
+    def __init__(self, model: MemberModelConfig, recipe: PretrainConfig, item_counts: Tensor,
+                 attributes: ItemAttributes | None = None, content: ItemContent | None = None):
         super().__init__()
         self.recipe = recipe
         self.encoder = EventEncoder(model)
-        self.attributes = attributes
+        self.attributes, self.content = attributes, content
+        self.id_dropout = model.id_dropout
+        # Items never seen in training (no trained ID row) and dropped IDs share one vector.
+        self.fallback = nn.Parameter(torch.zeros(model.embedding_dim)) if (
+            content is not None or model.id_dropout > 0) else None
+        self.register_buffer("seen", item_counts > 0, persistent=False)
         # A replicated item table lives here, trained by the dense engine (model.item_table).
         self.item_table = None if sharded_items(model) else nn.Embedding(
-            log_item_prob.numel(), model.embedding_dim, padding_idx=0)
+            item_counts.numel(), model.embedding_dim, padding_idx=0)
         if self.item_table is not None:
             nn.init.normal_(self.item_table.weight, std=model.embedding_dim ** -0.5)
-        self.register_buffer("log_item_prob", log_item_prob, persistent=False)
+        counts = item_counts + 1.0  # add-one: unseen items still have a proposal rate
+        counts[0] = 0.0
+        self.register_buffer("log_item_prob", (counts / counts.sum()).clamp_min(1e-12).log(),
+                             persistent=False)
 
     def item_vectors(self, items: Tensor, embeddings: Tensor | None) -> Tensor:
         """Items' table embeddings (``embeddings``, from the sharded table, or the replicated
-        table's rows), plus their side information when the model has it."""
+        table's rows), plus their side information and content when the model has them."""
         vectors = embeddings if self.item_table is None else self.item_table(items)
-        return vectors if self.attributes is None else vectors + self.attributes(items)
+        if self.fallback is not None:
+            use_id = self.seen[items]
+            if self.training and self.id_dropout > 0:
+                use_id = use_id & (torch.rand(items.shape, device=items.device) >= self.id_dropout)
+            vectors = torch.where(use_id.unsqueeze(-1), vectors, self.fallback)
+        if self.attributes is not None:
+            vectors = vectors + self.attributes(items)
+        return vectors if self.content is None else vectors + self.content(items)
 
     def forward(self, batch, emb: dict[str, Tensor], negatives: Tensor | None = None,
                 mode: str = "train") -> Tensor:
@@ -74,6 +96,9 @@ class NextItemModel(nn.Module):
             in_batch=self.recipe.in_batch_negatives)
 
 
+COLD_GROUP = "group_cold"  # in the ranks: whether each user's target is a cold item
+
+
 class PretrainMemberFM(Task):
     name = "pretrain_member_fm"
     config_class = PretrainConfig
@@ -81,12 +106,10 @@ class PretrainMemberFM(Task):
     eval_metric = "hr@10"
 
     def build_dense(self) -> nn.Module:
-        counts = self.item_counts + 1.0  # add-one: unseen items still have a proposal rate
-        counts[0] = 0.0
-        log_prob = (counts / counts.sum()).clamp_min(1e-12).log()
         found = self.item_attributes() if self.cfg.model.side_features else None
         attributes = ItemAttributes(*found, dim=self.cfg.model.embedding_dim) if found else None
-        return NextItemModel(self.cfg.model, self.recipe, log_prob, attributes)
+        return NextItemModel(self.cfg.model, self.recipe, self.item_counts, attributes,
+                             self.item_content())
 
     def features(self, batch):
         if self.recipe.loss == "full_softmax":
@@ -112,14 +135,19 @@ class PretrainMemberFM(Task):
     @torch.no_grad()
     def evaluate(self, model, batches):
         """Leave-last-out full ranking over the catalogue (and, with ``sampled_negatives``,
-        among that many random items), next to the most-popular baselines. Returns the
-        metrics and every user's target rank (``ranks``, for paired comparisons)."""
+        among that many random items), next to the baselines: most-popular, and with item
+        text ``content_knn``. Returns the metrics, every user's target rank (``ranks``, for
+        paired comparisons) and, on a build with cold items, the metrics of the users whose
+        target is cold and of the others (``groups``)."""
         catalogue = self.catalogue_vectors(model)
         ks = self.recipe.ks
-        baselines = self.popularity_baselines
+        baselines = self.baseline_scorers()
+        cold = self.cold_items
         parts: dict[str, list] = {"sample_id": [], "model": [], **{n: [] for n in baselines}}
         if self.recipe.sampled_negatives:
             parts["model_sampled"] = []
+        if cold is not None:
+            parts[COLD_GROUP] = []
         covered = torch.zeros(self.num_items, dtype=torch.bool)
         for batch, real in synchronised(batches, model.world_size):
             history, targets = split_last_event(batch)
@@ -129,12 +157,15 @@ class PretrainMemberFM(Task):
             exclude = self._excluded(history, scores.shape)
             parts["sample_id"].append(batch.sample_ids.numpy())
             parts["model"].append(target_ranks(scores, targets, exclude).numpy())
-            for name, counts in baselines.items():
-                parts[name].append(target_ranks(counts.expand_as(scores), targets, exclude).numpy())
+            for name, scorer in baselines.items():
+                parts[name].append(target_ranks(scorer(history, scores.shape), targets,
+                                                exclude).numpy())
             if self.recipe.sampled_negatives:
                 parts["model_sampled"].append(sampled_ranks(
                     scores, targets, exclude, batch.sample_ids, self.recipe.sampled_negatives,
                     self.cfg.seed).numpy())
+            if cold is not None:
+                parts[COLD_GROUP].append(cold[targets].numpy())
             covered |= top_k_items(scores, exclude, max(ks))
         ranks = {name: all_concat(arrays, model.world_size) for name, arrays in parts.items()}
         metrics = {**rank_metrics(ranks["model"], ks), "users": float(len(ranks["model"])),
@@ -142,9 +173,54 @@ class PretrainMemberFM(Task):
         if self.recipe.sampled_negatives:
             sampled = rank_metrics(ranks["model_sampled"], ks)
             metrics.update({f"sampled_{k}": v for k, v in sampled.items()})
-        return {"metrics": metrics,
-                "baselines": {name: rank_metrics(ranks[name], ks) for name in baselines},
-                "ranks": ranks}
+        result = {"metrics": metrics,
+                  "baselines": {name: rank_metrics(ranks[name], ks) for name in baselines},
+                  "ranks": ranks}
+        if cold is not None:
+            is_cold = ranks[COLD_GROUP].astype(bool)
+            result["groups"] = {group: {
+                "metrics": {**rank_metrics(ranks["model"][users], ks), "users": float(users.sum())},
+                "baselines": {name: rank_metrics(ranks[name][users], ks) for name in baselines}}
+                for group, users in (("cold", is_cold), ("warm", ~is_cold))}
+        return result
+
+    def baseline_scorers(self) -> dict[str, Callable[[SequenceBatch, torch.Size], Tensor]]:
+        """Scorers ``(history, [B, V]) → item scores`` of the baselines this data allows."""
+        scorers = {name: (lambda history, shape, c=counts: c.expand(shape))
+                   for name, counts in self.popularity_baselines.items()}
+        text = self.frozen_text_vectors
+        if text is not None:
+            def content_knn(history, shape):  # the history's mean text vector's neighbours
+                rows = torch.repeat_interleave(torch.arange(len(history)), history.lengths)
+                mean = torch.zeros(len(history), text.shape[1]).index_add_(
+                    0, rows, text[history.item])
+                return mean @ text.T
+            scorers["content_knn"] = content_knn
+        return scorers
+
+    @functools.cached_property
+    def frozen_text_vectors(self) -> Tensor | None:
+        """Every item's frozen text-tower vector, where the data has item text and the run
+        reads it or has cold items (collective the first time, cached in the run dir like the
+        model's own content)."""
+        items = self.manifest.get("items") or {}
+        reads_text = Modality.text in [Modality(m) for m in self.cfg.model.item_content]
+        if "text" not in items.get("content", {}) or not (reads_text or self.cold_items is not None):
+            return None  # a content baseline for runs that study content or cold items
+        vectors, _ = content_vectors(Modality.text, self.cfg.data.path, self.manifest,
+                                     self.num_items, self.cfg.model.text_tower,
+                                     Path(self.cfg.run_dir) / CACHE_DIR)
+        return vectors
+
+    @functools.cached_property
+    def cold_items(self) -> Tensor | None:
+        """``[V]`` bool: the items the build held out of training (None without any)."""
+        if not (self.manifest.get("cold_items") or {}).get("count"):
+            return None
+        path = Path(self.cfg.data.path) / self.manifest["files"]["cold_items"]
+        cold = torch.zeros(self.num_items, dtype=torch.bool)
+        cold[torch.as_tensor(np.load(path, allow_pickle=False))] = True
+        return cold
 
     def _excluded(self, history, shape) -> Tensor:
         exclude = torch.zeros(shape, dtype=torch.bool)

@@ -116,7 +116,7 @@ def test_missing_file_column_and_format_errors_name_the_fix(raw, tmp_path):
         build(format="csv", path=str(tmp_path / "nowhere.csv"))
     with pytest.raises(KeyError, match=r"'member_id'.*available columns.*'user'.*source\.columns\.member_id"):
         build(format="parquet", path=str(raw["parquet"]))
-    with pytest.raises(ValueError, match=r"unknown source format 'xls'.*\['csv', 'jsonl', 'movielens', 'parquet', 'sasrec_txt'\]"):
+    with pytest.raises(ValueError, match=r"unknown source format 'xls'.*\['csv', 'jsonl', 'movielens', 'parquet', 'sasrec_txt', 'unisrec'\]"):
         build(format="xls", path=str(raw["parquet"]))
     assert not (tmp_path / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match=r"no manifest\.json in .*foundation data synth output="):

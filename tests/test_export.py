@@ -120,6 +120,22 @@ def test_fresh_processes_without_torchrec_or_deepspeed_serve_the_same_recommenda
     assert np.allclose(scores, by_onnx["scores"], atol=1e-4)
 
 
+def test_the_gate_serves_raw_histories_and_fails_a_skewed_served_feature(trained_run, bundle,
+                                                                        tmp_path):
+    """The gate feeds the predictor raw ``History`` objects (items, actions, times, devices)
+    as a caller would: served faithfully it passes; with the device skew the predictor once
+    had (device 0 for every event) it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "tests/workers/parity_skew.py"),
+                           str(trained_run), str(bundle), str(tmp_path / "parity")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    reports = json.loads(done.stdout.strip().splitlines()[-1])
+    for backend in ("torch", "onnx"):
+        assert reports["served"]["backends"][backend]["max_abs_diff"] <= 1e-4
+        assert reports["skewed"]["backends"][backend]["max_abs_diff"] > 1e-3
+
+
 def test_a_changed_file_fails_the_checksum_naming_it(bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)

@@ -11,7 +11,7 @@ A side may name a baseline of a run instead of its model: ``RUN@most_popular``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from foundation.eval.metrics import per_user
 from foundation.eval.run import RANKS_FILE
 
 KS = [5, 10, 20]
+GROUP_PREFIX = "group_"  # eval-ranks.npz entries naming each user's membership of a group
 
 
 @dataclass
@@ -28,7 +29,18 @@ class Side:
     sample_ids: np.ndarray
     ranks: np.ndarray
     split: str
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # group → user in it
 
+    def only(self, group: str) -> Side:
+        """The users of ``group`` (e.g. ``cold``: those whose target is a cold item), with
+        ``warm`` the complement of ``cold``."""
+        name, negate = (group, False) if group in self.groups else ("cold", group == "warm")
+        if name not in self.groups:
+            raise KeyError(f"{self.label} has no group {group!r}: groups come from a build "
+                           f"with cold_items (known: {sorted(self.groups) + ['warm'] * bool(self.groups)})")
+        users = self.groups[name] != negate
+        return Side(f"{self.label} [{group}]", self.sample_ids[users], self.ranks[users],
+                    self.split, {})
 
 def load_side(spec: str) -> Side:
     """``RUN`` (its model) or ``RUN@baseline``: the ranks of every user, by sample id."""
@@ -39,10 +51,13 @@ def load_side(spec: str) -> Side:
                                 f"(foundation eval run_dir={run} split=test)")
     with np.load(path, allow_pickle=False) as saved:
         scorer = scorer or "model"
-        if scorer not in saved.files or scorer in ("sample_id", "split"):
-            names = sorted(set(saved.files) - {"sample_id", "split"})
+        names = sorted(n for n in saved.files if n not in ("sample_id", "split")
+                       and not n.startswith(GROUP_PREFIX))
+        if scorer not in names:
             raise KeyError(f"{spec}: no scorer {scorer!r} in {path}; it has {names}")
-        return Side(spec, saved["sample_id"], saved[scorer], str(saved["split"]))
+        groups = {n[len(GROUP_PREFIX):]: saved[n].astype(bool) for n in saved.files
+                  if n.startswith(GROUP_PREFIX)}
+        return Side(spec, saved["sample_id"], saved[scorer], str(saved["split"]), groups)
 
 
 def paired(a: Side, b: Side) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +106,10 @@ def markdown(a: Side, b: Side, result: dict, users: int) -> str:
 
 
 def run_compare(spec_a: str, spec_b: str, *, resamples: int = 2000, seed: int = 0,
-                output: str | None = None) -> dict:
+                output: str | None = None, group: str | None = None) -> dict:
     a, b = load_side(spec_a), load_side(spec_b)
+    if group:
+        a, b = a.only(group), b.only(group)
     result = compare(a, b, resamples=resamples, seed=seed)
     print(markdown(a, b, result, len(a.ranks)), end="")
     headline = result["ndcg@10"]

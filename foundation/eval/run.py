@@ -88,16 +88,26 @@ def one_line(report: dict[str, Any]) -> str:
                        if k in ("hr@10", "ndcg@10", "mrr", "auc", "log_loss"))
     base = report["baselines"].get("most_popular", {})
     base_text = " ".join(f"{k} {v:.4f}" for k, v in base.items() if k in ("hr@10", "ndcg@10", "auc"))
+    groups = "".join(f" | {name} users ndcg@10 {g['metrics']['ndcg@10']:.4f}"
+                     for name, g in report.get("groups", {}).items())
     return (f"eval {report['recipe']} [{report['split']}, {report['checkpoint']}]: {metrics} | "
-            f"most-popular {base_text} | {report['run_dir']}/eval.json")
+            f"most-popular {base_text}{groups} | {report['run_dir']}/eval.json")
 
 
 def markdown_report(report: dict[str, Any]) -> str:
+    lines = [f"# {report['recipe']}: {report['split']} split ({report['checkpoint']})", ""]
+    lines += _table(report)
+    for name, group in report.get("groups", {}).items():
+        users = int(group["metrics"].get("users", 0))
+        lines += ["", f"## users whose target is {name} ({users})", "", *_table(group)]
+    return "\n".join(lines) + "\n"
+
+
+def _table(report: dict[str, Any]) -> list[str]:
     names = ["model", *report["baselines"]]
     rows = [report["metrics"], *report["baselines"].values()]
     keys = [k for k in report["metrics"] if all(k in r for r in rows)]
-    lines = [f"# {report['recipe']}: {report['split']} split ({report['checkpoint']})", "",
-             "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = ["| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in zip(names, rows):
         lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+    return lines

@@ -29,12 +29,14 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from foundation.checksum import sha256
-from foundation.data.schema import ACTIONS, hour_of_day, sequence_gaps, time_gap_bucket
+from foundation.data.schema import ACTIONS, DEVICES, hour_of_day, sequence_gaps, time_gap_bucket
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = {"torch": "model.pt2", "onnx": "model.onnx"}
+# What the parity gate records of each history: the raw events a caller would pass.
+PARITY_FIELDS = ("item", "action", "timestamp", "device", "lengths")
 
 
 class BundleError(RuntimeError):
@@ -93,13 +95,16 @@ def dequantise_rows(stored: dict[str, np.ndarray]) -> np.ndarray:
 
 @dataclass
 class History:
-    """One member's events, oldest first. ``items`` are catalogue ids (as in the source data);
-    ``actions`` names or ids (default ``play``); ``timestamps`` unix seconds (default: none,
-    which the model sees as events with no time information)."""
+    """One member's events, oldest first, as the caller knows them (pass the whole history:
+    the newest ``max_len`` events are read, the time gap of the oldest of those comes from
+    the one before it). ``items`` are catalogue ids (as in the source data); ``actions`` names
+    or ids (default ``play``); ``timestamps`` unix seconds (default: none, which the model
+    sees as events with no time information); ``devices`` names or ids (default: unknown)."""
 
     items: Sequence[int]
     actions: Sequence[str | int] | None = None
     timestamps: Sequence[int] | None = None
+    devices: Sequence[str | int] | None = None
 
 
 def load_bundle(path: str | Path, backend: str = "torch", precision: str = "fp32") -> Predictor:
@@ -188,17 +193,15 @@ class Predictor:
         if len(h.items) == 0:
             raise ValueError("empty history: the member model needs at least one event")
         n = len(h.items)
-        actions = h.actions if h.actions is not None else ["play"] * n
         ts = np.asarray(h.timestamps if h.timestamps is not None else [0] * n, dtype=np.int64)
-        if not len(actions) == len(ts) == n:
-            raise ValueError(f"history lengths differ: {n} items, {len(actions)} actions, "
-                             f"{len(ts)} timestamps")
+        actions = _vocab_ids(h.actions, ACTIONS, "play", n, "actions")
+        devices = _vocab_ids(h.devices, DEVICES, "<pad>", n, "devices")
+        if len(ts) != n:
+            raise ValueError(f"history lengths differ: {n} items, {len(ts)} timestamps")
         keep = slice(max(0, n - self.max_len), None)  # gaps from the whole history first
-        action_ids = np.array([a if isinstance(a, int | np.integer) else ACTIONS.index(a)
-                               for a in actions], dtype=np.int64)
-        return {"item": self._known(h.items, "history")[keep], "action": action_ids[keep],
+        return {"item": self._known(h.items, "history")[keep], "action": actions[keep],
                 "gap": time_gap_bucket(sequence_gaps(ts))[keep], "hour": hour_of_day(ts)[keep],
-                "device": np.zeros(n, dtype=np.int64)[keep], "timestamp": ts[keep]}
+                "device": devices[keep], "timestamp": ts[keep]}
 
     def member_vectors_of(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Event ids (one dict of equal-length arrays per member) → member embeddings."""
@@ -215,6 +218,24 @@ class Predictor:
                 times[row, : len(token)] = e["timestamp"]
         inputs = (tokens, lengths, times) if self.uses_time else (tokens, lengths)
         return np.asarray(self._run(*inputs), dtype=np.float32)
+
+
+def _vocab_ids(values: Sequence[str | int] | None, vocab: Sequence[str], default: str, n: int,
+               what: str) -> np.ndarray:
+    """Names or ids of one event attribute → ids (``default`` for every event when absent)."""
+    if values is None:
+        return np.full(n, vocab.index(default), dtype=np.int64)
+    if len(values) != n:
+        raise ValueError(f"history lengths differ: {n} items, {len(values)} {what}")
+    try:
+        ids = np.array([v if isinstance(v, int | np.integer) else vocab.index(v) for v in values],
+                       dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"{what}: unknown name in {list(values)[:5]} (known: "
+                         f"{list(vocab[1:])})") from None
+    if ((ids < 0) | (ids >= len(vocab))).any():
+        raise ValueError(f"{what}: ids must lie in 0..{len(vocab) - 1}")
+    return ids
 
 
 def top_k(scores: np.ndarray, events: Sequence[dict[str, np.ndarray]], k: int,

@@ -31,18 +31,20 @@ from torch import Tensor, nn
 
 from foundation.checksum import sha256
 from foundation.config import config_hash
+from foundation.data.loader import build_loader
 from foundation.data.schema import ACTIONS, DEVICES
 from foundation.distributed.env import init_distributed
 from foundation.eval.run import TrainedRun, load_run
 from foundation.export.bundle import (
     BUNDLE_FORMAT,
     MANIFEST,
+    PARITY_FIELDS,
     PRECISIONS,
     quantise_rows,
     table_file,
 )
 from foundation.models.member import last_states
-from foundation.tasks import all_concat, split_last_event, synchronised
+from foundation.tasks import all_concat, keep_last, split_last_event, synchronised
 from foundation.train import checkpoint
 
 # torch.export and the ONNX exporter log notes meant for their developers (torchvision ops
@@ -193,19 +195,26 @@ def write_member_vectors(run: TrainedRun, root: Path, cfg: DictConfig) -> dict[s
 
 
 def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
-    """Each rank's evaluation histories and the sharded model's member vectors for them."""
+    """Each rank's evaluation histories as a caller holds them (whole, raw catalogue ids,
+    every event attribute) and the sharded model's member vectors for them: the gate serves
+    the raw histories through the predictor's public API, so any difference between the
+    features trained on and the features served fails it."""
     parts: dict[str, list[np.ndarray]] = {}
-    batches = run.batches(cfg.parity_split, cfg.batch_size)
-    for index, (batch, real) in enumerate(synchronised(batches, run.env.world_size)):
+    raw_ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
+    whole = build_loader(run.cfg.data.path, cfg.parity_split, batch_size=cfg.batch_size,
+                         max_len=1 << 30, rank=run.env.rank, world_size=run.env.world_size,
+                         shuffle=False)  # untruncated: gaps are read from the whole history
+    for index, (batch, real) in enumerate(synchronised(whole, run.env.world_size)):
         if index >= cfg.parity_batches:
             break
         history, targets = split_last_event(batch)
-        vectors = run.task.member_vectors(run.model, history)
+        vectors = run.task.member_vectors(run.model, keep_last(history, run.cfg.model.max_len))
         if real:
-            fields = {key: getattr(history, key) for key in ("item", "action", "gap", "hour",
-                                                              "device", "timestamp", "lengths")}
-            for key, value in {**fields, "targets": targets, "vectors": vectors}.items():
-                parts.setdefault(key, []).append(value.numpy())
+            fields = {key: getattr(history, key).numpy() for key in PARITY_FIELDS}
+            fields["item"] = raw_ids[fields["item"]]
+            for key, value in {**fields, "targets": targets.numpy(),
+                               "vectors": vectors.numpy()}.items():
+                parts.setdefault(key, []).append(value)
     if not parts:
         raise ExportError(f"rank {run.env.rank} got no {cfg.parity_split} data for the parity "
                           f"gate; export on fewer ranks or choose another parity_split")

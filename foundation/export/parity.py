@@ -26,6 +26,11 @@ class _Blocker(importlib.abc.MetaPathFinder):
 
 def main(bundle: Path, parity_dir: Path) -> dict:
     sys.meta_path.insert(0, _Blocker())
+    return gate(bundle, parity_dir)
+
+
+def gate(bundle: Path, parity_dir: Path) -> dict:
+    """The report: the bundle serving the recorded raw histories, against the model."""
     import numpy as np
 
     from foundation.export.bundle import load_bundle, top_k
@@ -37,8 +42,9 @@ def main(bundle: Path, parity_dir: Path) -> dict:
         predictor = load_bundle(bundle, backend=backend)
         diffs, same = [], []
         for d in data:
-            events = _events(d)
-            served = predictor.member_vectors_of(events)
+            histories = _histories(d)
+            events = [predictor._events(h) for h in histories]  # for history exclusion
+            served = predictor.member_vectors(histories)
             scores, reference = served @ predictor.catalogue.T, d["vectors"] @ predictor.catalogue.T
             diffs.append(float(np.abs(scores - reference).max()))
             same.extend((top_k(scores, events, 10) == top_k(reference, events, 10)).all(1).tolist())
@@ -55,17 +61,23 @@ def main(bundle: Path, parity_dir: Path) -> dict:
     return report
 
 
-def _events(d):
+def _histories(d) -> list:
+    """The recorded histories as a caller would pass them: ``History`` objects."""
+    from foundation.export.bundle import History
+
     starts = d["lengths"].cumsum() - d["lengths"]
-    keys = ("item", "action", "gap", "hour", "device", "timestamp")
-    return [{k: d[k][s:s + n] for k in keys} for s, n in zip(starts, d["lengths"])]
+    return [History(items=d["item"][s:s + n].tolist(), actions=d["action"][s:s + n].tolist(),
+                    timestamps=d["timestamp"][s:s + n].tolist(),
+                    devices=d["device"][s:s + n].tolist())
+            for s, n in zip(starts, d["lengths"])]
 
 
 def _hits(predictor, d):
-    events = _events(d)
     from foundation.export.bundle import top_k
 
-    top = top_k(predictor.member_vectors_of(events) @ predictor.catalogue.T, events, 10)
+    histories = _histories(d)
+    events = [predictor._events(h) for h in histories]
+    top = top_k(predictor.member_vectors(histories) @ predictor.catalogue.T, events, 10)
     return (top == d["targets"][:, None]).any(1)
 
 

@@ -13,7 +13,7 @@ The model is split the way the whole framework is (ARCHITECTURE.md, "Sparse / de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torchrec import KeyedJaggedTensor
 
 from foundation.data.schema import ACTIONS, DEVICES, NUM_GAP_BUCKETS, NUM_HOURS
+from foundation.models.towers import Modality, TextTowerConfig
 
 # Table names must not shadow nn.ModuleDict attributes (a table named "items" breaks TorchRec).
 ITEM_TABLE = "item_table"
@@ -60,6 +61,14 @@ class MemberModelConfig:
     # (Zhai et al., 2024): SiLU attention weights without softmax normalisation, so how much
     # of the history matters is learnt too, plus learned relative position and time biases.
     attention: str = "softmax"
+    # Item content added to every item's embedding (data/items.py, models/content.py): each
+    # modality's frozen tower vectors, cached per run, through a trained adapter.
+    item_content: list[Modality] = field(default_factory=list)
+    text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+    # In training, an item's ID embedding is replaced by a shared fallback with this
+    # probability, so the model learns to score from content alone (cold start). With
+    # content or id_dropout, items never seen in training always use the fallback.
+    id_dropout: float = 0.0
 
 
 def sharded_items(cfg: MemberModelConfig) -> bool:

@@ -260,6 +260,8 @@ class Trainer:
         row = {"step": step, "split": self.cfg.data.val_split, **note, **result["metrics"]}
         for name, metrics in result["baselines"].items():
             row.update({f"{name}/{k}": v for k, v in metrics.items()})
+        for name, group in result.get("groups", {}).items():  # e.g. cold/hr@10
+            row.update({f"{name}/{k}": v for k, v in group["metrics"].items()})
         self.logger.log(row)
         return result
 

@@ -1,0 +1,202 @@
+"""Item content: the UniSRec reader, item text/vectors into item shards (no pickle, counts
+checked), the towers, and content reaching the member model's item vectors."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from foundation.data.items import iter_items, load_item_content, read_item_text
+from foundation.data.sources import SourceConfig, read_table
+from foundation.data.writer import BuildConfig, build_shards
+
+from foundation.models.towers import MiniLMTextTower, TextTowerConfig, VectorTower
+
+HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+
+
+def _unisrec(root: Path) -> Path:
+    """A 2-user UniSRec directory: user 0 trains on 5 6 7 8, user 1 on 9 5 (item indices)."""
+    root.mkdir()
+    (root / "D.train.inter").write_text(HEADER + "0\t5 6 7\t8\n0\t5 6\t7\n0\t5\t6\n1\t9\t5\n")
+    (root / "D.valid.inter").write_text(HEADER + "0\t5 6 7 8\t10\n1\t9 5\t6\n")
+    (root / "D.test.inter").write_text(HEADER + "0\t5 6 7 8 10\t11\n1\t9 5 6\t12\n")
+    asins = {f"A{i}": i for i in (5, 6, 7, 8, 9, 10, 11, 12, 13)}  # 13: text, no events
+    (root / "D.item2index").write_text("".join(f"{a}\t{i}\n" for a, i in asins.items()))
+    (root / "D.text").write_text("item_id:token\ttext:token_seq\n" + "".join(
+        f"{a}\tproduct number {i}\n" for a, i in asins.items()))
+    (root / "D.user2index").write_text("U0\t0\nU1\t1\n")
+    return root
+
+
+def _item_ids(root: Path) -> list[int]:
+    return np.load(root / "item_ids.npy").tolist()
+
+
+def test_unisrec_directory_keeps_the_files_split_and_its_item_text(tmp_path):
+    source = _unisrec(tmp_path / "uni")
+    table = read_table(source, "unisrec").to_pydict()
+    assert table["member_id"] == [0] * 6 + [1] * 4
+    assert table["item_id"] == [5, 6, 7, 8, 10, 11, 9, 5, 6, 12]
+    manifest = build_shards(BuildConfig(source=SourceConfig(format="unisrec", path=str(source)),
+                                        output=str(tmp_path / "out")))
+    assert manifest["split"] == "leave_one_out"  # split=auto: the files' own
+    from test_data_import import _items
+
+    raw = {m: items for m, items in _items(tmp_path / "out", "train").items()}
+    assert raw == {0: [5, 6, 7, 8], 1: [9, 5]}
+    assert _items(tmp_path / "out", "val") == {0: [5, 6, 7, 8, 10], 1: [9, 5, 6]}
+    assert _items(tmp_path / "out", "test") == {0: [5, 6, 7, 8, 10, 11], 1: [9, 5, 6, 12]}
+    # every item with text is in the catalogue, 13 too (no events: a cold item)
+    assert _item_ids(tmp_path / "out") == [-1, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert manifest["items"]["content"] == {"text": {"items": 9}}
+    ids, texts = load_item_content(tmp_path / "out", manifest, "text")
+    assert ids.tolist() == list(range(1, 10)) and texts[-1] == "product number 13"
+    with pytest.raises(ValueError, match="carry their own leave_one_out split"):
+        build_shards(BuildConfig(source=SourceConfig(format="unisrec", path=str(source)),
+                                 output=str(tmp_path / "o2"), split="member"))
+    (source / "D.valid.inter").write_text(HEADER + "0\t5 7\t10\n1\t9 5\t6\n")
+    with pytest.raises(ValueError, match="user 0's history is not its training sequence"):
+        read_table(source, "unisrec")
+
+
+def test_item_text_and_vectors_go_into_item_shards_without_pickle(tmp_path):
+    (tmp_path / "ev.csv").write_text("member_id,item_id,timestamp\n1,10,1\n1,20,2\n2,30,3\n")
+    (tmp_path / "text.tsv").write_text("item_id:token\ttext:token_seq\n10\ta red film\n"
+                                       "40\tnot played yet\n")
+    from safetensors.numpy import save_file
+
+    save_file({"vectors": np.arange(6, dtype=np.float32).reshape(3, 2),
+               "item_ids": np.array([20, 30, 50])}, str(tmp_path / "vec.safetensors"))
+    source = SourceConfig(format="csv", path=str(tmp_path / "ev.csv"),
+                          item_text_path=str(tmp_path / "text.tsv"),
+                          item_vectors_path=str(tmp_path / "vec.safetensors"))
+    out = tmp_path / "out"
+    manifest = build_shards(BuildConfig(source=source, output=str(out), val_fraction=0,
+                                        test_fraction=0))
+    assert _item_ids(out) == [-1, 10, 20, 30, 40, 50]
+    assert manifest["items"]["content"] == {"text": {"items": 2},
+                                            "vectors": {"items": 3, "dim": 2}}
+    items = {i["item"]: i for i in iter_items(out, manifest)}
+    assert items[1] == {"item": 1, "text": "a red film"} and items[4]["text"] == "not played yet"
+    assert items[3]["vectors"].tolist() == [2.0, 3.0] and "text" not in items[3]
+    # the same matrix as .npy with a row-id list reads the same
+    np.save(tmp_path / "vec.npy", np.arange(6, dtype=np.float32).reshape(3, 2))
+    (tmp_path / "ids.txt").write_text("20\n30\n50\n")
+    again = build_shards(BuildConfig(source=SourceConfig(
+        format="csv", path=str(tmp_path / "ev.csv"), item_text_path=str(tmp_path / "text.tsv"),
+        item_vectors_path=str(tmp_path / "vec.npy"),
+        item_vector_ids_path=str(tmp_path / "ids.txt")), output=str(tmp_path / "npy"),
+        val_fraction=0, test_fraction=0))
+    assert again["items"] == manifest["items"]  # byte-identical shards
+    # a pickle planted in an item shard is refused, never decoded; a lost item is noticed
+    shard = out / manifest["items"]["shards"][0]["path"]
+    with tarfile.open(shard, "a") as tar:
+        data = b"\x80\x04\x95 pickled"
+        info = tarfile.TarInfo("i000000001.pyd")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"unexpected entries \['pyd'\]"):
+        list(iter_items(out, manifest))
+    manifest["items"]["shards"][0]["samples"] += 1
+    build_shards(BuildConfig(source=source, output=str(out), val_fraction=0, test_fraction=0))
+    with pytest.raises(ValueError, match="held 5 items, its manifest says 6"):
+        list(iter_items(out, manifest))
+
+
+def test_bad_item_content_files_fail_naming_the_file_and_line(tmp_path):
+    (tmp_path / "t.tsv").write_text("1\tok\nx2\tbad id\n")
+    with pytest.raises(ValueError, match=r"t\.tsv:2: expected item_id<TAB>text"):
+        read_item_text(tmp_path / "t.tsv")
+    (tmp_path / "t.tsv").write_text("1\tone\n1\tagain\n")
+    with pytest.raises(ValueError, match="item 1 has a second text"):
+        read_item_text(tmp_path / "t.tsv")
+    from foundation.data.items import read_item_vectors
+
+    np.save(tmp_path / "v.npy", np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="item_vector_ids_path"):
+        read_item_vectors(tmp_path / "v.npy")
+    np.save(tmp_path / "v.npy", np.full((2, 3), np.nan, np.float32))
+    (tmp_path / "ids.txt").write_text("1\n2\n")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        read_item_vectors(tmp_path / "v.npy", tmp_path / "ids.txt")
+
+
+def test_the_minilm_tower_embeds_meaning_and_its_top_layers_train():
+    tower = MiniLMTextTower(TextTowerConfig(max_tokens=32, trainable_layers=1))
+    trainable = {n.split(".")[1] for n, p in tower.named_parameters()
+                 if p.requires_grad and n.startswith("layers.")}
+    assert trainable == {"5"} and not tower.word.weight.requires_grad
+    vectors = tower(["a science fiction film about space travel",
+                     "a movie set among the stars, with spaceships",
+                     "soldering iron tips, 10 pack"])
+    assert vectors.shape == (3, 384)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > similarity[0, 2] + 0.2  # meaning, not string overlap
+    vectors.sum().backward()
+    assert tower.layers[5].query.weight.grad.abs().sum() > 0
+    assert tower.layers[4].query.weight.grad is None
+    # padding does not change a text's vector (mask-aware attention and pooling)
+    alone = tower.eval()(["soldering iron tips, 10 pack"])
+    assert torch.allclose(alone[0], vectors[2].detach(), atol=1e-5)
+    assert torch.equal(VectorTower(2)(np.ones((1, 2))), torch.ones(1, 2))
+
+
+def test_content_reaches_item_vectors_and_unseen_or_dropped_ids_use_the_fallback():
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
+
+    from foundation.models.content import ContentAdapter, ItemContent
+    from foundation.models.member import MemberModelConfig
+
+    torch.manual_seed(0)
+    vectors = torch.randn(6, 8)
+    has = torch.tensor([False, True, True, True, True, False])  # item 5: no content
+    content = ItemContent({"text": ContentAdapter(vectors, has, dim=4, dropout=0.0)})
+    counts = torch.tensor([0, 3, 2, 1, 0, 5.0])  # item 4 never seen in training
+    cfg = MemberModelConfig(embedding_dim=4, num_layers=1, num_heads=1, item_table="replicated",
+                            id_dropout=0.5)
+    model = NextItemModel(cfg, PretrainConfig(loss="full_softmax"), counts, content=content)
+    items = torch.arange(6)
+    ids = model.item_table(items)
+    out = model.eval().item_vectors(items, None)
+    adapted = content(items)
+    assert torch.allclose(out[1:4], ids[1:4] + adapted[1:4])
+    assert torch.allclose(out[4], model.fallback + adapted[4])  # cold: fallback + content
+    assert torch.allclose(out[5], ids[5]) and adapted[5].abs().sum() == 0  # no content: ID only
+    # training: about half the ID rows of seen items are swapped for the fallback
+    many = torch.full((4000,), 1)
+    dropped = (model.train().item_vectors(many, None) - adapted[1]).sub(model.fallback).abs()
+    share = (dropped.sum(1) < 1e-6).float().mean().item()
+    assert 0.45 < share < 0.55
+    # the adapter's outputs start at the scale of ID rows, centred on the catalogue
+    assert 0.2 < adapted[1:5].norm(dim=1).mean().item() < 5
+
+
+def test_frozen_content_is_encoded_once_per_run_and_cached(tmp_path, monkeypatch):
+    from foundation.models import content as content_module
+    from foundation.models.towers import Modality
+
+    (tmp_path / "ev.csv").write_text("member_id,item_id,timestamp\n1,10,1\n1,20,2\n")
+    from safetensors.numpy import save_file
+
+    save_file({"vectors": np.eye(3, dtype=np.float32), "item_ids": np.array([10, 20, 30])},
+              str(tmp_path / "vec.safetensors"))
+    manifest = build_shards(BuildConfig(
+        source=SourceConfig(format="csv", path=str(tmp_path / "ev.csv"),
+                            item_vectors_path=str(tmp_path / "vec.safetensors")),
+        output=str(tmp_path / "out"), val_fraction=0, test_fraction=0))
+    args = (Modality.vectors, str(tmp_path / "out"), manifest, 4, TextTowerConfig(),
+            tmp_path / "run" / "content")
+    vectors, has = content_module.content_vectors(*args)
+    assert vectors.tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert has.tolist() == [False, True, True, True]
+    monkeypatch.setattr(content_module, "load_item_content", None)  # must not be read again
+    again, _ = content_module.content_vectors(*args)
+    assert torch.equal(again, vectors)
+    with pytest.raises(ValueError, match="has no item text"):
+        content_module.content_vectors(Modality.text, *args[1:])
