@@ -132,7 +132,9 @@ class Predictor:
         self._internal = {int(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
         self.tables = {key: self._table(f"{key}_table") for key in self.token_features
                        if key != "item"}
+        self.exported_items = len(self.catalogue)  # rows after these came from add_items
         self._run = self._load_program(root / BACKENDS[backend])
+        self._towers: dict[str, Any] = {}
 
     def _table(self, name: str, precision: str = "fp32") -> np.ndarray:
         available = self.manifest["tables"].get(name, {}).get("precisions", [])
@@ -140,6 +142,13 @@ class Predictor:
             raise BundleError(f"{self.root}: table {name!r} has no {precision} copy "
                               f"(exported: {available}); re-export with that precision")
         return dequantise_rows(load_file(self.root / table_file(name, precision)))
+
+    def _program(self, stem: str):
+        """A bundled program (``STEM.pt2`` or ``STEM.onnx``, by backend), loaded once."""
+        if stem not in self._towers:
+            suffix = Path(BACKENDS[self.backend]).suffix
+            self._towers[stem] = self._load_program(self.root / f"{stem}{suffix}")
+        return self._towers[stem]
 
     def _load_program(self, path: Path):
         if self.backend == "onnx":
@@ -178,6 +187,74 @@ class Predictor:
     def member_vectors(self, histories: Sequence[History | Sequence[int]]) -> np.ndarray:
         """Members' embeddings ``[B, D]`` (for an embedding store or the ANN index)."""
         return self.member_vectors_of([self._events(h) for h in histories])
+
+    def add_items(self, items: dict[int, dict[str, Any]]) -> None:
+        """New titles, by catalogue id: ``{id: {"text": "...", "vectors": [...]}}`` (the
+        modalities the model reads). Each is embedded with the bundled towers as the model
+        embeds an item it has no ID row for, joins the scoring catalogue at once
+        (``recommend`` and ``score`` can return it) and the ANN index (``ann_index``)."""
+        clash = [i for i in items if int(i) in self._internal]
+        if clash:
+            raise ValueError(f"add_items: {clash[:5]} already in the catalogue")
+        vectors = self.new_item_vectors(items)
+        start = len(self.catalogue)
+        self.catalogue = np.vstack([self.catalogue, vectors])
+        self.item_ids = np.concatenate([self.item_ids, np.array(list(items), dtype=np.int64)])
+        self._internal.update({int(i): start + k for k, i in enumerate(items)})
+
+    def new_item_vectors(self, items: dict[int, dict[str, Any]]) -> np.ndarray:
+        """Scoring vectors ``[N, D]`` of items described by their content only."""
+        content = self.manifest.get("content")
+        if not content:
+            raise BundleError(f"{self.root} holds an ID-only model: it cannot embed new items "
+                              f"(train with model.item_content=[text] and export again)")
+        modalities = content["modalities"]
+        fallback = load_file(self.root / content["fallback"])["weight"]
+        out = np.repeat(fallback[None].astype(np.float32), len(items), axis=0)
+        for item, given in items.items():
+            unknown = sorted(set(given) - set(modalities))
+            if unknown or not given:
+                raise ValueError(f"add_items: item {item} gives {sorted(given)}; this model "
+                                 f"reads {sorted(modalities)}")
+        for name, spec in modalities.items():
+            rows = [row for row, given in enumerate(items.values()) if name in given]
+            if not rows:
+                continue
+            raw = self._encode(name, spec, [list(items.values())[row][name] for row in rows])
+            adapter = load_file(self.root / spec["adapter"])
+            out[rows] += (raw - adapter["center"]) @ adapter["project"].T
+        return out
+
+    def _encode(self, name: str, spec: dict[str, Any], values: list[Any]) -> np.ndarray:
+        """One modality's raw content → its tower's vectors ``[N, dim]``."""
+        if name != "text":
+            vectors = np.asarray(values, dtype=np.float32).reshape(len(values), -1)
+            if vectors.shape[1] != spec["dim"]:
+                raise ValueError(f"add_items: {name} of {vectors.shape[1]} values, the model "
+                                 f"reads {spec['dim']}")
+            return vectors
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(self.root / spec["tokenizer"]))
+        tower = self._program(spec["program"])
+        out = []
+        for start in range(0, len(values), 64):
+            encoded = tokenizer.encode_batch([str(v) for v in values[start:start + 64]])
+            ids = np.array([e.ids for e in encoded], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+            out.append(np.asarray(tower(ids, mask), dtype=np.float32))
+        return np.concatenate(out)
+
+    def ann_index(self):
+        """The bundle's faiss index, with the items added since loading (id = row - 1)."""
+        import faiss
+
+        if not self.manifest.get("ann"):
+            raise BundleError(f"{self.root} was exported without an ANN index (ann=false)")
+        index = faiss.read_index(str(self.root / self.manifest["ann"]["file"]))
+        index.hnsw.efSearch = self.manifest["ann"]["ef_search"]
+        index.add(np.ascontiguousarray(self.catalogue[self.exported_items:]))
+        return index
 
     # -- internals ----------------------------------------------------------------------
     def _known(self, items: Sequence[int], what: str) -> np.ndarray:

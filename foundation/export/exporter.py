@@ -43,6 +43,8 @@ from foundation.export.bundle import (
     quantise_rows,
     table_file,
 )
+from foundation.export.content import write_content, write_content_parity_inputs
+from foundation.export.programs import export_program
 from foundation.models.member import last_states
 from foundation.tasks import all_concat, keep_last, split_last_event, synchronised
 from foundation.train import checkpoint
@@ -118,6 +120,9 @@ def export_run(cfg: DictConfig) -> Path:
         start = time.time()
         tables = write_tables(run, staging, cfg.precisions)
         write_parity_inputs(run, parity_dir, cfg)
+        if env.is_main:
+            write_content_parity_inputs(run.model.dense_module, run.cfg.data.path,
+                                        run.task.manifest, parity_dir)
         if cfg.member_embeddings:
             tables["member_vectors"] = write_member_vectors(run, staging, cfg)
         env.barrier()
@@ -227,6 +232,7 @@ def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
     write_programs(program, run.cfg.model.embedding_dim, run.cfg.model.max_len, staging)
     ann = write_ann_index(staging) if cfg.ann else None
     manifest = _manifest(run, tables, ann)
+    manifest["content"] = write_content(run.model.dense_module, run.cfg.model, staging)
     _write_manifest(staging, manifest)
     report = run_parity_gate(staging, parity_dir)
     failures = [f"{backend}: max|Δ| {r['max_abs_diff']:.2e} (limit {cfg.max_abs_diff:.0e}), "
@@ -235,6 +241,10 @@ def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
                 for backend, r in report["backends"].items()
                 if r["max_abs_diff"] > cfg.max_abs_diff
                 or r["top10_identical"] < cfg.min_top10_agreement]
+    failures += [f"new items through the {backend} towers: max|Δ| {diff:.2e} (limit "
+                 f"{cfg.max_abs_diff:.0e})"
+                 for backend, diff in report.get("towers", {}).get("max_abs_diff", {}).items()
+                 if diff > cfg.max_abs_diff]
     if failures:
         raise ExportError("parity gate failed, no bundle written: the exported model does "
                           "not compute what was trained — " + "; ".join(failures))
@@ -250,23 +260,13 @@ def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
 
 def write_programs(program: nn.Module, dim: int, max_len: int, root: Path) -> None:
     """``model.pt2`` (torch.export, no pickled entries) and ``model.onnx`` (checked)."""
-    import onnx
-
     longest = min(4, max_len)
     inputs = (torch.randn(3, longest, dim), torch.tensor([longest, 2, 1]),
               torch.randint(0, 1 << 31, (3, longest)))[:len(program.input_names)]
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     seq = torch.export.Dim("seq", min=1, max=max_len)
     shapes = ({0: batch, 1: seq}, {0: batch}, {0: batch, 1: seq})[:len(inputs)]
-    with torch.no_grad():
-        exported = torch.export.export(program, inputs, dynamic_shapes=shapes)
-        exported._example_inputs = None  # else saved as a pickle inside the archive
-        torch.export.save(exported, str(root / "model.pt2"))
-        torch.onnx.export(program, inputs, str(root / "model.onnx"),
-                          input_names=program.input_names, output_names=["member"],
-                          dynamic_shapes=shapes, dynamo=True, verbose=False,
-                          external_data=False)
-    onnx.checker.check_model(onnx.load(str(root / "model.onnx")), full_check=True)
+    export_program(program, inputs, shapes, root / "model", output_name="member")
 
 
 def write_ann_index(root: Path) -> dict[str, Any]:

@@ -58,7 +58,27 @@ def gate(bundle: Path, parity_dir: Path) -> dict:
         result["hr@10_change"] = result["hr@10"] - report["precisions"]["fp32"]["hr@10"]
     if predictor.manifest.get("ann"):
         report["ann"] = _ann_recall(bundle, predictor, data)
+    if (parity_dir / "content.npz").exists():
+        members = np.concatenate([d["vectors"] for d in data])
+        report["towers"] = _tower_parity(bundle, parity_dir / "content.npz", members)
     return report
+
+
+def _tower_parity(bundle: Path, path: Path, members) -> dict:
+    """Items embedded as new ones through the bundled towers (both backends), scored for the
+    recorded members, against the training model's vectors for the same text."""
+    import numpy as np
+
+    from foundation.export.bundle import load_bundle
+
+    saved = dict(np.load(path, allow_pickle=False))
+    items = {int(i): {"text": str(t)} for i, t in zip(saved["raw_ids"], saved["texts"])}
+    reference = members @ saved["vectors"].T
+    diffs = {}
+    for backend in ("torch", "onnx"):
+        served = load_bundle(bundle, backend=backend).new_item_vectors(items)
+        diffs[backend] = float(np.abs(members @ served.T - reference).max())
+    return {"items": len(items), "members": len(members), "max_abs_diff": diffs}
 
 
 def _histories(d) -> list:
