@@ -22,7 +22,13 @@ def group_options():
 
 
 @pytest.mark.parametrize(("group", "option"), list(group_options()))
-def test_every_group_option_composes_and_builds(group, option, tmp_path):
+def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeypatch):
+    # Item content comes from the data's item shards: stand in 384-d vectors for every item.
+    import foundation.tasks
+
+    monkeypatch.setattr(foundation.tasks, "content_vectors",
+                        lambda *args: (torch.randn(101, 384, device="cpu"),
+                                       torch.ones(101, dtype=torch.bool, device="cpu")))
     overrides = [f"data.path={tmp_path}", f"run_dir={tmp_path}/run"]
     if group == "experiment":
         overrides.append(f"+experiment={option}")
@@ -43,6 +49,8 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path):
     holder = sparse if cfg.model.item_table == "sharded" else dense
     shapes = {name: tuple(p.shape) for name, p in holder.named_parameters()}
     assert (101, cfg.model.embedding_dim) in [shapes[k] for k in shapes if "item_table" in k]
+    if cfg.model.item_content:
+        assert set(dense.content.adapters) == {str(m.value) for m in cfg.model.item_content}
 
 
 @pytest.mark.parametrize("name", ["data_synth", "data_build", "eval", "export"])
