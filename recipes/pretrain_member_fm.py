@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
@@ -27,6 +29,14 @@ from foundation.models.towers import Modality
 from foundation.tasks import Task, all_concat, all_max, split_last_event, synchronised
 
 
+class Similarity(str, Enum):
+    """How a member state scores an item: ``dot`` product, or ``cosine`` divided by
+    ``recipe.temperature`` in the loss (rankings only need the item vectors normalised)."""
+
+    dot = "dot"
+    cosine = "cosine"
+
+
 @dataclass
 class PretrainConfig:
     name: str = "pretrain_member_fm"
@@ -37,6 +47,8 @@ class PretrainConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     exclude_history: bool = True  # full ranking without the items already in the history
     sampled_negatives: int = 0  # also rank among N seeded random items (0: off), as some papers
+    similarity: Similarity = Similarity.dot
+    temperature: float = 0.07  # cosine only: logits are cosines / temperature
 
 
 class NextItemModel(nn.Module):
@@ -74,24 +86,34 @@ class NextItemModel(nn.Module):
             vectors = vectors + self.attributes(items)
         return vectors if self.content is None else vectors + self.content(items)
 
+    def scoring(self, vectors: Tensor) -> Tensor:
+        """Member states or item vectors as they enter a score (unit length for cosine)."""
+        cosine = Similarity(self.recipe.similarity) == Similarity.cosine
+        return F.normalize(vectors, dim=-1) if cosine else vectors
+
     def forward(self, batch, emb: dict[str, Tensor], negatives: Tensor | None = None,
                 mode: str = "train") -> Tensor:
-        """``train``: the loss; ``encode``: each row's last state; ``items``: the vectors of
-        ``negatives`` (the catalogue, for scoring)."""
-        if mode == "items":
-            return self.item_vectors(negatives, emb.get("negative"))
+        """``train``: the loss; ``encode``: each row's member vector; ``items``: the scoring
+        vectors of ``negatives`` (the catalogue); ``tokens``: their vectors as event inputs."""
+        if mode in ("items", "tokens"):
+            vectors = self.item_vectors(negatives, emb.get("negative"))
+            return self.scoring(vectors) if mode == "items" else vectors
         emb = {**emb, "item": self.item_vectors(batch.item, emb.get("item"))}
         states, mask = self.encoder(emb, batch.lengths, newest_is_target=mode == "train",
                                    timestamps=batch.timestamp)
         if mode == "encode":
-            return last_states(states, mask)
+            return self.scoring(last_states(states, mask))
         query_index, target_index = next_item_pairs(states, mask, batch.lengths)
         queries, targets = states.flatten(0, 1)[query_index], batch.item[target_index]
-        negative_vectors = self.item_vectors(negatives, emb.get("negative"))
+        queries = self.scoring(queries)
+        if Similarity(self.recipe.similarity) == Similarity.cosine:
+            queries = queries / self.recipe.temperature
+        negative_vectors = self.scoring(self.item_vectors(negatives, emb.get("negative")))
         if self.recipe.loss == "full_softmax":  # negatives: every item 1..V-1, in order
             return full_softmax_loss(queries, targets, negative_vectors)
         return sampled_softmax_loss(
-            queries, targets, emb["item"][target_index], negatives, negative_vectors,
+            queries, targets, self.scoring(emb["item"][target_index]), negatives,
+            negative_vectors,
             log_item_prob=self.log_item_prob if self.recipe.logq_correction else None,
             in_batch=self.recipe.in_batch_negatives)
 
@@ -120,11 +142,12 @@ class PretrainMemberFM(Task):
         return kjt, {"negatives": negatives}
 
     @torch.no_grad()
-    def catalogue_vectors(self, model) -> Tensor:
-        """Every item's scoring vector ``[V, D]`` (table row + side features); collective."""
+    def catalogue_vectors(self, model, mode: str = "items") -> Tensor:
+        """Every item's scoring vector ``[V, D]`` (table row + side features + content), or
+        with ``mode="tokens"`` its vector as an event input; collective."""
         everything = torch.arange(self.num_items)
         looked_up = {"negative": model.catalogue()} if self.sharded_items else {}
-        return model.dense(None, looked_up, everything, mode="items")
+        return model.dense(None, looked_up, everything, mode=mode)
 
     @torch.no_grad()
     def member_vectors(self, model, history) -> Tensor:

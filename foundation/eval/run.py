@@ -48,7 +48,7 @@ def load_run(run_dir: Path, which: str, env: DistEnv) -> TrainedRun:
         raise FileNotFoundError(f"{run_dir}/config.yaml not found: run_dir must be a training "
                                 f"run directory (the run_dir=... given to `foundation train`)")
     path = checkpoint.resolve(run_dir, which)
-    train_cfg = OmegaConf.load(run_dir / "config.yaml")
+    train_cfg = read_run_config(run_dir)
     from foundation.train.trainer import build_task
 
     task = build_task(train_cfg)
@@ -58,6 +58,23 @@ def load_run(run_dir: Path, which: str, env: DistEnv) -> TrainedRun:
     checkpoint.load_dense(path, model.dense_module)
     model.train(False)
     return TrainedRun(train_cfg, task, model, path, env)
+
+
+def read_run_config(run_dir: Path) -> DictConfig:
+    """A run's resolved config over the current schemas: keys added to the framework since
+    the run was trained take their defaults (which keep the old behaviour)."""
+    from foundation.config import TrainConfig
+    from foundation.recipes import RECIPES
+
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    recipe = RECIPES.get(saved.recipe.name)
+    if recipe is None:
+        raise ValueError(f"{run_dir} was trained with recipe {saved.recipe.name!r}, which this "
+                         f"version does not have (recipes: {sorted(RECIPES)})")
+    schema = OmegaConf.structured(TrainConfig)
+    schema.recipe = OmegaConf.structured(recipe.config_class)
+    merged = OmegaConf.merge(schema, saved)
+    return OmegaConf.create(OmegaConf.to_container(merged, resolve=True))
 
 
 def evaluate_run(cfg: DictConfig) -> dict[str, Any]:

@@ -127,7 +127,11 @@ class Predictor:
         self.max_len, self.token_features = model["max_len"], model["token_features"]
         self.item_scale = float(model.get("item_scale", 1.0))
         self.uses_time = "timestamps" in self.manifest["inputs"]
-        self.catalogue = self._table("item_vectors", precision)
+        # Items enter event tokens as their vectors; scores use them unit-length when the
+        # model scores by cosine (manifest.model.similarity).
+        self.token_vectors = self._table("item_vectors", precision)
+        self.cosine = model.get("similarity", "dot") == "cosine"
+        self.catalogue = self._scoring(self.token_vectors)
         self.item_ids = load_file(root / table_file("item_ids"))["ids"]
         self._internal = {int(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
         self.tables = {key: self._table(f"{key}_table") for key in self.token_features
@@ -198,12 +202,19 @@ class Predictor:
             raise ValueError(f"add_items: {clash[:5]} already in the catalogue")
         vectors = self.new_item_vectors(items)
         start = len(self.catalogue)
-        self.catalogue = np.vstack([self.catalogue, vectors])
+        self.token_vectors = np.vstack([self.token_vectors, vectors])
+        self.catalogue = np.vstack([self.catalogue, self._scoring(vectors)])
         self.item_ids = np.concatenate([self.item_ids, np.array(list(items), dtype=np.int64)])
         self._internal.update({int(i): start + k for k, i in enumerate(items)})
 
+    def _scoring(self, vectors: np.ndarray) -> np.ndarray:
+        if not self.cosine:
+            return vectors
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
     def new_item_vectors(self, items: dict[int, dict[str, Any]]) -> np.ndarray:
-        """Scoring vectors ``[N, D]`` of items described by their content only."""
+        """Vectors ``[N, D]`` of items described by their content only (as event inputs;
+        scoring uses them unit-length under cosine similarity)."""
         content = self.manifest.get("content")
         if not content:
             raise BundleError(f"{self.root} holds an ID-only model: it cannot embed new items "
@@ -283,11 +294,11 @@ class Predictor:
     def member_vectors_of(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Event ids (one dict of equal-length arrays per member) → member embeddings."""
         lengths = np.array([len(e["item"]) for e in events], dtype=np.int64)
-        dim = self.catalogue.shape[1]
+        dim = self.token_vectors.shape[1]
         tokens = np.zeros((len(events), int(lengths.max()), dim), dtype=np.float32)
         times = np.zeros(tokens.shape[:2], dtype=np.int64)
         for row, e in enumerate(events):
-            token = self.catalogue[e["item"]] * np.float32(self.item_scale)
+            token = self.token_vectors[e["item"]] * np.float32(self.item_scale)
             for key, table in self.tables.items():
                 token += table[e[key]]
             tokens[row, : len(token)] = token

@@ -83,7 +83,7 @@ def write_content_parity_inputs(dense: nn.Module, data_path: str, manifest: dict
     ids, texts = load_item_content(data_path, manifest, "text")
     pick = np.linspace(0, len(ids) - 1, min(PARITY_ITEMS, len(ids))).astype(np.int64)
     items = torch.as_tensor(ids[pick])
-    vectors = dense.fallback + content.adapters["text"](items)
+    vectors = dense.scoring(dense.fallback + content.adapters["text"](items))
     raw = np.load(Path(data_path) / "item_ids.npy", allow_pickle=False)
     np.savez(root / "content.npz", raw_ids=raw[ids[pick]], texts=np.array([texts[i] for i in pick]),
              vectors=vectors.numpy())

@@ -78,18 +78,20 @@ class ExportConfig:
 class MemberEncoderProgram(nn.Module):
     """The exported path: summed event tokens ``[B, L, D]`` (rows left-aligned), their
     lengths ``[B]`` and, for encoders that read time, the events' unix seconds ``[B, L]`` →
-    member embeddings ``[B, D]``. Scores are ``member · item_vectors``."""
+    member embeddings ``[B, D]`` (unit length with ``normalise``, for cosine scoring).
+    Scores are ``member · item_vectors`` (item vectors unit length for cosine)."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, encoder: nn.Module, normalise: bool = False):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.normalise = encoder, normalise
 
     def forward(self, tokens: Tensor, lengths: Tensor, timestamps: Tensor | None = None
                 ) -> Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
-        return last_states(self.encoder.encode_padded(tokens, mask, timestamps=timestamps),
-                           mask)
+        member = last_states(self.encoder.encode_padded(tokens, mask, timestamps=timestamps),
+                             mask)
+        return torch.nn.functional.normalize(member, dim=-1) if self.normalise else member
 
     @property
     def input_names(self) -> list[str]:
@@ -172,7 +174,7 @@ def write_tables(run: TrainedRun, root: Path, precisions: list[str]) -> dict[str
     for name, module in dense.named_modules():
         if isinstance(module, nn.Embedding | nn.EmbeddingBag) and run.env.is_main:
             write(name.replace(".", "_") or "table", module.weight.detach().numpy())
-    catalogue = run.task.catalogue_vectors(run.model)  # collective
+    catalogue = run.task.catalogue_vectors(run.model, mode="tokens")  # collective
     if run.env.is_main:
         write("item_vectors", catalogue.numpy())
         ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
@@ -228,9 +230,10 @@ def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
 
 def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
             tables: dict[str, Any], output: Path) -> dict[str, Any]:
-    program = MemberEncoderProgram(run.model.dense_module.encoder).eval()
+    cosine = run.cfg.recipe.get("similarity", "dot") == "cosine"
+    program = MemberEncoderProgram(run.model.dense_module.encoder, normalise=cosine).eval()
     write_programs(program, run.cfg.model.embedding_dim, run.cfg.model.max_len, staging)
-    ann = write_ann_index(staging) if cfg.ann else None
+    ann = write_ann_index(staging, normalise=cosine) if cfg.ann else None
     manifest = _manifest(run, tables, ann)
     manifest["content"] = write_content(run.model.dense_module, run.cfg.model, staging)
     _write_manifest(staging, manifest)
@@ -269,8 +272,9 @@ def write_programs(program: nn.Module, dim: int, max_len: int, root: Path) -> No
     export_program(program, inputs, shapes, root / "model", output_name="member")
 
 
-def write_ann_index(root: Path) -> dict[str, Any]:
-    """An HNSW inner-product index over the item vectors (id = row = internal item id)."""
+def write_ann_index(root: Path, normalise: bool = False) -> dict[str, Any]:
+    """An HNSW inner-product index over the item scoring vectors (unit length with
+    ``normalise``: cosine similarity); faiss id = internal item id - 1."""
     try:
         import faiss
     except ImportError as err:
@@ -279,6 +283,8 @@ def write_ann_index(root: Path) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
     vectors = load_file(root / table_file("item_vectors"))["weight"]
+    if normalise:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction, index.hnsw.efSearch = 200, 128
     index.add(np.ascontiguousarray(vectors[1:]))  # row 0 is padding: faiss id = item id - 1
@@ -320,7 +326,8 @@ def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | Non
         "model": {"embedding_dim": model_cfg.embedding_dim, "max_len": model_cfg.max_len,
                   "num_items": run.task.num_items, "item_table": model_cfg.item_table,
                   "token_features": list(encoder.token_features),
-                  "item_scale": model_cfg.item_scale},
+                  "item_scale": model_cfg.item_scale,
+                  "similarity": str(run.cfg.recipe.get("similarity", "dot"))},
         "inputs": {"tokens": {"dtype": "float32", "shape": ["batch", "seq",
                                                             model_cfg.embedding_dim],
                               "meaning": "per event: item_scale · item_vectors[item] + "

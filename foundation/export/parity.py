@@ -73,10 +73,11 @@ def _tower_parity(bundle: Path, path: Path, members) -> dict:
 
     saved = dict(np.load(path, allow_pickle=False))
     items = {int(i): {"text": str(t)} for i, t in zip(saved["raw_ids"], saved["texts"])}
-    reference = members @ saved["vectors"].T
+    reference = members @ saved["vectors"].T  # the model's scoring vectors of these items
     diffs = {}
     for backend in ("torch", "onnx"):
-        served = load_bundle(bundle, backend=backend).new_item_vectors(items)
+        predictor = load_bundle(bundle, backend=backend)
+        served = predictor._scoring(predictor.new_item_vectors(items))
         diffs[backend] = float(np.abs(members @ served.T - reference).max())
     return {"items": len(items), "members": len(members), "max_abs_diff": diffs}
 
