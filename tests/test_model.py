@@ -1,5 +1,7 @@
 """The member model's building blocks: exact causality and correct losses."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -204,3 +206,30 @@ def test_pointwise_attention_biases_by_relative_position_and_time():
     assert layer.position_bias.weight.grad[:6].abs().sum(1).min() > 0  # every distance seen
     with pytest.raises(ValueError, match="model.attention='linear' is unknown"):
         EventEncoder(MemberModelConfig(attention="linear"))
+
+
+def test_cosine_similarity_scores_unit_vectors_and_divides_the_loss_by_the_temperature():
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
+
+    torch.manual_seed(0)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, item_table="replicated")
+    batch = make_batch([5, 3])
+    sparse = SparseArch(50, 16, with_items=False)
+    emb = sparse(sparse_features(batch, with_items=False))
+    losses = {}
+    for similarity, temperature in (("dot", 1.0), ("cosine", 1.0), ("cosine", 0.05)):
+        torch.manual_seed(1)
+        recipe = PretrainConfig(loss="full_softmax", similarity=similarity,
+                                temperature=temperature)
+        model = NextItemModel(cfg, recipe, torch.ones(50)).eval()
+        losses[(similarity, temperature)] = model(batch, emb, negatives=torch.arange(1, 50)).item()
+        members = model(batch, emb, mode="encode")
+        items = model(None, {}, torch.arange(50), mode="items")
+        tokens = model(None, {}, torch.arange(50), mode="tokens")
+        unit = similarity == "cosine"
+        assert torch.allclose(members.norm(dim=1), torch.ones(2), atol=1e-5) == unit
+        assert torch.allclose(items[1:].norm(dim=1), torch.ones(49), atol=1e-5) == unit
+        assert torch.allclose(tokens, model.item_table.weight)  # inputs are never normalised
+    # cosines lie in [-1, 1]: at temperature 1 the softmax is nearly flat, a low one sharpens it
+    assert abs(losses[("cosine", 1.0)] - math.log(49)) < 0.1
+    assert losses[("cosine", 0.05)] != pytest.approx(losses[("cosine", 1.0)], abs=0.1)
