@@ -27,8 +27,14 @@ def _summary(verb: str, output: str, manifest: dict[str, Any]) -> str:
     splits = ", ".join(f"{name} {s['samples']} samples/{len(s['shards'])} shards"
                        for name, s in manifest["splits"].items())
     totals = manifest["totals"]
+    content = ", ".join(f"{kind} for {c['items']} items"
+                        for kind, c in (manifest.get("items") or {}).get("content", {}).items())
+    cold = (manifest.get("cold_items") or {}).get("count", 0)
+    extra = (f"; item content: {content}" if content else "") + (
+        f"; {cold} cold items held out of train/val" if cold else "")
     return (f"{verb} {totals['members']} members, {totals['events']} events, "
-            f"{totals['items']} items, {totals['impressions']} impressions → {output} ({splits})")
+            f"{totals['items']} items, {totals['impressions']} impressions → {output} "
+            f"({splits}{extra})")
 
 
 def run_synth(cfg: DictConfig | SynthCommandConfig) -> int:
