@@ -204,7 +204,8 @@ class PretrainMemberFM(Task):
             result["groups"] = {group: {
                 "metrics": {**rank_metrics(ranks["model"][users], ks), "users": float(users.sum())},
                 "baselines": {name: rank_metrics(ranks[name][users], ks) for name in baselines}}
-                for group, users in (("cold", is_cold), ("warm", ~is_cold))}
+                for group, users in (("cold", is_cold), ("warm", ~is_cold))
+                if users.any()}  # validation holds no cold targets: the build removed them
         return result
 
     def baseline_scorers(self) -> dict[str, Callable[[SequenceBatch, torch.Size], Tensor]]:
