@@ -109,13 +109,16 @@ class NextItemModel(nn.Module):
         if Similarity(self.recipe.similarity) == Similarity.cosine:
             queries = queries / self.recipe.temperature
         negative_vectors = self.scoring(self.item_vectors(negatives, emb.get("negative")))
+        # A model that can score new items from their content must not learn, as negatives,
+        # the items training never shows: it would learn to bury exactly the cold ones.
+        absent = ~self.seen if self.fallback is not None else None
         if self.recipe.loss == "full_softmax":  # negatives: every item 1..V-1, in order
-            return full_softmax_loss(queries, targets, negative_vectors)
+            return full_softmax_loss(queries, targets, negative_vectors, absent)
         return sampled_softmax_loss(
             queries, targets, self.scoring(emb["item"][target_index]), negatives,
             negative_vectors,
             log_item_prob=self.log_item_prob if self.recipe.logq_correction else None,
-            in_batch=self.recipe.in_batch_negatives)
+            in_batch=self.recipe.in_batch_negatives, absent=absent)
 
 
 COLD_GROUP = "group_cold"  # in the ranks: whether each user's target is a cold item

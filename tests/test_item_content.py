@@ -200,3 +200,33 @@ def test_frozen_content_is_encoded_once_per_run_and_cached(tmp_path, monkeypatch
     assert torch.equal(again, vectors)
     with pytest.raises(ValueError, match="has no item text"):
         content_module.content_vectors(Modality.text, *args[1:])
+
+
+def test_items_training_never_shows_are_not_negatives_of_a_content_model():
+    """Cold items are always absent from training: as negatives the model would learn to
+    bury exactly them (their content included). Changing them leaves the loss unchanged."""
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
+    from test_model import make_batch
+
+    from foundation.models.content import ContentAdapter, ItemContent
+    from foundation.models.member import MemberModelConfig
+
+    torch.manual_seed(0)
+    batch = make_batch([5, 4])  # items 1..49
+    counts = torch.ones(50)
+    counts[40:] = 0  # never in training
+    batch.item = batch.item.clamp(max=39)
+    cfg = MemberModelConfig(embedding_dim=8, num_layers=1, num_heads=1, item_table="replicated",
+                            context_features=False)
+    vectors = torch.randn(50, 6)
+    for loss in ("full_softmax", "sampled_softmax"):
+        content = ItemContent({"text": ContentAdapter(vectors.clone(), torch.ones(50).bool(), 8,
+                                                      0.0)})
+        model = NextItemModel(cfg, PretrainConfig(loss=loss), counts, content=content).eval()
+        emb = {k: torch.zeros(len(batch.item), 8) for k in ("action", "gap")}
+        before = model(batch, emb, negatives=torch.arange(1, 50))
+        content.adapters["text"].vectors[40:] += 10.0  # change only the unseen items
+        after = model(batch, emb, negatives=torch.arange(1, 50))
+        assert torch.allclose(before, after), loss
+        content.adapters["text"].vectors[5] += 10.0  # a seen item does count
+        assert not torch.allclose(after, model(batch, emb, negatives=torch.arange(1, 50)))

@@ -25,7 +25,7 @@ def next_item_pairs(states: Tensor, mask: Tensor, lengths: Tensor) -> tuple[Tens
 def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor,
                          negative_ids: Tensor, negative_emb: Tensor,
                          log_item_prob: Tensor | None, in_batch: bool = True,
-                         temperature: float = 1.0) -> Tensor:
+                         temperature: float = 1.0, absent: Tensor | None = None) -> Tensor:
     """Softmax over {the target} ∪ in-batch targets ∪ shared negatives.
 
     ``log_item_prob`` (log popularity over items) enables logQ correction: each candidate's
@@ -49,11 +49,18 @@ def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor
         logits = logits - log_q[cand_ids]
         pos_logit = pos_logit - log_q[target_ids].unsqueeze(-1)
     logits = logits.masked_fill(cand_ids.unsqueeze(0) == target_ids.unsqueeze(1), float("-inf"))
+    if absent is not None:  # items left out of training ([V] bool) are never negatives
+        logits = logits.masked_fill(absent[cand_ids].unsqueeze(0), float("-inf"))
     full = torch.cat([pos_logit, logits], dim=1)
     return F.cross_entropy(full, torch.zeros_like(target_ids))
 
 
-def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor) -> Tensor:
+def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor,
+                      absent: Tensor | None = None) -> Tensor:
     """Cross-entropy over the whole catalogue; ``catalogue`` holds items 1..V-1 in order (id 0
-    is padding). The limit of the sampled loss, without its candidate bookkeeping."""
-    return F.cross_entropy(queries @ catalogue.T, target_ids - 1)
+    is padding). The limit of the sampled loss, without its candidate bookkeeping.
+    ``absent`` ([V] bool) leaves items out of the softmax (never a training target)."""
+    logits = queries @ catalogue.T
+    if absent is not None:
+        logits = logits.masked_fill(absent[1:], float("-inf"))
+    return F.cross_entropy(logits, target_ids - 1)
