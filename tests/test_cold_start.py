@@ -25,7 +25,7 @@ def runs(cold_world, tmp_path_factory):
     common = [f"data.path={cold_world}", "trainer.eval_every=0", "trainer.eval_batches=2", *FAST]
     foundation("train", "--nproc=2", f"run_dir={root / 'text'}", "trainer.max_steps=250",
                "model.item_content=[text]", "model.id_dropout=0.3", *common)
-    foundation("train", f"run_dir={root / 'ids'}", "trainer.max_steps=150", *common)
+    foundation("train", f"run_dir={root / 'ids'}", "trainer.max_steps=60", *common)
     for run in ("text", "ids"):
         foundation("eval", f"run_dir={root / run}", "split=test")
     return root
