@@ -41,9 +41,13 @@ def build_tower(modality: Modality, manifest: dict[str, Any], text: TextTowerCon
     return VectorTower(int(manifest["items"]["content"]["vectors"]["dim"]))
 
 
-def _fingerprint(tower: ItemTower, manifest: dict[str, Any]) -> str:
+def _fingerprint(modality: Modality, manifest: dict[str, Any], text: TextTowerConfig) -> str:
+    """What the cached vectors depend on: the tower and the item shards (known without
+    loading the tower's weights, so a cache hit costs no model load)."""
+    tower = (MiniLMTextTower.fingerprint_of(text) if modality == Modality.text
+             else f"vectors-{manifest['items']['content']['vectors']['dim']}")
     shards = [s["sha256"] for s in manifest["items"]["shards"]]
-    return hashlib.sha256(json.dumps([tower.fingerprint, shards]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([tower, shards]).encode()).hexdigest()[:16]
 
 
 def _world() -> tuple[int, int]:
@@ -70,14 +74,14 @@ def content_vectors(modality: Modality, data_path: str, manifest: dict[str, Any]
                          f"item {modality.value}: build the shards with "
                          f"source.item_{modality.value}_path=... or drop it from "
                          f"model.item_content")
-    tower = build_tower(modality, manifest, text)
-    key = _fingerprint(tower, manifest)
+    key = _fingerprint(modality, manifest, text)
     cache = cache_dir / f"{modality.value}.safetensors" if cache_dir is not None else None
     from safetensors.torch import load_file, save_file
 
     if _agree(cache is not None and _cached(cache) == key):
         saved = load_file(str(cache))
         return saved["vectors"], saved["has"].bool()
+    tower = build_tower(modality, manifest, text)
     rank, world = _world()
     ids, values = load_item_content(data_path, manifest, modality.value)
     mine = np.arange(rank, len(ids), world)  # each rank encodes a slice of the catalogue

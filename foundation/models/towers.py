@@ -130,7 +130,7 @@ class MiniLMTextTower(ItemTower):
             tokenizer = archive.read("tokenizer.json").decode()
         shape = BertShape(**{k: config[k] for k in BertShape.__dataclass_fields__})
         self.cfg, self.out_dim = cfg, shape.hidden_size
-        self.fingerprint = f"all-MiniLM-L6-v2-{cfg.max_tokens}"
+        self.fingerprint = self.fingerprint_of(cfg)
         self.word = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.position = nn.Embedding(shape.max_position_embeddings, shape.hidden_size)
         self.token_type = nn.Embedding(shape.type_vocab_size, shape.hidden_size)
@@ -139,6 +139,10 @@ class MiniLMTextTower(ItemTower):
         self._load(weights)
         self._tokenizer_json = tokenizer
         self.freeze_below(shape.num_hidden_layers - cfg.trainable_layers)
+
+    @staticmethod
+    def fingerprint_of(cfg: TextTowerConfig) -> str:
+        return f"all-MiniLM-L6-v2-{cfg.max_tokens}"
 
     def _load(self, data: bytes) -> None:
         from safetensors.torch import load
