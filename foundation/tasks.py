@@ -75,6 +75,30 @@ class Task:
                                                             dtype=torch.float32)
         return baselines
 
+    @functools.cached_property
+    def frozen_text_vectors(self) -> Tensor | None:
+        """Every item's frozen text-tower vector, where the data has item text and the run
+        reads it or has cold items (collective the first time, cached in the run dir like the
+        model's own content)."""
+        items = self.manifest.get("items") or {}
+        reads_text = Modality.text in [Modality(m) for m in self.cfg.model.item_content]
+        if "text" not in items.get("content", {}) or not (reads_text or self.cold_items is not None):
+            return None  # a content baseline for runs that study content or cold items
+        vectors, _ = content_vectors(Modality.text, self.cfg.data.path, self.manifest,
+                                     self.num_items, self.cfg.model.text_tower,
+                                     Path(self.cfg.run_dir) / CACHE_DIR)
+        return vectors
+
+    @functools.cached_property
+    def cold_items(self) -> Tensor | None:
+        """``[V]`` bool: the items the build held out of training (None without any)."""
+        if not (self.manifest.get("cold_items") or {}).get("count"):
+            return None
+        path = Path(self.cfg.data.path) / self.manifest["files"]["cold_items"]
+        cold = torch.zeros(self.num_items, dtype=torch.bool)
+        cold[torch.as_tensor(np.load(path, allow_pickle=False))] = True
+        return cold
+
     # -- model -----------------------------------------------------------------------
     def build_sparse(self, device: torch.device) -> nn.Module:
         return SparseArch(self.num_items, self.cfg.model.embedding_dim, device,

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
 from foundation.eval.metrics import rank_metrics, sampled_ranks, target_ranks, top_k_items
-from foundation.models.content import CACHE_DIR, ItemContent, content_vectors
+from foundation.models.content import ItemContent
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
     EventEncoder,
@@ -25,7 +22,6 @@ from foundation.models.member import (
     sharded_items,
     sparse_features,
 )
-from foundation.models.towers import Modality
 from foundation.tasks import Task, all_concat, all_max, split_last_event, synchronised
 
 
@@ -224,30 +220,6 @@ class PretrainMemberFM(Task):
                 return mean @ text.T
             scorers["content_knn"] = content_knn
         return scorers
-
-    @functools.cached_property
-    def frozen_text_vectors(self) -> Tensor | None:
-        """Every item's frozen text-tower vector, where the data has item text and the run
-        reads it or has cold items (collective the first time, cached in the run dir like the
-        model's own content)."""
-        items = self.manifest.get("items") or {}
-        reads_text = Modality.text in [Modality(m) for m in self.cfg.model.item_content]
-        if "text" not in items.get("content", {}) or not (reads_text or self.cold_items is not None):
-            return None  # a content baseline for runs that study content or cold items
-        vectors, _ = content_vectors(Modality.text, self.cfg.data.path, self.manifest,
-                                     self.num_items, self.cfg.model.text_tower,
-                                     Path(self.cfg.run_dir) / CACHE_DIR)
-        return vectors
-
-    @functools.cached_property
-    def cold_items(self) -> Tensor | None:
-        """``[V]`` bool: the items the build held out of training (None without any)."""
-        if not (self.manifest.get("cold_items") or {}).get("count"):
-            return None
-        path = Path(self.cfg.data.path) / self.manifest["files"]["cold_items"]
-        cold = torch.zeros(self.num_items, dtype=torch.bool)
-        cold[torch.as_tensor(np.load(path, allow_pickle=False))] = True
-        return cold
 
     def _excluded(self, history, shape) -> Tensor:
         exclude = torch.zeros(shape, dtype=torch.bool)
