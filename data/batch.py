@@ -9,19 +9,15 @@ import torch
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-EVENT_KEYS: tuple[str, ...] = ("item", "action", "gap", "hour", "device")
-
 
 @dataclass
 class SequenceBatch:
     sample_ids: Tensor  # [B] int64 (meta.json sample_id)
     lengths: Tensor  # [B] int64 events per row after truncation
     item: Tensor  # [sum(lengths)] int64 jagged values, time order within each row
-    action: Tensor  # [sum(lengths)]
-    gap: Tensor  # [sum(lengths)] time_gap_bucket of each event's gap to the previous one
-    hour: Tensor  # [sum(lengths)]
-    device: Tensor  # [sum(lengths)]
-    timestamp: Tensor  # [sum(lengths)]
+    timestamp: Tensor  # [sum(lengths)] unix seconds
+    # [sum(lengths)] ids of each event feature of the dataset's schema (data/schema.py), by name
+    events: dict[str, Tensor]
     candidates: Tensor | None = None  # ranking mode: [sum(candidate_lengths)] impression items
     candidate_lengths: Tensor | None = None  # [B]
     labels: Tensor | None = None  # [sum(candidate_lengths)] float32 0/1
@@ -37,18 +33,22 @@ class SequenceBatch:
         """[B+1] row starts into the jagged values (a zero, then the cumulative lengths)."""
         return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
 
-    def kjt(self, keys: Sequence[str] = EVENT_KEYS) -> KeyedJaggedTensor:
-        """The event features as one KeyedJaggedTensor; every key shares ``lengths``."""
-        keys = list(keys)
-        values = torch.cat([getattr(self, k) for k in keys])
+    def jagged(self, key: str) -> Tensor:
+        """The jagged values of ``item``, ``timestamp`` or an event feature."""
+        return self.events[key] if key in self.events else getattr(self, key)
+
+    def kjt(self, keys: Sequence[str] | None = None) -> KeyedJaggedTensor:
+        """Items and event features as one KeyedJaggedTensor; every key shares ``lengths``."""
+        keys = list(keys) if keys is not None else ["item", *self.events]
+        values = torch.cat([self.jagged(k) for k in keys])
         lengths = self.lengths.repeat(len(keys))
         return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
 
     def _map(self, fn) -> SequenceBatch:
-        """``fn`` applied to every tensor field (absent ones and counters stay as they are)."""
+        """``fn`` applied to every tensor (absent ones and counters stay as they are)."""
         changes = {f.name: fn(getattr(self, f.name)) for f in fields(self)
                    if isinstance(getattr(self, f.name), Tensor)}
-        return replace(self, **changes)
+        return replace(self, **changes, events={k: fn(v) for k, v in self.events.items()})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SequenceBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from foundation.data.batch import SequenceBatch
-from foundation.data.schema import hour_of_day, sequence_gaps, time_gap_bucket
+from foundation.data.schema import EventSchema
 from foundation.data.writer import load_manifest
 from torch.utils.data import DataLoader, get_worker_info
 
@@ -59,8 +59,10 @@ def _load_npz(data: bytes) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def decode_sample(sample: dict[str, Any], max_len: int, mode: str) -> dict[str, Any] | None:
-    """One member's arrays, truncated to its last ``max_len`` events; None drops the row."""
+def decode_sample(sample: dict[str, Any], max_len: int, mode: str, schema: EventSchema
+                  ) -> dict[str, Any] | None:
+    """One member's arrays (every event feature of ``schema``), truncated to its last
+    ``max_len`` events; None drops the row."""
     unknown = sorted(k for k in sample if not k.startswith("__") and k not in ENTRIES)
     if unknown:
         raise ValueError(f"unexpected entries {unknown}: shards hold only {sorted(ENTRIES)} "
@@ -68,9 +70,8 @@ def decode_sample(sample: dict[str, Any], max_len: int, mode: str) -> dict[str, 
     seq, meta = _load_npz(sample["seq.npz"]), json.loads(sample["meta.json"])
     ts = seq["timestamp"].astype(np.int64)
     keep = slice(max(0, len(ts) - max_len), None)  # gaps come from the full history first
-    row = {"sample_id": int(meta["sample_id"]), "item": seq["item"][keep],
-           "action": seq["action"][keep], "device": seq["device"][keep], "timestamp": ts[keep],
-           "gap": time_gap_bucket(sequence_gaps(ts))[keep], "hour": hour_of_day(ts)[keep]}
+    row = {"sample_id": int(meta["sample_id"]), "item": seq["item"][keep], "timestamp": ts[keep],
+           "events": schema.event_ids(seq, ts, keep)}
     if mode == "ranking":
         if "imp.npz" not in sample:
             return None
@@ -79,11 +80,11 @@ def decode_sample(sample: dict[str, Any], max_len: int, mode: str) -> dict[str, 
     return row if mode == "ranking" or len(row["item"]) >= 2 else None
 
 
-def _decode(src: Iterable[dict[str, Any]], *, max_len: int, mode: str,
+def _decode(src: Iterable[dict[str, Any]], *, max_len: int, mode: str, schema: EventSchema,
             handler: ErrorPolicy) -> Iterator[dict[str, Any]]:
     for sample in src:
         try:
-            row = decode_sample(sample, max_len, mode)
+            row = decode_sample(sample, max_len, mode, schema)
         except Exception as err:  # noqa: BLE001 - the policy decides; the message names the shard
             handler(ValueError(f"cannot decode sample {sample.get('__key__')!r} of shard "
                                f"{sample.get('__url__')}: {err}"))
@@ -129,8 +130,9 @@ def _seeded_shuffle(src: Iterable[Any], *, bufsize: int, seed: int, epoch: int,
 
 def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
     """Rows → one jagged batch (inside the pipeline, so workers ship finished batches)."""
-    def cat(key: str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([r[key] for r in rows]).astype(np.int64)).to(dtype)
+    def cat(key: str, dtype: torch.dtype = torch.int64, of=lambda row: row) -> torch.Tensor:
+        values = np.concatenate([of(r)[key] for r in rows]).astype(np.int64)
+        return torch.from_numpy(values).to(dtype)
 
     def lens(key: str) -> torch.Tensor:
         return torch.tensor([len(r[key]) for r in rows], dtype=torch.int64)
@@ -138,8 +140,8 @@ def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
     ranking = "candidates" in rows[0]
     return SequenceBatch(
         sample_ids=torch.tensor([r["sample_id"] for r in rows], dtype=torch.int64),
-        lengths=lens("item"), item=cat("item"), action=cat("action"), gap=cat("gap"),
-        hour=cat("hour"), device=cat("device"), timestamp=cat("timestamp"),
+        lengths=lens("item"), item=cat("item"), timestamp=cat("timestamp"),
+        events={key: cat(key, of=lambda r: r["events"]) for key in rows[0]["events"]},
         candidates=cat("candidates") if ranking else None,
         candidate_lengths=lens("candidates") if ranking else None,
         labels=cat("labels", torch.float32) if ranking else None)
@@ -214,13 +216,14 @@ def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int,
     # The shard seed depends only on (seed, epoch): every rank and worker sees the same order.
     shard_seed = seed * 1_000_003 + epoch if shuffle else None
     urls = shard_urls(path, split)
+    schema = EventSchema.from_manifest(load_manifest(path))
     stages: list[Any] = [
         wds.SimpleShardList(list(urls), seed=shard_seed),
         partial(_split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=handler),
         partial(_check_sample_counts, expected=urls, handler=handler),
-        partial(_decode, max_len=max_len, mode=mode, handler=handler),
+        partial(_decode, max_len=max_len, mode=mode, schema=schema, handler=handler),
     ]
     if shuffle and shuffle_buffer > 1:
         stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,34 +19,17 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from foundation.data.schema import (
-    ACTIONS,
-    DEVICES,
-    EVENT_COLUMNS,
-    IMPRESSION_COLUMNS,
-    OPTIONAL_EVENT_COLUMNS,
-    encode_vocab,
-)
+from foundation.data.schema import EVENT_COLUMNS, IMPRESSION_COLUMNS, EventSchema
 from omegaconf import MISSING
-
-
-@dataclass
-class ColumnsConfig:
-    """Canonical field -> column name in the file (typed, so a misspelled field fails early)."""
-
-    member_id: str = "member_id"
-    item_id: str = "item_id"
-    timestamp: str = "timestamp"
-    action: str = "action"  # optional in the file: absent → every event is a play
-    device: str = "device"  # optional in the file: absent → <pad>
 
 
 @dataclass
 class SourceConfig:
     format: str = "parquet"  # one of READERS
     path: str = MISSING
-    # e.g. source.columns.member_id=user source.columns.item_id=movie
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # Canonical field (member_id, item_id, timestamp, or an event feature) → its column in
+    # the file when the names differ, e.g. source.columns.member_id=user (read_events checks)
+    columns: dict[str, str] = field(default_factory=dict)
     impressions_path: str | None = None  # member_id, item_id, timestamp, label (canonical names)
     catalogue_path: str | None = None  # item_id, genres, series_id, episode, release_time
     item_attributes_path: str | None = None  # JSON {"raw item id": [attribute id, ...]}
@@ -234,24 +217,23 @@ def _int_column(table: pa.Table, name: str, mapped: str, path: Path) -> np.ndarr
     return values.astype(np.int64)
 
 
-def read_events(source: SourceConfig) -> dict[str, np.ndarray]:
-    """Events as int64 columns member_id, item_id, timestamp, action (id), device (id)."""
+def read_events(source: SourceConfig, schema: EventSchema) -> dict[str, np.ndarray]:
+    """Events as int64 columns member_id, item_id, timestamp and one per stored feature of
+    ``schema`` (its ids; a feature whose column the file lacks gets its default)."""
     path = Path(source.path)
     table = read_table(path, source.format)
-    columns = source.columns if isinstance(source.columns, dict) else asdict(source.columns)
-    unknown = set(columns) - set(EVENT_COLUMNS)
+    fields = (*EVENT_COLUMNS, *schema.stored)
+    columns = {k: v for k, v in dict(source.columns).items() if v != k}  # the renamed ones
+    unknown = set(columns) - set(fields)
     if unknown:
-        raise KeyError(f"source.columns names unknown field(s) {sorted(unknown)}; "
-                       f"fields are {list(EVENT_COLUMNS)}")
-    names = {name: columns.get(name) or name for name in EVENT_COLUMNS}
-    out = {name: _int_column(table, name, names[name], path)
-           for name in ("member_id", "item_id", "timestamp")}
-    for name, vocab in (("action", ACTIONS), ("device", DEVICES)):
-        if names[name] in table.column_names or names[name] != name:  # renamed → required
-            out[name] = encode_vocab(_column(table, name, names[name], path), vocab, name)
-        else:  # optional: every event is a plain play on an unknown device
-            default = vocab.index(OPTIONAL_EVENT_COLUMNS[name])
-            out[name] = np.full(len(out["member_id"]), default, np.int64)
+        raise KeyError(f"source.columns names unknown field(s) {sorted(unknown)}; fields are "
+                       f"{list(fields)} (event features come from features.<name>)")
+    names = {name: columns.get(name) or name for name in fields}
+    out = {name: _int_column(table, name, names[name], path) for name in EVENT_COLUMNS}
+    for name in schema.stored:
+        present = names[name] in table.column_names or name in columns  # renamed → required
+        values = _column(table, name, names[name], path) if present else None
+        out[name] = schema.encode(name, values, len(out["member_id"]))
     return out
 
 

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 from foundation.data.items import content_items, read_item_content, write_item_shards
-from foundation.data.schema import ACTIONS, DEVICES, NUM_GAP_BUCKETS, NUM_HOURS, SAMPLE_SCHEMA
+from foundation.data.schema import EventSchema, default_features
 from foundation.data.sources import (
     SourceConfig,
     read_events,
@@ -74,6 +74,11 @@ class BuildConfig:
     # sample (after max_history); test samples keep them. The items stay in the catalogue.
     cold_items: float = 0.0
     cold_seed: int = 0
+    # The event features, each declared once (data/schema.py): a categorical one is read from
+    # the events' column of its name (source.columns.<name> maps another), derived ones from
+    # the timestamps. Add one with +features.NAME='{vocab: [a, b]}' (values are EventFeature
+    # fields, checked by EventSchema when the build starts).
+    features: dict[str, Any] = field(default_factory=default_features)
 
 
 def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -216,8 +221,9 @@ def _tail(start: int, end: int, max_history: int | None) -> slice:
 class _Tables:
     """Events and impressions grouped per member, items remapped to 1..N."""
 
-    def __init__(self, cfg: BuildConfig):
-        ev = read_events(cfg.source)
+    def __init__(self, cfg: BuildConfig, schema: EventSchema):
+        self.stored = ("item", "timestamp", *schema.stored)  # the columns of seq.npz
+        ev = read_events(cfg.source, schema)
         imp = read_impressions(cfg.source.impressions_path) if cfg.source.impressions_path else None
         cat = read_table(cfg.source.catalogue_path) if cfg.source.catalogue_path else None
         self.content = read_item_content(cfg.source)
@@ -254,7 +260,7 @@ class _Tables:
                                                              max_history)]
         if drop is not None:
             rows = rows[~drop[self.events["item"][rows]]]
-        seq = {k: self.events[k][rows] for k in ("item", "action", "timestamp", "device")}
+        seq = {k: self.events[k][rows] for k in self.stored}
         out: dict[str, Any] = {"__key__": f"m{member:09d}".replace("-", "n"),
                                "seq.npz": encode_npz(seq),
                                "meta.json": json.dumps({"member_id": member, "sample_id": index},
@@ -357,15 +363,15 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     if cfg.source.format in FORMAT_SPLITS and cfg.split != FORMAT_SPLITS[cfg.source.format]:
         raise ValueError(f"source.format={cfg.source.format} files carry their own "
                          f"{FORMAT_SPLITS[cfg.source.format]} split: leave split=auto")
+    schema = EventSchema(cfg.features)  # a bad declaration fails before anything is written
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     _clean(root)
-    tables = _Tables(cfg)
+    tables = _Tables(cfg, schema)
     plan, split_info = plan_splits(tables.bounds, tables.events["timestamp"], cfg)
     num_items = len(tables.raw_items) + 1
     np.save(root / "item_ids.npy", np.concatenate([[-1], tables.raw_items]).astype(np.int64))
-    vocab = {"item": num_items, "action": len(ACTIONS), "device": len(DEVICES),
-             "gap": NUM_GAP_BUCKETS, "hour": NUM_HOURS}
+    vocab = {"item": num_items, **schema.sizes}
     if cfg.source.item_attributes_path:
         vocab["attribute"] = _write_item_attributes(tables, cfg.source.item_attributes_path, root)
     items = write_item_shards(root, tables.content, tables.remap)
@@ -391,9 +397,9 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
         "source": {"format": cfg.source.format, "path": str(cfg.source.path)},
         "seed": cfg.seed,
         "split": cfg.split, "split_info": split_info,
-        "schema": SAMPLE_SCHEMA,
+        "schema": sample_schema(tables.stored),
         "vocab": vocab,
-        "actions": list(ACTIONS), "devices": list(DEVICES),
+        "features": schema.to_manifest(),
         "splits": manifest_splits,
         "items": items,  # item content shards (None without content)
         "cold_items": {"fraction": cfg.cold_items, "seed": cfg.cold_seed,
@@ -412,6 +418,13 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, root / "manifest.json")
     return manifest
+
+
+def sample_schema(stored: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """What one shard sample holds (entry → array → dtype), recorded in the manifest."""
+    return {"seq.npz": {name: "int64" for name in stored},
+            "imp.npz": {"item": "int64", "label": "int64", "timestamp": "int64"},
+            "meta.json": {"member_id": "int", "sample_id": "int"}}
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

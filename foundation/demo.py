@@ -91,8 +91,8 @@ def _serve_from(bundle: Path, shards: Path, members: int = 3) -> None:
         items = raw_ids[batch.item[start:start + n].numpy()]
         events = slice(start, start + n - 1)  # everything but the newest: the member's past
         history = History(items=items[:-1].tolist(), timestamps=batch.timestamp[events].tolist(),
-                          actions=batch.action[events].tolist(),
-                          devices=batch.device[events].tolist())
+                          **{name: batch.events[name][events].tolist()
+                             for name in predictor.schema.stored})
         top = predictor.recommend(history, k=5)
         hit = "hit" if items[-1] in top else "miss"
         print(f"member {int(batch.sample_ids[row])}: last played {items[-4:-1].tolist()} → "

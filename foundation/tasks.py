@@ -18,11 +18,10 @@ from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
 from foundation.data.batch import SequenceBatch
+from foundation.data.schema import EventSchema
 from foundation.models.content import CACHE_DIR, ContentAdapter, ItemContent, content_vectors
 from foundation.models.member import SparseArch, sharded_items, sparse_features
 from foundation.models.towers import Modality
-
-JAGGED_FIELDS = ("item", "action", "gap", "hour", "device", "timestamp")
 
 
 class Task:
@@ -37,6 +36,7 @@ class Task:
         self.num_items = int(manifest["vocab"]["item"])
         self.item_counts = torch.as_tensor(item_counts, dtype=torch.float32)
         self.sharded_items = sharded_items(cfg.model)
+        self.schema = EventSchema.from_manifest(manifest)
 
     def item_attributes(self) -> tuple[Tensor, Tensor, int] | None:
         """The dataset's item side information, if it has any: (values, offsets, vocabulary)
@@ -101,8 +101,13 @@ class Task:
 
     # -- model -----------------------------------------------------------------------
     def build_sparse(self, device: torch.device) -> nn.Module:
-        return SparseArch(self.num_items, self.cfg.model.embedding_dim, device,
-                          with_items=self.sharded_items)
+        return SparseArch(self.num_items, self.cfg.model.embedding_dim, self.schema.sizes,
+                          device, with_items=self.sharded_items)
+
+    @property
+    def token_features(self) -> tuple[str, ...]:
+        """What each event's token sums: the item and the schema's features."""
+        return ("item", *self.schema.token_features(self.cfg.model.context_features))
 
     def build_dense(self) -> nn.Module:
         raise NotImplementedError
@@ -128,8 +133,9 @@ def take_events(batch: SequenceBatch, keep: Tensor) -> SequenceBatch:
     """A batch with only the events where ``keep`` is true (lengths recomputed)."""
     rows = torch.repeat_interleave(torch.arange(len(batch)), batch.lengths)
     lengths = torch.bincount(rows[keep], minlength=len(batch))
-    changes = {f: getattr(batch, f)[keep] for f in JAGGED_FIELDS}
-    return dataclasses.replace(batch, lengths=lengths, **changes)
+    return dataclasses.replace(batch, lengths=lengths, item=batch.item[keep],
+                               timestamp=batch.timestamp[keep],
+                               events={k: v[keep] for k, v in batch.events.items()})
 
 
 def keep_last(batch: SequenceBatch, n: int) -> SequenceBatch:

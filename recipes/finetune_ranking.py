@@ -23,10 +23,11 @@ class RankingConfig:
 class TargetAwareRanker(nn.Module):
     """Candidate-aware attention over the encoded history (DIN-style), then an MLP."""
 
-    def __init__(self, model: MemberModelConfig, recipe: RankingConfig):
+    def __init__(self, model: MemberModelConfig, recipe: RankingConfig,
+                 token_features: tuple[str, ...] | None = None):
         super().__init__()
         dim = model.embedding_dim
-        self.encoder = EventEncoder(model)
+        self.encoder = EventEncoder(model, token_features)
         self.head = nn.Sequential(nn.Linear(4 * dim + 2, recipe.mlp_hidden), nn.GELU(),
                                   nn.Dropout(model.dropout), nn.Linear(recipe.mlp_hidden, 1))
 
@@ -62,7 +63,7 @@ class FinetuneRanking(Task):
                              "are looked up in the sharded item table); pretrain with it too")
 
     def build_dense(self) -> nn.Module:
-        return TargetAwareRanker(self.cfg.model, self.recipe)
+        return TargetAwareRanker(self.cfg.model, self.recipe, self.token_features)
 
     def init_from(self) -> str | None:
         return self.recipe.init_from

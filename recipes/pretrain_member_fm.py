@@ -49,10 +49,11 @@ class PretrainConfig:
 
 class NextItemModel(nn.Module):
     def __init__(self, model: MemberModelConfig, recipe: PretrainConfig, item_counts: Tensor,
-                 attributes: ItemAttributes | None = None, content: ItemContent | None = None):
+                 attributes: ItemAttributes | None = None, content: ItemContent | None = None,
+                 token_features: tuple[str, ...] | None = None):
         super().__init__()
         self.recipe = recipe
-        self.encoder = EventEncoder(model)
+        self.encoder = EventEncoder(model, token_features)
         self.attributes, self.content = attributes, content
         self.id_dropout = model.id_dropout
         # Items never seen in training (no trained ID row) and dropped IDs share one vector.
@@ -130,7 +131,7 @@ class PretrainMemberFM(Task):
         found = self.item_attributes() if self.cfg.model.side_features else None
         attributes = ItemAttributes(*found, dim=self.cfg.model.embedding_dim) if found else None
         return NextItemModel(self.cfg.model, self.recipe, self.item_counts, attributes,
-                             self.item_content())
+                             self.item_content(), self.token_features)
 
     def features(self, batch):
         if self.recipe.loss == "full_softmax":

@@ -68,13 +68,13 @@ def test_batches_are_jagged_truncated_and_round_trip_through_kjt(shards):
     assert batch.lengths.min() >= 2 and batch.lengths.max() <= 12
     assert batch.offsets().tolist() == [0, *torch.cumsum(batch.lengths, 0).tolist()]
     n = int(batch.lengths.sum())
-    for name in ("item", "action", "gap", "hour", "device", "timestamp"):
-        assert getattr(batch, name).shape == (n,) and getattr(batch, name).dtype == torch.int64
+    for name in ("item", "timestamp", "action", "gap", "hour", "device"):  # the schema's
+        assert batch.jagged(name).shape == (n,) and batch.jagged(name).dtype == torch.int64
     kjt = batch.kjt()
     assert kjt.keys() == ["item", "action", "gap", "hour", "device"]
     for key, jagged in kjt.to_dict().items():
         assert torch.equal(jagged.lengths(), batch.lengths)
-        assert torch.equal(jagged.values(), getattr(batch, key))
+        assert torch.equal(jagged.values(), batch.jagged(key))
     # Truncation keeps each member's most recent events, in time order.
     rows = torch.split(batch.timestamp, batch.lengths.tolist())
     assert all((torch.diff(r) >= 0).all() for r in rows)
@@ -82,7 +82,8 @@ def test_batches_are_jagged_truncated_and_round_trip_through_kjt(shards):
     for short, long in zip(torch.split(batch.item, batch.lengths.tolist()),
                            torch.split(full.item, full.lengths.tolist())):
         assert torch.equal(short, long[-len(short):])
-    assert batch.to("cpu").item is not None and batch.gap.min() >= 1 and batch.hour.min() >= 1
+    assert batch.to("cpu").item is not None and batch.events["gap"].min() >= 1
+    assert batch.events["hour"].min() >= 1
 
 
 def test_ranking_mode_carries_impressions(shards):
@@ -240,8 +241,8 @@ def test_on_error_raise_names_the_shard_of_each_corruption(shards, tmp_path, nam
 def test_moving_a_batch_keeps_its_skip_count():
     lengths = torch.tensor([2, 1])
     batch = SequenceBatch(sample_ids=torch.arange(2), lengths=lengths,
-                          **{k: torch.arange(3) for k in ("item", "action", "gap", "hour",
-                                                          "device", "timestamp")}, skipped=3)
+                          item=torch.arange(3), timestamp=torch.arange(3),
+                          events={"action": torch.arange(3)}, skipped=3)
     moved = batch.to("cpu")
     assert moved.skipped == 3 and moved.candidates is None and torch.equal(moved.item, batch.item)
     assert batch._map(lambda t: t + 1).skipped == 3  # only tensors are mapped

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from foundation.data.commands import run_build
 from foundation.data.schema import ACTIONS, hour_of_day, time_gap_bucket
-from foundation.data.sources import ColumnsConfig, SourceConfig
+from foundation.data.sources import SourceConfig
 from foundation.data.synthetic import SynthConfig, generate
 from foundation.data.writer import BuildConfig, build_shards, load_manifest
 
@@ -41,7 +41,7 @@ def raw(tmp_path_factory) -> dict[str, Path]:
 
 
 def _build(raw: dict[str, Path], fmt: str, out: Path, **kw) -> dict:
-    source = SourceConfig(format=fmt, path=str(raw[fmt]), columns=ColumnsConfig(**RENAMED),
+    source = SourceConfig(format=fmt, path=str(raw[fmt]), columns=RENAMED,
                           impressions_path=str(raw["impressions"]))
     return build_shards(BuildConfig(source=source, output=str(out), shards_per_split=4, **kw))
 

@@ -18,12 +18,30 @@ from conftest import FAST, REPO, foundation
 from foundation.export.bundle import BundleError, dequantise_rows, load_bundle, quantise_rows
 
 pytestmark = pytest.mark.slow
+SURFACES = ["home", "search", "row", "continue_watching"]
 
 
 @pytest.fixture(scope="module")
-def trained_run(synth_shards, tmp_path_factory) -> Path:
+def surface_shards(synth_shards, tmp_path_factory) -> Path:
+    """The test world's events with one more event feature (the page each play started
+    from), added in one place: a schema entry of the build, plus its column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw, out = synth_shards / "raw", tmp_path_factory.mktemp("surface")
+    events = pq.read_table(raw / "events.parquet")
+    picked = np.random.default_rng(0).integers(len(SURFACES), size=events.num_rows)
+    pq.write_table(events.append_column("surface", pa.array(np.asarray(SURFACES)[picked])),
+                   out / "events.parquet")
+    foundation("data", "build", f"source.path={out / 'events.parquet'}", f"output={out}",
+               f"+features.surface={{vocab: [{', '.join(SURFACES)}]}}", "progress=false")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(surface_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("export_run")
-    foundation("train", "--nproc=2", "recipe=pretrain_member_fm", f"data.path={synth_shards}",
+    foundation("train", "--nproc=2", "recipe=pretrain_member_fm", f"data.path={surface_shards}",
                f"run_dir={run}", "trainer.max_steps=150", "trainer.eval_every=0",
                "model.item_scale=8.0",  # the predictor must scale items like the model
                "model.attention=pointwise",  # the serving program reads event times too
@@ -49,7 +67,8 @@ def test_bundle_holds_every_table_gathered_and_a_checksummed_manifest(bundle, tr
     tables = manifest["tables"]
     # Every sharded table of the 2-rank run, whole (both ranks' shards), in three precisions.
     for name, rows in {"item_table": 1001, "action_table": 7, "gap_table": 16,
-                       "hour_table": 25, "device_table": 5, "item_vectors": 1001}.items():
+                       "hour_table": 25, "device_table": 5, "surface_table": 5,
+                       "item_vectors": 1001}.items():
         assert tables[name]["shape"] == [rows, 64] and tables[name]["precisions"] == [
             "fp32", "fp16", "int8"]
     from safetensors.numpy import load_file
@@ -66,6 +85,28 @@ def test_bundle_holds_every_table_gathered_and_a_checksummed_manifest(bundle, tr
     assert manifest["inputs"]["tokens"]["shape"] == ["batch", "seq", 64]
     assert manifest["inputs"]["timestamps"]["shape"] == ["batch", "seq"]
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+
+
+def test_a_new_event_feature_declared_once_reaches_serving(bundle):
+    """``surface`` was only declared in the build (surface_shards): the model trained on it,
+    the gate served it from raw histories, and callers pass it by name."""
+    from foundation.export import History
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    surface = {f["name"]: f for f in manifest["features"]}["surface"]
+    assert surface["vocab"] == SURFACES and surface["served_from"] == "History(surface=...)"
+    assert "surface" in manifest["model"]["token_features"]
+    predictor = load_bundle(bundle)
+    items = [int(i) for i in predictor.item_ids[1:6]]
+    times = [0, 60, 120, 3600, 7200]
+    vectors = np.concatenate([predictor.member_vectors([History(items, times)])] + [  # <pad>
+        predictor.member_vectors([History(items, times, surface=[s] * 5)]) for s in SURFACES])
+    distances = np.abs(vectors[:, None] - vectors[None]).max(-1)
+    assert distances[~np.eye(len(vectors), dtype=bool)].min() > 1e-4  # each value counts
+    with pytest.raises(ValueError, match="did you mean 'surface'"):
+        predictor.recommend(History(items, times, surfaces=["home"] * 5))
+    with pytest.raises(ValueError, match="unknown value.*homepage"):
+        predictor.recommend(History(items, times, surface=["homepage"] * 5))
 
 
 def test_parity_gate_passed_on_real_data_and_reports_quantisation_and_ann(bundle):

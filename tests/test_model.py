@@ -9,6 +9,7 @@ from foundation.data.batch import SequenceBatch
 
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
+    DEFAULT_SCHEMA,
     EventEncoder,
     MemberModelConfig,
     SparseArch,
@@ -27,8 +28,8 @@ def make_batch(lengths, num_items=50, seed=0):
         return torch.randint(1, high, (n,), generator=g)
 
     return SequenceBatch(sample_ids=torch.arange(len(lengths)), lengths=lengths, item=rand(num_items),
-                         action=rand(7), gap=rand(16), hour=rand(25), device=rand(5),
-                         timestamp=torch.arange(n))
+                         timestamp=torch.arange(n),
+                         events={k: rand(size) for k, size in DEFAULT_SCHEMA.sizes.items()})
 
 
 def encode(encoder, table, batch):
@@ -50,10 +51,10 @@ def test_no_position_sees_its_target_or_the_future(attention):
     for t in (1, 4, 8):
         changed = make_batch([7, 4, 9], seed=1)
         changed.timestamp = changed.timestamp * 7  # later events happen at other times too
-        for name in ("item", "action", "gap", "hour", "device", "timestamp"):
-            new, old = getattr(changed, name), getattr(batch, name).clone()
+        for name in ("item", "timestamp", *changed.events):
+            new, old = changed.jagged(name), batch.jagged(name).clone()
             old[11 + t:] = new[11 + t:]
-            setattr(changed, name, old)
+            new.copy_(old)
         states2, _ = encode(encoder, table, changed)
         assert torch.allclose(states[2, :t], states2[2, :t], atol=1e-6)
         assert not torch.allclose(states[2, t], states2[2, t], atol=1e-4)
@@ -68,8 +69,8 @@ def test_states_do_not_depend_on_batch_padding(attention):
     encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
     batch = make_batch([3, 9])
     alone = SequenceBatch(**{**batch.__dict__, "lengths": torch.tensor([3]),
-                             **{k: getattr(batch, k)[:3] for k in
-                                ("item", "action", "gap", "hour", "device", "timestamp")},
+                             "item": batch.item[:3], "timestamp": batch.timestamp[:3],
+                             "events": {k: v[:3] for k, v in batch.events.items()},
                              "sample_ids": batch.sample_ids[:1]})
     padded_states, _ = encode(encoder, table, batch)
     alone_states, _ = encode(encoder, table, alone)

@@ -18,10 +18,10 @@ refused if any of its entries is a pickle (``torch.export.load`` would fall back
 
 from __future__ import annotations
 
+import difflib
 import json
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,15 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from foundation.checksum import sha256
-from foundation.data.schema import ACTIONS, DEVICES, hour_of_day, sequence_gaps, time_gap_bucket
+from foundation.data.schema import EventSchema
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = {"torch": "model.pt2", "onnx": "model.onnx"}
-# What the parity gate records of each history: the raw events a caller would pass.
-PARITY_FIELDS = ("item", "action", "timestamp", "device", "lengths")
+# What the parity gate records of each history besides its stored event features (saved as
+# ``event_<name>``): the raw events a caller would pass.
+PARITY_FIELDS = ("item", "timestamp", "lengths")
 
 
 class BundleError(RuntimeError):
@@ -93,18 +94,22 @@ def dequantise_rows(stored: dict[str, np.ndarray]) -> np.ndarray:
     return weight.astype(np.float32)
 
 
-@dataclass
 class History:
     """One member's events, oldest first, as the caller knows them (pass the whole history:
     the newest ``max_len`` events are read, the time gap of the oldest of those comes from
-    the one before it). ``items`` are catalogue ids (as in the source data); ``actions`` names
-    or ids (default ``play``); ``timestamps`` unix seconds (default: none, which the model
-    sees as events with no time information); ``devices`` names or ids (default: unknown)."""
+    the one before it). ``items`` are catalogue ids (as in the source data); ``timestamps``
+    unix seconds (default: none, which the model sees as events with no time information);
+    each categorical event feature of the bundle (``manifest.features``, e.g. ``action``,
+    ``device``) by its name, as names or ids, one per event (default: the feature's
+    ``default``)."""
 
-    items: Sequence[int]
-    actions: Sequence[str | int] | None = None
-    timestamps: Sequence[int] | None = None
-    devices: Sequence[str | int] | None = None
+    def __init__(self, items: Sequence[int], timestamps: Sequence[int] | None = None,
+                 **features: Sequence[str | int]):
+        self.items, self.timestamps, self.features = items, timestamps, features
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={list(v)!r}" for k, v in self.features.items())
+        return f"History(items={list(self.items)!r}, timestamps={self.timestamps!r}{extra})"
 
 
 def load_bundle(path: str | Path, backend: str = "torch", precision: str = "fp32") -> Predictor:
@@ -125,6 +130,7 @@ class Predictor:
         verify(root, self.manifest)
         model = self.manifest["model"]
         self.max_len, self.token_features = model["max_len"], model["token_features"]
+        self.schema = EventSchema.from_manifest(self.manifest)
         self.item_scale = float(model.get("item_scale", 1.0))
         self.uses_time = "timestamps" in self.manifest["inputs"]
         # Items enter event tokens as their vectors; scores use them unit-length when the
@@ -276,20 +282,30 @@ class Predictor:
         return np.array([self._internal[int(i)] for i in items], dtype=np.int64)
 
     def _events(self, history: History | Sequence[int]) -> dict[str, np.ndarray]:
-        """A history as the model's event ids, cut to its newest ``max_len`` events."""
+        """A history as the model's event ids (the schema's, computed as the loader computes
+        them), cut to its newest ``max_len`` events."""
         h = history if isinstance(history, History) else History(items=list(history))
         if len(h.items) == 0:
             raise ValueError("empty history: the member model needs at least one event")
+        self._check_features(h)
         n = len(h.items)
         ts = np.asarray(h.timestamps if h.timestamps is not None else [0] * n, dtype=np.int64)
-        actions = _vocab_ids(h.actions, ACTIONS, "play", n, "actions")
-        devices = _vocab_ids(h.devices, DEVICES, "<pad>", n, "devices")
         if len(ts) != n:
             raise ValueError(f"history lengths differ: {n} items, {len(ts)} timestamps")
+        stored = {name: self.schema.encode(name, h.features.get(name), n)
+                  for name in self.schema.stored}
         keep = slice(max(0, n - self.max_len), None)  # gaps from the whole history first
-        return {"item": self._known(h.items, "history")[keep], "action": actions[keep],
-                "gap": time_gap_bucket(sequence_gaps(ts))[keep], "hour": hour_of_day(ts)[keep],
-                "device": devices[keep], "timestamp": ts[keep]}
+        return {"item": self._known(h.items, "history")[keep], "timestamp": ts[keep],
+                **self.schema.event_ids(stored, ts, keep)}
+
+    def _check_features(self, history: History) -> None:
+        served = self.schema.stored
+        for name in history.features:
+            if name not in served:
+                close = difflib.get_close_matches(name, served, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"History feature {name!r} is not one this bundle serves"
+                                 f"{hint}; its event features: {list(served)}")
 
     def member_vectors_of(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Event ids (one dict of equal-length arrays per member) → member embeddings."""
@@ -306,24 +322,6 @@ class Predictor:
                 times[row, : len(token)] = e["timestamp"]
         inputs = (tokens, lengths, times) if self.uses_time else (tokens, lengths)
         return np.asarray(self._run(*inputs), dtype=np.float32)
-
-
-def _vocab_ids(values: Sequence[str | int] | None, vocab: Sequence[str], default: str, n: int,
-               what: str) -> np.ndarray:
-    """Names or ids of one event attribute → ids (``default`` for every event when absent)."""
-    if values is None:
-        return np.full(n, vocab.index(default), dtype=np.int64)
-    if len(values) != n:
-        raise ValueError(f"history lengths differ: {n} items, {len(values)} {what}")
-    try:
-        ids = np.array([v if isinstance(v, int | np.integer) else vocab.index(v) for v in values],
-                       dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"{what}: unknown name in {list(values)[:5]} (known: "
-                         f"{list(vocab[1:])})") from None
-    if ((ids < 0) | (ids >= len(vocab))).any():
-        raise ValueError(f"{what}: ids must lie in 0..{len(vocab) - 1}")
-    return ids
 
 
 def top_k(scores: np.ndarray, events: Sequence[dict[str, np.ndarray]], k: int,

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from foundation.checksum import sha256
 from foundation.config import config_hash
 from foundation.data.loader import build_loader
-from foundation.data.schema import ACTIONS, DEVICES
 from foundation.distributed.env import init_distributed
 from foundation.eval.run import TrainedRun, load_run
 from foundation.export.bundle import (
@@ -219,6 +218,8 @@ def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
         if real:
             fields = {key: getattr(history, key).numpy() for key in PARITY_FIELDS}
             fields["item"] = raw_ids[fields["item"]]
+            fields.update({f"event_{name}": history.events[name].numpy()
+                           for name in run.task.schema.stored})
             for key, value in {**fields, "targets": targets.numpy(),
                                "vectors": vectors.numpy()}.items():
                 parts.setdefault(key, []).append(value)
@@ -339,7 +340,9 @@ def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | Non
                       if encoder.uses_time else {})},
         "outputs": {"member": {"dtype": "float32", "shape": ["batch", model_cfg.embedding_dim],
                                "meaning": "member embedding; score = member · item_vectors"}},
-        "vocab": {**data_manifest["vocab"], "actions": list(ACTIONS), "devices": list(DEVICES)},
+        "vocab": data_manifest["vocab"],
+        # Every event feature: its vocabulary and how serving obtains it (data/schema.py).
+        "features": run.task.schema.to_manifest(),
         "tables": tables,
         "ann": ann,
         "eval": json.loads(eval_path.read_text()) if eval_path.exists() else None,

@@ -87,9 +87,9 @@ def _histories(d) -> list:
     from foundation.export.bundle import History
 
     starts = d["lengths"].cumsum() - d["lengths"]
-    return [History(items=d["item"][s:s + n].tolist(), actions=d["action"][s:s + n].tolist(),
-                    timestamps=d["timestamp"][s:s + n].tolist(),
-                    devices=d["device"][s:s + n].tolist())
+    features = {k.removeprefix("event_"): v for k, v in d.items() if k.startswith("event_")}
+    return [History(items=d["item"][s:s + n].tolist(), timestamps=d["timestamp"][s:s + n].tolist(),
+                    **{name: v[s:s + n].tolist() for name, v in features.items()})
             for s, n in zip(starts, d["lengths"])]
 
 

@@ -5,9 +5,10 @@ The model is split the way the whole framework is (ARCHITECTURE.md, "Sparse / de
 * ``SparseArch`` holds every categorical table as one TorchRec ``EmbeddingCollection``, which
   ``DistributedModelParallel`` shards: the item table (behind three features: history
   ``item``s, ranking ``candidate``s and sampled ``negative``s, so one lookup per step fetches
-  them all) and one table per event attribute (action, time-gap bucket, hour, device).
-* ``EventEncoder`` is the dense trunk: token = item + action + time-gap (+ hour + device)
-  + recency position, then causal layers: pre-norm softmax self-attention (SASRec) or HSTU's
+  them all) and one table per event feature of the dataset's schema (data/schema.py: by
+  default action, time-gap bucket, hour, device).
+* ``EventEncoder`` is the dense trunk: token = item + the event features (context ones such
+  as hour and device only with ``context_features``) + recency position, then causal layers: pre-norm softmax self-attention (SASRec) or HSTU's
   pointwise attention with relative position and time biases (``model.attention``).
 """
 
@@ -23,15 +24,14 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from torchrec import KeyedJaggedTensor
 
-from foundation.data.schema import ACTIONS, DEVICES, NUM_GAP_BUCKETS, NUM_HOURS
+from foundation.data.schema import EventSchema, default_features
 from foundation.models.towers import Modality, TextTowerConfig
 
 # Table names must not shadow nn.ModuleDict attributes (a table named "items" breaks TorchRec).
 ITEM_TABLE = "item_table"
 ITEM_FEATURES = ("item", "candidate", "negative")
-EVENT_TABLES = {"action": len(ACTIONS), "gap": NUM_GAP_BUCKETS, "hour": NUM_HOURS,
-                "device": len(DEVICES)}
-FEATURES = ITEM_FEATURES + tuple(EVENT_TABLES)
+# The default schema's features (models built without a dataset: tests, benchmarks).
+DEFAULT_SCHEMA = EventSchema(default_features())
 ITEM_PLACEMENTS = ("sharded", "replicated")
 ATTENTIONS = ("softmax", "pointwise")
 # Relative time between two events, in log2-minute buckets: up to 2^31 minutes apart.
@@ -83,8 +83,8 @@ class SparseArch(nn.Module):
     """All categorical tables of the member model in one EmbeddingCollection (the item table
     only when it is sharded: ``with_items``)."""
 
-    def __init__(self, num_items: int, dim: int, device: torch.device | None = None,
-                 with_items: bool = True):
+    def __init__(self, num_items: int, dim: int, event_sizes: dict[str, int] | None = None,
+                 device: torch.device | None = None, with_items: bool = True):
         super().__init__()
         # TorchRec is imported by the sparse parts only: the dense trunk (EventEncoder) loads
         # where TorchRec and fbgemm cannot (GPU checks, serving-side tools).
@@ -92,8 +92,9 @@ class SparseArch(nn.Module):
 
         tables = [EmbeddingConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=num_items,
                                   feature_names=list(ITEM_FEATURES))] if with_items else []
+        sizes = event_sizes if event_sizes is not None else DEFAULT_SCHEMA.sizes
         tables += [EmbeddingConfig(name=f"{key}_table", embedding_dim=dim, num_embeddings=size,
-                                   feature_names=[key]) for key, size in EVENT_TABLES.items()]
+                                   feature_names=[key]) for key, size in sizes.items()]
         self.embedding_collection = EmbeddingCollection(tables=tables, device=device)
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, Tensor]:
@@ -102,13 +103,15 @@ class SparseArch(nn.Module):
 
 def sparse_features(batch=None, *, candidates: Tensor | None = None,
                     candidate_lengths: Tensor | None = None,
-                    negatives: Tensor | None = None, with_items: bool = True
+                    negatives: Tensor | None = None, with_items: bool = True,
+                    event_keys: tuple[str, ...] = tuple(DEFAULT_SCHEMA.sizes)
                     ) -> KeyedJaggedTensor:
     """One KJT for every lookup of a step: the batch's events, candidates and negatives.
 
     Absent parts get zero lengths. Negatives are shared by the whole batch, so they all sit
-    in row 0. Without a batch (a catalogue lookup) there is one empty row. Without
-    ``with_items`` (a replicated item table) only the event attributes are looked up.
+    in row 0. Without a batch (a catalogue lookup) there is one empty row, and the event
+    features (``event_keys``: the collection's, which every lookup must name) are empty. Without
+    ``with_items`` (a replicated item table) only the event features are looked up.
     """
     from torchrec import KeyedJaggedTensor  # sparse parts only (see SparseArch)
 
@@ -122,10 +125,10 @@ def sparse_features(batch=None, *, candidates: Tensor | None = None,
         "candidate": (candidates if candidates is not None else empty,
                       candidate_lengths if candidate_lengths is not None else zeros),
         "negative": (negatives if negatives is not None else empty, negative_lengths),
-        **{key: (getattr(batch, key) if batch is not None else empty, lengths)
-           for key in EVENT_TABLES},
     }
-    keys = FEATURES if with_items else tuple(EVENT_TABLES)
+    events = batch.events if batch is not None else {k: empty for k in event_keys}
+    parts.update({key: (values, lengths) for key, values in events.items()})
+    keys = (ITEM_FEATURES if with_items else ()) + tuple(events)
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(keys),
         values=torch.cat([parts[k][0].long() for k in keys]),
@@ -151,10 +154,13 @@ def pad_jagged(values: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
 class EventEncoder(nn.Module):
     """Event tokens → causally contextualised states ``[B, L, D]`` (state t sees events ≤ t)."""
 
-    def __init__(self, cfg: MemberModelConfig):
+    def __init__(self, cfg: MemberModelConfig, token_features: tuple[str, ...] | None = None):
         super().__init__()
         dim = cfg.embedding_dim
         self.cfg = cfg
+        # The embeddings summed into each event's token: the item and the schema's features.
+        self.token_features = tuple(token_features or (
+            "item", *DEFAULT_SCHEMA.token_features(cfg.context_features)))
         self.position = nn.Embedding(cfg.max_len, dim)
         # Small, so the items (not their slots) dominate the first tokens the model sees.
         nn.init.normal_(self.position.weight, std=0.02)
@@ -190,11 +196,6 @@ class EventEncoder(nn.Module):
     def uses_time(self) -> bool:
         """Whether the encoder reads event timestamps (pointwise attention's time bias)."""
         return self.cfg.attention == "pointwise"
-
-    @property
-    def token_features(self) -> tuple[str, ...]:
-        """The embeddings summed into each event's token."""
-        return ("item", "action", "gap") + (("hour", "device") if self.cfg.context_features else ())
 
     def token_scale(self, feature: str) -> float:
         return self.cfg.item_scale if feature == "item" else 1.0

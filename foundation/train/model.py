@@ -53,5 +53,6 @@ class ShardedModel:
         parts = []
         for start in range(0, self.task.num_items, chunk):
             ids = torch.arange(start, min(start + chunk, self.task.num_items))
-            parts.append(self.embed(sparse_features(negatives=ids))["negative"])
+            kjt = sparse_features(negatives=ids, event_keys=tuple(self.task.schema.sizes))
+            parts.append(self.embed(kjt)["negative"])
         return torch.cat(parts)
