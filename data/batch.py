@@ -56,3 +56,31 @@ class SequenceBatch:
     def pin_memory(self) -> SequenceBatch:
         """Called by DataLoader(pin_memory=True) for custom batch types."""
         return self._map(lambda t: t.pin_memory())
+
+
+@dataclass
+class ItemBatch:
+    """Items and their raw content (data/items.py): one row per item."""
+
+    item: Tensor  # [B] int64 item ids
+    content: dict[str, list]  # modality → B raw values, None where an item lacks it
+    skipped: int = 0  # as SequenceBatch.skipped
+
+    def __len__(self) -> int:
+        return int(self.item.numel())
+
+    @property
+    def sample_ids(self) -> Tensor:
+        return self.item
+
+    @property
+    def lengths(self) -> Tensor:
+        """One item per row (what the trainer counts as the batch's events)."""
+        return torch.ones_like(self.item)
+
+    def has(self, modality: str) -> Tensor:
+        """``[B]`` bool: which rows have ``modality``."""
+        return torch.tensor([v is not None for v in self.content.get(modality, [None] * len(self))])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ItemBatch:
+        return replace(self, item=self.item.to(device, non_blocking=non_blocking))

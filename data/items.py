@@ -1,9 +1,11 @@
-"""Item content: sources (text TSV, upstream vectors, UniSRec text) → item shards → readers.
+"""Item content: sources (text TSV, upstream vectors, media files, UniSRec text) → item
+shards → readers.
 
 Item shards sit beside the event shards, under the same rules: plain webdataset tars, one
 sample per item (``meta.json`` with the contiguous and raw item id, ``txt`` with UTF-8 text,
-``vec.npy`` with a float32 vector), no pickle anywhere, listed in ``manifest.json`` with
-their sample counts and sha256::
+``vec.npy`` with a float32 vector, ``jpg``/``png`` an image, ``wav``/``flac`` an audio clip,
+as the original bytes), no pickle anywhere, media decoded within limits (data/media.py),
+listed in ``manifest.json`` with their sample counts and sha256::
 
     OUTPUT/items/shard-000000.tar
 """
@@ -18,11 +20,20 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from foundation.data.media import (
+    MEDIA_ENTRIES,
+    MediaError,
+    MediaKind,
+    check_media,
+    decode_audio,
+    decode_image,
+    media_file,
+)
 from foundation.data.sources import SourceConfig, unisrec_file
 
 from foundation.checksum import sha256
 
-ITEM_ENTRIES = frozenset({"meta.json", "txt", "vec.npy"})  # everything else is rejected
+ITEM_ENTRIES = frozenset({"meta.json", "txt", "vec.npy", *MEDIA_ENTRIES})  # nothing else
 ITEMS_PER_SHARD = 2000
 MAX_TEXT_CHARS = 20_000  # one item's text; longer is cut (towers read a few hundred tokens)
 
@@ -102,9 +113,40 @@ def read_item_vectors(path: str | Path, ids_path: str | Path | None = None
     return {int(i): v.astype(np.float32) for i, v in zip(ids, vectors)}
 
 
-def read_item_content(source: SourceConfig) -> dict[str, dict[int, Any]]:
-    """Every configured kind of item content: ``{"text": {raw id: str}, "vectors": ...}``."""
+def read_item_media(directory: str | Path, on_error: str = "raise"
+                    ) -> tuple[dict[str, dict[int, tuple[str, bytes]]], list[str]]:
+    """``ITEM_ID.jpg|png|wav|flac`` files → ``{"image"|"audio": {raw id: (entry, bytes)}}``,
+    each decoded once within the limits; a bad file raises naming it, or with
+    ``on_error=skip`` is left out and reported in the second value."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"item media directory {directory} does not exist "
+                                f"(source.item_media_dir)")
+    media: dict[str, dict[int, tuple[str, bytes]]] = {}
+    skipped = []
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        try:
+            item, kind, entry = media_file(path)
+            if item in media.get(kind.value, {}):
+                raise MediaError(f"a second {kind.value} for item {item}")
+            data = path.read_bytes()
+            check_media(entry, data)
+        except MediaError as err:
+            if on_error != "skip":
+                raise MediaError(f"{path}: {err} (fix or remove it, or build with "
+                                 f"on_error=skip to leave it out)") from None
+            skipped.append(f"{path.name}: {err}")
+            continue
+        media.setdefault(kind.value, {})[item] = (entry, data)
+    return media, skipped
+
+
+def read_item_content(source: SourceConfig, on_error: str = "raise"
+                      ) -> tuple[dict[str, dict[int, Any]], list[str]]:
+    """Every configured kind of item content (``{"text": {raw id: str}, "vectors": ...,
+    "image": ..., "audio": ...}``) and the media files skipped as unreadable."""
     content: dict[str, dict[int, Any]] = {}
+    skipped: list[str] = []
     if source.item_text_path:
         content["text"] = read_item_text(source.item_text_path)
     elif source.format == "unisrec":
@@ -112,7 +154,10 @@ def read_item_content(source: SourceConfig) -> dict[str, dict[int, Any]]:
     if source.item_vectors_path:
         content["vectors"] = read_item_vectors(source.item_vectors_path,
                                                source.item_vector_ids_path)
-    return content
+    if source.item_media_dir:
+        media, skipped = read_item_media(source.item_media_dir, on_error)
+        content.update(media)
+    return content, skipped
 
 
 def content_items(content: dict[str, dict[int, Any]]) -> np.ndarray:
@@ -128,9 +173,10 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def write_item_shards(root: Path, content: dict[str, dict[int, Any]],
-                      remap: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any] | None:
+                      remap: Callable[[np.ndarray], np.ndarray], skipped: list[str] = ()
+                      ) -> dict[str, Any] | None:
     """``root/items/shard-*.tar`` (one sample per item with content, by item id) and what
-    the manifest records about them; None when there is no content."""
+    the manifest records about them (with the media ``skipped``); None without content."""
     raw = content_items(content)
     if not len(raw):
         return None
@@ -147,13 +193,15 @@ def write_item_shards(root: Path, content: dict[str, dict[int, Any]],
             for i in chunk.tolist():
                 sink.write(_item_sample(int(ids[i]), int(raw[i]), content))
         shards.append({"path": rel, "samples": len(chunk), "sha256": sha256(root / rel)})
-    kinds = {"text": {"items": len(content["text"])}} if "text" in content else {}
+    kinds = {kind: {"items": len(content[kind])} for kind in ("text", "image", "audio")
+             if kind in content}
     if "vectors" in content:
         dims = {v.shape[0] for v in content["vectors"].values()}
         if len(dims) != 1:
             raise ValueError(f"item vectors of different sizes {sorted(dims)}")
         kinds["vectors"] = {"items": len(content["vectors"]), "dim": dims.pop()}
-    return {"shards": shards, "samples": len(raw), "content": kinds}
+    return {"shards": shards, "samples": len(raw), "content": kinds,
+            "skipped": {"count": len(skipped), "files": list(skipped[:20])}}
 
 
 def _item_sample(item: int, raw: int, content: dict[str, dict[int, Any]]) -> dict[str, Any]:
@@ -163,25 +211,41 @@ def _item_sample(item: int, raw: int, content: dict[str, dict[int, Any]]) -> dic
         sample["txt"] = content["text"][raw].encode("utf-8")
     if raw in content.get("vectors", {}):
         sample["vec.npy"] = _npy(content["vectors"][raw])
+    for kind in MediaKind:
+        if raw in content.get(kind.value, {}):
+            entry, data = content[kind.value][raw]
+            sample[entry] = data
     return sample
 
 
-def decode_item(sample: dict[str, Any]) -> dict[str, Any]:
-    """One item sample → ``{"item": id, "text": str?, "vectors": array?}`` (no pickle)."""
+def decode_item(sample: dict[str, Any], modalities: tuple[str, ...] | None = None
+                ) -> dict[str, Any]:
+    """One item sample → ``{"item": id, "text": str?, "vectors": array?, "image": uint8
+    [H, W, 3]?, "audio": (samples, rate)?}`` (no pickle; media within their limits); only
+    ``modalities`` are decoded when given."""
     unknown = sorted(k for k in sample if not k.startswith("__") and k not in ITEM_ENTRIES)
     if unknown:
         raise ValueError(f"unexpected entries {unknown} in item {sample.get('__key__')!r} of "
                          f"{sample.get('__url__')}: item shards hold only {sorted(ITEM_ENTRIES)}")
     out: dict[str, Any] = {"item": int(json.loads(sample["meta.json"])["item"])}
-    if "txt" in sample:
+    wanted = set(modalities) if modalities is not None else {"text", "vectors", "image", "audio"}
+    if "txt" in sample and "text" in wanted:
         out["text"] = sample["txt"].decode("utf-8")
-    if "vec.npy" in sample:
+    if "vec.npy" in sample and "vectors" in wanted:
         out["vectors"] = np.load(io.BytesIO(sample["vec.npy"]), allow_pickle=False)
+    for entry in ("jpg", "png"):
+        if entry in sample and "image" in wanted:
+            out["image"] = decode_image(sample[entry])
+    for entry in ("wav", "flac"):
+        if entry in sample and "audio" in wanted:
+            out["audio"] = decode_audio(sample[entry])
     return out
 
 
-def iter_items(path: str | Path, manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every item sample of a build, decoded, checked against the manifest's counts."""
+def iter_items(path: str | Path, manifest: dict[str, Any],
+               modalities: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
+    """Every item sample of a build, decoded (only ``modalities``, when given), checked
+    against the manifest's counts."""
     items = manifest.get("items")
     if not items:
         raise ValueError(f"{path} has no item content: build it with source.item_text_path=... "
@@ -196,7 +260,7 @@ def iter_items(path: str | Path, manifest: dict[str, Any]) -> Iterator[dict[str,
         for sample in wds.DataPipeline(wds.SimpleShardList([str(root / rel)]),
                                        wds.tarfile_to_samples()):
             seen += 1
-            yield decode_item(sample)
+            yield decode_item(sample, modalities)
         if seen != shard["samples"]:
             raise ValueError(f"item shard {root / rel} held {seen} items, its manifest says "
                              f"{shard['samples']}: truncated or replaced; rebuild it")
@@ -206,7 +270,7 @@ def load_item_content(path: str | Path, manifest: dict[str, Any], modality: str
                       ) -> tuple[np.ndarray, list[Any]]:
     """(item ids, their content) of every item that has ``modality``."""
     ids, values = [], []
-    for item in iter_items(path, manifest):
+    for item in iter_items(path, manifest, (modality,)):
         if modality in item:
             ids.append(item["item"])
             values.append(item[modality])

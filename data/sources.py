@@ -37,6 +37,7 @@ class SourceConfig:
     item_text_path: str | None = None  # TSV item_id<TAB>text (a RecBole typed header is fine)
     item_vectors_path: str | None = None  # .safetensors {vectors, item_ids} or .npy matrix
     item_vector_ids_path: str | None = None  # with a .npy matrix: its row ids (.npy or text)
+    item_media_dir: str | None = None  # ITEM_ID.jpg|png (images), ITEM_ID.wav|flac (audio)
 
 
 def read_parquet(path: Path) -> pa.Table:

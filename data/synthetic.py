@@ -46,6 +46,7 @@ class SynthConfig:
     test_fraction: float = 0.1
     shards_per_split: int = 8
     cold_items: float = 0.0  # held out of train/val samples (see BuildConfig.cold_items)
+    media: bool = True  # a rendered poster (png) and a short audio clip (wav) per item
     output: str = MISSING
 
 
@@ -248,6 +249,51 @@ def item_titles(cat: Catalogue, seed: int) -> list[str]:
             for i in range(len(titles))]
 
 
+IMAGE_SIZE, AUDIO_RATE, AUDIO_SECONDS = 32, 8000, 0.5
+
+
+def _hue(genre: int) -> np.ndarray:
+    """An RGB colour per genre, around the colour wheel."""
+    return 0.5 + 0.5 * np.cos(2 * np.pi * (genre / 16 + np.array([0.0, 1 / 3, 2 / 3])))
+
+
+def render_poster(genre: int, secondary: int, rng: np.random.Generator) -> np.ndarray:
+    """A 32×32 RGB poster: the genre picks the background hue and the stripe direction, the
+    secondary genre (if any) a disc's hue; noise and the disc's place are the item's own."""
+    y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / IMAGE_SIZE
+    stripes = np.sin(2 * np.pi * 4 * (x if genre % 2 else y) + genre)[..., None]
+    image = _hue(genre) * (0.75 + 0.25 * stripes)
+    if secondary >= 0:
+        cy, cx = rng.uniform(0.3, 0.7, size=2)
+        disc = (y - cy) ** 2 + (x - cx) ** 2 < 0.04
+        image[disc] = _hue(secondary + 8)
+    image = image + rng.normal(0, 0.05, image.shape)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def render_jingle(genre: int, secondary: int, rng: np.random.Generator) -> np.ndarray:
+    """Half a second of int16 audio: a tone whose pitch the genre sets, amplitude-modulated
+    at a rate the secondary genre sets, plus noise."""
+    t = np.arange(int(AUDIO_RATE * AUDIO_SECONDS)) / AUDIO_RATE
+    tone = np.sin(2 * np.pi * 220 * 2 ** (genre / 8) * t + rng.uniform(0, 2 * np.pi))
+    rate = 2 + (secondary if secondary >= 0 else genre) % 8
+    wave = tone * (0.6 + 0.4 * np.sin(2 * np.pi * rate * t)) + rng.normal(0, 0.05, t.size)
+    return (np.clip(wave * 0.5, -1, 1) * 32767).astype(np.int16)
+
+
+def write_media(cat: Catalogue, directory: Path, seed: int) -> None:
+    """``ITEM_ID.png`` and ``ITEM_ID.wav`` for every item (ids 1..N, as in the events)."""
+    import soundfile
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 11])
+    for index, (genre, secondary) in enumerate(zip(cat.genre.tolist(), cat.secondary.tolist())):
+        Image.fromarray(render_poster(genre, secondary, rng)).save(directory / f"{index + 1}.png")
+        soundfile.write(directory / f"{index + 1}.wav", render_jingle(genre, secondary, rng),
+                        AUDIO_RATE, subtype="PCM_16")
+
+
 def _catalogue_table(cat: Catalogue) -> pa.Table:
     genres = [[int(g)] + ([int(s)] if s >= 0 else []) for g, s in zip(cat.genre, cat.secondary)]
     return pa.table({"item_id": np.arange(1, cat.genre.size + 1), "genres": genres,
@@ -268,10 +314,13 @@ def synthesize(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
     titles = item_titles(world["catalogue"], cfg.seed)
     (raw / "item_text.tsv").write_text("item_id\ttitle\n" + "".join(
         f"{i}\t{t}\n" for i, t in enumerate(titles, 1)))
+    if cfg.media:
+        write_media(world["catalogue"], raw / "media", cfg.seed)
     source = SourceConfig(format="parquet", path=str(raw / "events.parquet"),
                           impressions_path=str(raw / "impressions.parquet"),
                           catalogue_path=str(raw / "catalogue.parquet"),
-                          item_text_path=str(raw / "item_text.tsv"))
+                          item_text_path=str(raw / "item_text.tsv"),
+                          item_media_dir=str(raw / "media") if cfg.media else None)
     build = BuildConfig(source=source, output=cfg.output, seed=cfg.seed,
                         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                         shards_per_split=cfg.shards_per_split, cold_items=cfg.cold_items,

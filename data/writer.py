@@ -79,6 +79,9 @@ class BuildConfig:
     # the timestamps. Add one with +features.NAME='{vocab: [a, b]}' (values are EventFeature
     # fields, checked by EventSchema when the build starts).
     features: dict[str, Any] = field(default_factory=default_features)
+    # A media file that cannot be read (or breaks a limit): raise, naming it, or skip it,
+    # counted in manifest.items.skipped.
+    on_error: str = "raise"
 
 
 def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -226,7 +229,7 @@ class _Tables:
         ev = read_events(cfg.source, schema)
         imp = read_impressions(cfg.source.impressions_path) if cfg.source.impressions_path else None
         cat = read_table(cfg.source.catalogue_path) if cfg.source.catalogue_path else None
-        self.content = read_item_content(cfg.source)
+        self.content, self.skipped_media = read_item_content(cfg.source, cfg.on_error)
         # Items with content but no events stay in the catalogue: they can be recommended.
         raw = [ev["item_id"], content_items(self.content)] + ([imp["item_id"]] if imp else [])
         if cat is not None:
@@ -364,6 +367,8 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
         raise ValueError(f"source.format={cfg.source.format} files carry their own "
                          f"{FORMAT_SPLITS[cfg.source.format]} split: leave split=auto")
     schema = EventSchema(cfg.features)  # a bad declaration fails before anything is written
+    if cfg.on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={cfg.on_error!r}: choose raise or skip")
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     _clean(root)
@@ -374,7 +379,7 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     vocab = {"item": num_items, **schema.sizes}
     if cfg.source.item_attributes_path:
         vocab["attribute"] = _write_item_attributes(tables, cfg.source.item_attributes_path, root)
-    items = write_item_shards(root, tables.content, tables.remap)
+    items = write_item_shards(root, tables.content, tables.remap, tables.skipped_media)
     cold = choose_cold_items(num_items, cfg.cold_items, cfg.cold_seed)
     np.save(root / "cold_items.npy", np.flatnonzero(cold).astype(np.int64))
     manifest_splits = {}

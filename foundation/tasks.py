@@ -28,7 +28,7 @@ class Task:
     name: ClassVar[str]
     config_class: ClassVar[type]
     summary: ClassVar[str]
-    data_mode: ClassVar[str] = "sequence"  # what the loader yields: sequence | ranking
+    data_mode: ClassVar[str] = "sequence"  # what the loader yields: sequence | ranking | items
     eval_metric: ClassVar[str]  # headline validation metric (higher is better)
 
     def __init__(self, cfg: DictConfig, manifest: dict[str, Any], item_counts: np.ndarray):
@@ -111,6 +111,11 @@ class Task:
 
     def build_dense(self) -> nn.Module:
         raise NotImplementedError
+
+    def loader_options(self) -> dict[str, Any]:
+        """What this task's loader needs besides the data config (the item loader's
+        modalities, ...)."""
+        return {}
 
     def init_from(self) -> str | None:
         """A run (or checkpoint) to warm-start from, if the recipe has one."""

@@ -29,6 +29,13 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
     monkeypatch.setattr(foundation.tasks, "content_vectors",
                         lambda *args: (torch.randn(101, 384, device="cpu"),
                                        torch.ones(101, dtype=torch.bool, device="cpu")))
+    # The item encoder's text tower learns its vocabulary from the item shards: a stand-in.
+    from foundation.recipes.pretrain_item_encoder import PretrainItemEncoder
+
+    from foundation.models.encoders import train_tokenizer
+
+    monkeypatch.setattr(PretrainItemEncoder, "tokenizer",
+                        lambda self: train_tokenizer(["a tiny catalogue of titles"], 50))
     overrides = [f"data.path={tmp_path}", f"run_dir={tmp_path}/run"]
     if group == "experiment":
         overrides.append(f"+experiment={option}")
@@ -39,12 +46,14 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
     assert cfg.recipe.name in RECIPES
     # Build the recipe's dense arch on the meta device: shapes come from the config alone.
     task_cls = RECIPES[cfg.recipe.name]
-    manifest = {"vocab": {"item": 101}}
+    manifest = {"vocab": {"item": 101}, "items": {"content": {"text": {}, "image": {}, "audio": {}}}}
     task = task_cls(cfg, manifest, torch.ones(101))
     with torch.device("meta"):
         dense = task.build_dense()
         sparse = task.build_sparse(torch.device("meta"))
     assert sum(p.numel() for p in dense.parameters()) > 0
+    if task.data_mode == "items":
+        return  # the item encoder's towers; it reads an item table only to align with one
     # The item table: sharded (in the sparse arch) or replicated (in the dense arch).
     holder = sparse if cfg.model.item_table == "sharded" else dense
     shapes = {name: tuple(p.shape) for name, p in holder.named_parameters()}
@@ -105,7 +114,7 @@ def test_train_help_lists_groups_and_options():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "sharding   auto, column_wise, table_wise" in result.stdout
-    assert "recipe     finetune_ranking, pretrain_member_fm" in result.stdout
+    assert "recipe     finetune_ranking, pretrain_item_encoder, pretrain_member_fm" in result.stdout
 
 
 def test_config_changes_name_each_changed_leaf():

@@ -38,7 +38,8 @@ class TrainedRun:
 
     def batches(self, split: str, batch_size: int):
         stream = EpochStream(self.cfg.data, mode=self.task.data_mode, seed=self.cfg.seed,
-                             rank=self.env.rank, world_size=self.env.world_size)
+                             rank=self.env.rank, world_size=self.env.world_size,
+                             options=self.task.loader_options())
         return stream.loader(split, batch_size=batch_size)
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import MISSING
 
 from foundation.data.batch import SequenceBatch
+from foundation.data.item_loader import build_item_loader
 from foundation.data.loader import build_loader
 
 
@@ -32,8 +34,10 @@ class EpochStream:
     order and skips what was consumed, continuing exactly where it stopped.
     """
 
-    def __init__(self, cfg: DataConfig, *, mode: str, seed: int, rank: int, world_size: int):
-        self.cfg, self.mode, self.seed = cfg, mode, seed
+    def __init__(self, cfg: DataConfig, *, mode: str, seed: int, rank: int, world_size: int,
+                 options: dict[str, Any] | None = None):
+        # options: what the task's loader needs besides DataConfig (Task.loader_options)
+        self.cfg, self.mode, self.seed, self.options = cfg, mode, seed, options or {}
         self.rank, self.world_size = rank, world_size
         self.epoch, self.consumed = 0, 0
 
@@ -62,6 +66,13 @@ class EpochStream:
 
     def loader(self, split: str, *, epoch: int = 0, shuffle: bool = False,
                batch_size: int | None = None):
+        if self.mode == "items":
+            return build_item_loader(
+                self.cfg.path, split, batch_size=batch_size or self.cfg.batch_size,
+                seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                num_workers=self.cfg.num_workers, shuffle=shuffle,
+                shuffle_buffer=self.cfg.shuffle_buffer, on_error=self.cfg.on_error,
+                **self.options)
         return build_loader(
             self.cfg.path, split, batch_size=batch_size or self.cfg.batch_size,
             max_len=self.cfg.max_len, seed=self.seed, epoch=epoch, rank=self.rank,

@@ -63,7 +63,8 @@ class Trainer:
                                   total_steps=cfg.trainer.max_steps, warm_start=self.warm_start)
         seed_everything(cfg.seed, self.env.rank)  # from here ranks differ: dropout, negatives
         self.stream = EpochStream(cfg.data, mode=self.task.data_mode, seed=cfg.seed,
-                                  rank=self.env.rank, world_size=self.env.world_size)
+                                  rank=self.env.rank, world_size=self.env.world_size,
+                                  options=self.task.loader_options())
         self.ledger = SampleLedger(self.run_dir, self.env.rank) if cfg.trainer.sample_ledger else None
         self.start_step = self.resume(self.resume_from())
         # Background writes get their own gloo group: their collectives run beside training's.
@@ -309,7 +310,8 @@ class Trainer:
                   final: dict[str, Any]) -> dict[str, Any]:
         metric = self.task.eval_metric
         value = final["metrics"].get(metric, float("nan"))
-        baseline = final["baselines"].get("most_popular", {}).get(metric, float("nan"))
+        name, scores = next(iter(final["baselines"].items()), ("baseline", {}))
+        baseline = scores.get(metric, float("nan"))  # the task's first (most-popular, chance)
         summary = {"recipe": self.task.name, "steps": len(losses), "seconds": round(seconds, 1),
                    "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
                    "events_per_s": events / seconds, "val": final, "run_dir": str(self.run_dir)}
@@ -318,6 +320,6 @@ class Trainer:
             plot_run(self.run_dir, metric)
             print(f"{self.task.name}: {len(losses)} steps in {seconds:.0f}s | loss "
                   f"{losses[0]:.3f} → {summary['last_loss']:.3f} | {summary['events_per_s']:,.0f} "
-                  f"events/s | val {metric} {value:.4f} (most-popular {baseline:.4f}) | "
+                  f"events/s | val {metric} {value:.4f} ({name.replace('_', '-')} {baseline:.4f}) | "
                   f"run {self.run_dir}", flush=True)
         return summary

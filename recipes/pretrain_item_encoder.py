@@ -1,0 +1,260 @@
+"""Item encoder pretraining: a tower per modality, aligned by CLIP-style InfoNCE.
+
+``recipe.pairs`` names what is aligned, ``A:B`` with A and B among ``text``, ``image``,
+``audio``, ``vectors`` (each through its tower, data/items.py shards) and ``behaviour`` (the
+item's row in the sharded item table of the member model in ``recipe.behaviour_from``,
+loaded frozen: content learns to predict how members treat an item). Matched rows are one
+item's two sides; every other item on every rank is a negative (models/contrastive.py). The
+towers, projection heads and temperature train under the engine like any recipe's dense
+arch, streaming the item shards (data/item_loader.py), with checkpoints, resume and logging
+from the shared trainer. Validation retrieves each held-out item's other side among all
+held-out items: recall@k against chance (k / items).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from foundation.data.batch import ItemBatch
+from foundation.data.items import iter_items
+from torch import Tensor, nn
+
+from foundation.models.contrastive import InfoNCE
+from foundation.models.encoders import (
+    AudioTower,
+    AudioTowerConfig,
+    ImageTower,
+    ImageTowerConfig,
+    TextTransformerConfig,
+    TextTransformerTower,
+    VectorProjection,
+    train_tokenizer,
+)
+from foundation.models.member import SparseArch, sparse_features
+from foundation.models.towers import ItemTower
+from foundation.tasks import Task, all_concat, synchronised
+
+TOKENIZER_FILE = "text_tokenizer.json"
+
+
+class Side(str, Enum):
+    text = "text"
+    image = "image"
+    audio = "audio"
+    vectors = "vectors"
+    behaviour = "behaviour"
+
+
+@dataclass
+class ItemEncoderConfig:
+    name: str = "pretrain_item_encoder"
+    # What is aligned: "A:B" pairs of text, image, audio, vectors, behaviour.
+    pairs: list[str] = field(default_factory=lambda: ["image:text", "audio:text"])
+    behaviour_from: str | None = None  # a pretrain_member_fm run (sharded item table)
+    dim: int = 128  # the shared space every side is projected into
+    temperature: float = 0.07  # initial; learnt
+    min_temperature: float = 0.01  # the learnt temperature never goes below this (CLIP)
+    val_fraction: float = 0.1  # items held out (by id) for validation
+    ks: list[int] = field(default_factory=lambda: [1, 5])
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    text: TextTransformerConfig = field(default_factory=TextTransformerConfig)
+
+
+def parse_pairs(pairs: list[str]) -> list[tuple[Side, Side]]:
+    sides = [s.value for s in Side]
+    parsed = []
+    for pair in pairs:
+        a, colon, b = str(pair).partition(":")
+        if not colon or a not in sides or b not in sides or a == b:
+            raise ValueError(f"recipe.pairs: {pair!r} is not A:B with two different sides "
+                             f"from {sides}")
+        parsed.append((Side(a), Side(b)))
+    if not parsed:
+        raise ValueError("recipe.pairs is empty: name at least one pair, e.g. [image:text]")
+    return parsed
+
+
+class ItemEncoder(nn.Module):
+    """Towers and projection heads into one unit-length space, and the InfoNCE loss."""
+
+    def __init__(self, towers: dict[str, ItemTower], behaviour_dim: int | None,
+                 pairs: list[tuple[Side, Side]], recipe: ItemEncoderConfig):
+        super().__init__()
+        self.pairs = pairs
+        self.towers = nn.ModuleDict(towers)
+        widths = {side: tower.out_dim for side, tower in towers.items()}
+        if behaviour_dim is not None:
+            widths[Side.behaviour.value] = behaviour_dim
+        self.heads = nn.ModuleDict({side: nn.Linear(width, recipe.dim)
+                                    for side, width in widths.items()})
+        self.loss = InfoNCE(recipe.temperature, recipe.min_temperature)
+
+    def embed(self, side: Side, batch: ItemBatch, emb: dict[str, Tensor], rows: Tensor) -> Tensor:
+        """Unit vectors ``[len(rows), dim]`` of one side of the batch's ``rows``."""
+        if side == Side.behaviour:
+            x = emb["negative"][rows].detach()  # the member model's table stays as trained
+        else:
+            x = self.towers[side.value]([batch.content[side.value][i] for i in rows.tolist()])
+        return F.normalize(self.heads[side.value](x), dim=-1)
+
+    def rows(self, batch: ItemBatch, *sides: Side) -> Tensor:
+        have = torch.ones(len(batch), dtype=torch.bool)
+        for side in sides:
+            if side != Side.behaviour:
+                have &= batch.has(side.value)
+        return have.nonzero().squeeze(1)
+
+    def forward(self, batch: ItemBatch, emb: dict[str, Tensor]) -> Tensor:
+        losses = []
+        for a, b in self.pairs:
+            rows = self.rows(batch, a, b)
+            losses.append(self.loss(self.embed(a, batch, emb, rows), self.embed(b, batch, emb, rows)))
+        return torch.stack(losses).mean()
+
+
+class PretrainItemEncoder(Task):
+    name = "pretrain_item_encoder"
+    config_class = ItemEncoderConfig
+    summary = "item encoders: towers per modality aligned by CLIP-style InfoNCE"
+    data_mode = "items"
+    eval_metric = "recall@1"
+    transfer_prefixes = ()  # a warm start (behaviour_from) brings the item table only
+
+    def __init__(self, cfg, manifest, item_counts):
+        super().__init__(cfg, manifest, item_counts)
+        self.pairs = parse_pairs(list(self.recipe.pairs))
+        self.sides = sorted({s for pair in self.pairs for s in pair}, key=list(Side).index)
+        self.content_sides = tuple(s.value for s in self.sides if s != Side.behaviour)
+        have = set((manifest.get("items") or {}).get("content", {}))
+        missing = [s for s in self.content_sides if s not in have]
+        if missing:
+            raise ValueError(f"recipe.pairs reads {missing} item content, which "
+                             f"{cfg.data.path} does not have (it has {sorted(have)})")
+        self.behaviour = Side.behaviour in self.sides
+        if self.behaviour and not self.recipe.behaviour_from:
+            raise ValueError("recipe.pairs aligns with behaviour: pass recipe.behaviour_from="
+                             "RUN (a pretrain_member_fm run on the same data)")
+
+    def loader_options(self):
+        return {"modalities": self.content_sides, "val_fraction": self.recipe.val_fraction}
+
+    def init_from(self) -> str | None:
+        return self.recipe.behaviour_from if self.behaviour else None
+
+    @functools.cached_property
+    def behaviour_dim(self) -> int | None:
+        """The member model's embedding size (its item table's width)."""
+        if not self.behaviour:
+            return None
+        from foundation.eval.run import read_run_config
+
+        member = read_run_config(Path(self.recipe.behaviour_from))
+        if member.model.item_table != "sharded":
+            raise ValueError(f"recipe.behaviour_from={self.recipe.behaviour_from} keeps its "
+                             f"item table replicated; align with a model.item_table=sharded run")
+        return int(member.model.embedding_dim)
+
+    def build_sparse(self, device: torch.device) -> nn.Module:
+        dim = self.behaviour_dim or self.cfg.model.embedding_dim
+        return SparseArch(self.num_items, dim, self.schema.sizes, device,
+                          with_items=self.behaviour)
+
+    def build_dense(self) -> nn.Module:
+        towers: dict[str, ItemTower] = {}
+        for side in self.content_sides:
+            if side == Side.image.value:
+                towers[side] = ImageTower(self.recipe.image)
+            elif side == Side.audio.value:
+                towers[side] = AudioTower(self.recipe.audio)
+            elif side == Side.text.value:
+                towers[side] = TextTransformerTower(self.recipe.text, self.tokenizer())
+            else:
+                dim = int(self.manifest["items"]["content"]["vectors"]["dim"])
+                towers[side] = VectorProjection(dim, self.recipe.dim)
+        return ItemEncoder(towers, self.behaviour_dim, self.pairs, self.recipe)
+
+    def tokenizer(self) -> str:
+        """The text tower's WordPiece vocabulary, learnt once per run from the catalogue's
+        text by rank 0 and kept in the run dir (so a resumed run reads the same one)."""
+        path = Path(self.cfg.run_dir) / TOKENIZER_FILE
+        if not path.exists() and (not dist.is_initialized() or dist.get_rank() == 0):
+            texts = [i["text"] for i in iter_items(self.cfg.data.path, self.manifest, ("text",))
+                     if "text" in i]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(train_tokenizer(texts, self.recipe.text.vocab_size))
+            tmp.replace(path)
+        if dist.is_initialized():
+            dist.barrier()
+        return path.read_text()
+
+    def features(self, batch: ItemBatch):
+        kjt = sparse_features(negatives=batch.item if self.behaviour else None,
+                              with_items=self.behaviour, event_keys=tuple(self.schema.sizes))
+        return kjt, {}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches):
+        """Each held-out item's sides embedded, then for every pair: how often an item's
+        other side is among the k nearest of all held-out items' (both directions)."""
+        module = model.dense_module
+        parts: dict[str, list[np.ndarray]] = {}
+        for batch, real in synchronised(batches, model.world_size):
+            emb = model.embed(self.features(batch)[0])
+            for side in self.sides:
+                rows = module.rows(batch, side)
+                vectors = module.embed(side, batch, emb, rows)
+                if real:
+                    parts.setdefault(f"{side.value}/items", []).append(
+                        batch.item[rows].numpy().astype(np.float64))
+                    parts.setdefault(f"{side.value}/vectors", []).append(
+                        vectors.float().cpu().numpy().ravel())
+        dim, world = self.recipe.dim, model.world_size
+        found = {side: (all_concat(parts.get(f"{side.value}/items", []), world).astype(np.int64),
+                        all_concat(parts.get(f"{side.value}/vectors", []), world).reshape(-1, dim))
+                 for side in self.sides}
+        metrics, chance = {}, {}
+        for a, b in self.pairs:
+            recalls, items = _pair_recall(found[a], found[b], self.recipe.ks)
+            metrics.update({f"{a.value}:{b.value}/{k}": v for k, v in recalls.items()})
+            chance = {f"recall@{k}": min(1.0, k / max(items, 1)) for k in self.recipe.ks}
+            metrics[f"{a.value}:{b.value}/items"] = items
+        for k in self.recipe.ks:
+            metrics[f"recall@{k}"] = float(np.mean([metrics[f"{a.value}:{b.value}/recall@{k}"]
+                                                    for a, b in self.pairs]))
+        metrics["temperature"] = float(1.0 / module.loss.scale.item())
+        return {"metrics": metrics, "baselines": {"chance": chance}}
+
+
+def _pair_recall(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+                 ks: list[int]) -> tuple[dict[str, float], int]:
+    """Recall@k of retrieving each item's b-side from its a-side among all items having both,
+    averaged with the reverse direction."""
+    common = np.intersect1d(a[0], b[0])
+    if not len(common):
+        return {f"recall@{k}": 0.0 for k in ks}, 0
+    va = a[1][_index(a[0], common)]
+    vb = b[1][_index(b[0], common)]
+    similarity = va @ vb.T
+    recalls = {}
+    for k in ks:
+        hits = []
+        for sim in (similarity, similarity.T):
+            target = np.diag(sim)[:, None]
+            hits.append(((sim > target).sum(1) < k).mean())
+        recalls[f"recall@{k}"] = float(np.mean(hits))
+    return recalls, len(common)
+
+
+def _index(items: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Rows of ``items`` holding each of ``wanted`` (all present)."""
+    order = np.argsort(items, kind="stable")
+    return order[np.searchsorted(items[order], wanted)]
