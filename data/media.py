@@ -81,6 +81,34 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     return samples.mean(axis=1), int(rate)
 
 
+# What the towers see (numpy only, shared by training and the serving predictor).
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
+
+
+def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` → normalised float32 ``[3, size, size]``."""
+    from PIL import Image
+
+    if image.shape[:2] != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size),
+                                                         Image.Resampling.BILINEAR))
+    pixels = image.astype(np.float32).transpose(2, 0, 1) / 255.0
+    return (pixels - IMAGE_MEAN) / IMAGE_STD
+
+
+def prepare_audio(samples: np.ndarray, rate: int, target_rate: int, length: int) -> np.ndarray:
+    """Mono samples → float32 ``[length]`` at ``target_rate`` (linear-interpolation
+    resampling, then cut or zero-padded)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if rate != target_rate:
+        count = max(1, int(round(len(samples) * target_rate / rate)))
+        samples = np.interp(np.linspace(0, len(samples) - 1, count), np.arange(len(samples)),
+                            samples).astype(np.float32)
+    out = np.zeros(length, dtype=np.float32)
+    out[:min(length, len(samples))] = samples[:length]
+    return out
+
+
 def check_media(entry: str, data: bytes) -> None:
     """Decode once to check (the writer stores only media that decode within the limits)."""
     if entry in ("jpg", "png"):

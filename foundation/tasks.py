@@ -58,7 +58,8 @@ class Task:
         for modality in model.item_content:
             modality = Modality(modality)
             vectors, has = content_vectors(modality, self.cfg.data.path, self.manifest,
-                                           self.num_items, model.text_tower, cache)
+                                           self.num_items, model.text_tower, cache,
+                                           model.item_encoder)
             adapters[modality.value] = ContentAdapter(vectors, has, model.embedding_dim,
                                                       model.dropout)
         return ItemContent(adapters)

@@ -14,110 +14,25 @@ held-out items: recall@k against chance (k / items).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from foundation.data.batch import ItemBatch
 from foundation.data.items import iter_items
-from torch import Tensor, nn
+from torch import nn
 
-from foundation.models.contrastive import InfoNCE
 from foundation.models.encoders import (
-    AudioTower,
-    AudioTowerConfig,
-    ImageTower,
-    ImageTowerConfig,
-    TextTransformerConfig,
-    TextTransformerTower,
-    VectorProjection,
+    TOKENIZER_FILE,
+    ItemEncoderConfig,
+    Side,
+    build_item_encoder,
+    parse_pairs,
     train_tokenizer,
 )
 from foundation.models.member import SparseArch, sparse_features
-from foundation.models.towers import ItemTower
 from foundation.tasks import Task, all_concat, synchronised
-
-TOKENIZER_FILE = "text_tokenizer.json"
-
-
-class Side(str, Enum):
-    text = "text"
-    image = "image"
-    audio = "audio"
-    vectors = "vectors"
-    behaviour = "behaviour"
-
-
-@dataclass
-class ItemEncoderConfig:
-    name: str = "pretrain_item_encoder"
-    # What is aligned: "A:B" pairs of text, image, audio, vectors, behaviour.
-    pairs: list[str] = field(default_factory=lambda: ["image:text", "audio:text"])
-    behaviour_from: str | None = None  # a pretrain_member_fm run (sharded item table)
-    dim: int = 128  # the shared space every side is projected into
-    temperature: float = 0.07  # initial; learnt
-    min_temperature: float = 0.01  # the learnt temperature never goes below this (CLIP)
-    val_fraction: float = 0.1  # items held out (by id) for validation
-    ks: list[int] = field(default_factory=lambda: [1, 5])
-    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
-    audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
-    text: TextTransformerConfig = field(default_factory=TextTransformerConfig)
-
-
-def parse_pairs(pairs: list[str]) -> list[tuple[Side, Side]]:
-    sides = [s.value for s in Side]
-    parsed = []
-    for pair in pairs:
-        a, colon, b = str(pair).partition(":")
-        if not colon or a not in sides or b not in sides or a == b:
-            raise ValueError(f"recipe.pairs: {pair!r} is not A:B with two different sides "
-                             f"from {sides}")
-        parsed.append((Side(a), Side(b)))
-    if not parsed:
-        raise ValueError("recipe.pairs is empty: name at least one pair, e.g. [image:text]")
-    return parsed
-
-
-class ItemEncoder(nn.Module):
-    """Towers and projection heads into one unit-length space, and the InfoNCE loss."""
-
-    def __init__(self, towers: dict[str, ItemTower], behaviour_dim: int | None,
-                 pairs: list[tuple[Side, Side]], recipe: ItemEncoderConfig):
-        super().__init__()
-        self.pairs = pairs
-        self.towers = nn.ModuleDict(towers)
-        widths = {side: tower.out_dim for side, tower in towers.items()}
-        if behaviour_dim is not None:
-            widths[Side.behaviour.value] = behaviour_dim
-        self.heads = nn.ModuleDict({side: nn.Linear(width, recipe.dim)
-                                    for side, width in widths.items()})
-        self.loss = InfoNCE(recipe.temperature, recipe.min_temperature)
-
-    def embed(self, side: Side, batch: ItemBatch, emb: dict[str, Tensor], rows: Tensor) -> Tensor:
-        """Unit vectors ``[len(rows), dim]`` of one side of the batch's ``rows``."""
-        if side == Side.behaviour:
-            x = emb["negative"][rows].detach()  # the member model's table stays as trained
-        else:
-            x = self.towers[side.value]([batch.content[side.value][i] for i in rows.tolist()])
-        return F.normalize(self.heads[side.value](x), dim=-1)
-
-    def rows(self, batch: ItemBatch, *sides: Side) -> Tensor:
-        have = torch.ones(len(batch), dtype=torch.bool)
-        for side in sides:
-            if side != Side.behaviour:
-                have &= batch.has(side.value)
-        return have.nonzero().squeeze(1)
-
-    def forward(self, batch: ItemBatch, emb: dict[str, Tensor]) -> Tensor:
-        losses = []
-        for a, b in self.pairs:
-            rows = self.rows(batch, a, b)
-            losses.append(self.loss(self.embed(a, batch, emb, rows), self.embed(b, batch, emb, rows)))
-        return torch.stack(losses).mean()
 
 
 class PretrainItemEncoder(Task):
@@ -168,18 +83,8 @@ class PretrainItemEncoder(Task):
                           with_items=self.behaviour)
 
     def build_dense(self) -> nn.Module:
-        towers: dict[str, ItemTower] = {}
-        for side in self.content_sides:
-            if side == Side.image.value:
-                towers[side] = ImageTower(self.recipe.image)
-            elif side == Side.audio.value:
-                towers[side] = AudioTower(self.recipe.audio)
-            elif side == Side.text.value:
-                towers[side] = TextTransformerTower(self.recipe.text, self.tokenizer())
-            else:
-                dim = int(self.manifest["items"]["content"]["vectors"]["dim"])
-                towers[side] = VectorProjection(dim, self.recipe.dim)
-        return ItemEncoder(towers, self.behaviour_dim, self.pairs, self.recipe)
+        tokenizer = self.tokenizer() if Side.text.value in self.content_sides else None
+        return build_item_encoder(self.recipe, self.manifest, tokenizer, self.behaviour_dim)
 
     def tokenizer(self) -> str:
         """The text tower's WordPiece vocabulary, learnt once per run from the catalogue's

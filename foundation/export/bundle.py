@@ -29,6 +29,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from foundation.checksum import sha256
+from foundation.data.media import decode_audio, decode_image, prepare_audio, prepare_image
 from foundation.data.schema import EventSchema
 
 MANIFEST = "manifest.json"
@@ -145,6 +146,7 @@ class Predictor:
         self.exported_items = len(self.catalogue)  # rows after these came from add_items
         self._run = self._load_program(root / BACKENDS[backend])
         self._towers: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
 
     def _table(self, name: str, precision: str = "fp32") -> np.ndarray:
         available = self.manifest["tables"].get(name, {}).get("precisions", [])
@@ -243,24 +245,37 @@ class Predictor:
         return out
 
     def _encode(self, name: str, spec: dict[str, Any], values: list[Any]) -> np.ndarray:
-        """One modality's raw content → its tower's vectors ``[N, dim]``."""
-        if name != "text":
+        """One modality's raw content → its tower's vectors ``[N, dim]``: text as strings,
+        images as paths, bytes or uint8 ``[H, W, 3]`` arrays, audio as paths, bytes or
+        ``(samples, rate)``, vectors as arrays."""
+        if name == "vectors":
             vectors = np.asarray(values, dtype=np.float32).reshape(len(values), -1)
             if vectors.shape[1] != spec["dim"]:
                 raise ValueError(f"add_items: {name} of {vectors.shape[1]} values, the model "
                                  f"reads {spec['dim']}")
             return vectors
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(self.root / spec["tokenizer"]))
         tower = self._program(spec["program"])
         out = []
         for start in range(0, len(values), 64):
-            encoded = tokenizer.encode_batch([str(v) for v in values[start:start + 64]])
-            ids = np.array([e.ids for e in encoded], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-            out.append(np.asarray(tower(ids, mask), dtype=np.float32))
+            chunk = values[start:start + 64]
+            if name == "text":
+                inputs = self._tokenize(spec, chunk)
+            elif name == "image":
+                inputs = (np.stack([prepare_image(_image(v), spec["size"]) for v in chunk]),)
+            else:
+                inputs = (np.stack([prepare_audio(*_clip(v), spec["sample_rate"], spec["length"])
+                                    for v in chunk]),)
+            out.append(np.asarray(tower(*inputs), dtype=np.float32))
         return np.concatenate(out)
+
+    def _tokenize(self, spec: dict[str, Any], texts: list[Any]) -> tuple[np.ndarray, ...]:
+        from tokenizers import Tokenizer
+
+        if "text" not in self._tokenizers:
+            self._tokenizers["text"] = Tokenizer.from_file(str(self.root / spec["tokenizer"]))
+        encoded = self._tokenizers["text"].encode_batch([str(v) for v in texts])
+        return (np.array([e.ids for e in encoded], dtype=np.int64),
+                np.array([e.attention_mask for e in encoded], dtype=np.int64))
 
     def ann_index(self):
         """The bundle's faiss index, with the items added since loading (id = row - 1)."""
@@ -322,6 +337,27 @@ class Predictor:
                 times[row, : len(token)] = e["timestamp"]
         inputs = (tokens, lengths, times) if self.uses_time else (tokens, lengths)
         return np.asarray(self._run(*inputs), dtype=np.float32)
+
+
+def _media_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes | bytearray) else Path(value).read_bytes()
+
+
+def _image(value: Any) -> np.ndarray:
+    """An image given as a path, encoded bytes or a uint8 ``[H, W, 3]`` array."""
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3:
+            raise ValueError(f"add_items: an image array must be uint8 [H, W, 3], got "
+                             f"{value.dtype} {value.shape}")
+        return value
+    return decode_image(_media_bytes(value))
+
+
+def _clip(value: Any) -> tuple[np.ndarray, int]:
+    """Audio given as a path, encoded bytes or ``(samples, rate)``."""
+    if isinstance(value, tuple):
+        return np.asarray(value[0], dtype=np.float32), int(value[1])
+    return decode_audio(_media_bytes(value))
 
 
 def top_k(scores: np.ndarray, events: Sequence[dict[str, np.ndarray]], k: int,

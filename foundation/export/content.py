@@ -2,9 +2,11 @@
 
 A new item's scoring vector is what the model gives an item without a trained ID row: the
 shared fallback plus each modality's adapted content vector. The bundle holds the fallback,
-each adapter (``embeddings/content_<modality>.safetensors``: ``center`` and ``project``) and,
-for text, the tower as programs (``towers/text.pt2``, ``towers/text.onnx``) with its
-tokenizer (``towers/text_tokenizer.json``); ``Predictor.add_items`` runs them.
+each adapter (``embeddings/content_<modality>.safetensors``: ``center`` and ``project``) and
+each tower as programs (``towers/<modality>.pt2``, ``.onnx``): for text with its tokenizer
+(``towers/text_tokenizer.json``), for image and audio the item encoder's tower and head
+(pixels or waveforms in, what ``foundation.data.media.prepare_*`` makes of a file);
+``Predictor.add_items`` runs them.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 from safetensors.numpy import save_file
 from torch import Tensor, nn
 
-from foundation.data.items import load_item_content
+from foundation.data.items import iter_items
 from foundation.export.programs import export_program
+from foundation.models.encoders import load_item_encoder
 from foundation.models.member import MemberModelConfig
 from foundation.models.towers import MiniLMTextTower, Modality
 
@@ -40,6 +43,20 @@ class TextTowerProgram(nn.Module):
         return self.tower.encode_tokens(ids, mask > 0)
 
 
+class EncoderSideProgram(nn.Module):
+    """Prepared pixels ``[B, 3, S, S]`` or waveforms ``[B, T]`` → the item encoder's unit
+    vectors for that side."""
+
+    input_names = ["prepared"]
+
+    def __init__(self, encoder: nn.Module, side: str):
+        super().__init__()
+        self.tower, self.head = encoder.towers[side], encoder.heads[side]
+
+    def forward(self, prepared: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(self.head(self.tower.encode(prepared)), dim=-1)
+
+
 def write_content(dense: nn.Module, model: MemberModelConfig, root: Path
                   ) -> dict[str, Any] | None:
     """The fallback, the adapters and the towers of a model with item content (else None)."""
@@ -54,6 +71,8 @@ def write_content(dense: nn.Module, model: MemberModelConfig, root: Path
         modalities[name] = {"adapter": rel, "dim": int(adapter.vectors.shape[1])}
         if Modality(name) == Modality.text:
             modalities[name].update(_write_text_tower(model, root))
+        elif Modality(name) in (Modality.image, Modality.audio):
+            modalities[name].update(_write_encoder_tower(model, name, root))
     save_file({"weight": dense.fallback.detach().numpy()}, str(root / FALLBACK))
     return {"modalities": modalities, "fallback": FALLBACK,
             "meaning": "new item vector = fallback + sum over modalities of "
@@ -72,18 +91,49 @@ def _write_text_tower(model: MemberModelConfig, root: Path) -> dict[str, Any]:
             "max_tokens": model.text_tower.max_tokens}
 
 
+def _write_encoder_tower(model: MemberModelConfig, name: str, root: Path) -> dict[str, Any]:
+    encoder, fingerprint = load_item_encoder(model.item_encoder)
+    tower = encoder.towers[name]
+    if name == Modality.image.value:
+        size = tower.cfg.size
+        example = torch.randn(2, 3, size, size)
+        spec = {"size": size}
+    else:
+        example = torch.randn(2, tower.length)
+        spec = {"sample_rate": tower.cfg.sample_rate, "length": tower.length}
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    stem = f"towers/{name}"
+    export_program(EncoderSideProgram(encoder, name).eval(), (example,), ({0: batch},), root / stem,
+                   output_name=f"{name}_vector")
+    return {"program": stem, "encoder": fingerprint, **spec}
+
+
 @torch.no_grad()
 def write_content_parity_inputs(dense: nn.Module, data_path: str, manifest: dict[str, Any],
                                 root: Path) -> None:
-    """Some items' raw text and the training model's vector for them as new items (fallback
-    + adapted content): the gate embeds the same text through the bundle and compares."""
+    """Some items' raw content (every modality the model reads) and the training model's
+    vector for them as new items (fallback + adapted content): the gate adds the same content
+    through the bundle's towers and compares."""
     content = getattr(dense, "content", None)
-    if content is None or "text" not in content.adapters:
+    if content is None or not set(content.adapters) & {"text", "image", "audio"}:
         return
-    ids, texts = load_item_content(data_path, manifest, "text")
-    pick = np.linspace(0, len(ids) - 1, min(PARITY_ITEMS, len(ids))).astype(np.int64)
-    items = torch.as_tensor(ids[pick])
-    vectors = dense.scoring(dense.fallback + content.adapters["text"](items))
+    names = tuple(content.adapters)
+    complete = [i for i in iter_items(data_path, manifest, names) if all(n in i for n in names)]
+    picked = [complete[k] for k in np.linspace(0, len(complete) - 1,
+                                               min(PARITY_ITEMS, len(complete))).astype(int)]
+    items = torch.as_tensor([i["item"] for i in picked])
+    vectors = dense.scoring(dense.fallback + content(items))
     raw = np.load(Path(data_path) / "item_ids.npy", allow_pickle=False)
-    np.savez(root / "content.npz", raw_ids=raw[ids[pick]], texts=np.array([texts[i] for i in pick]),
-             vectors=vectors.numpy())
+    arrays = {"raw_ids": raw[items.numpy()], "vectors": vectors.numpy()}
+    if "text" in names:
+        arrays["texts"] = np.array([i["text"] for i in picked])
+    if "image" in names:  # flat pixels and each image's shape (sizes may differ)
+        arrays["image_pixels"] = np.concatenate([i["image"].ravel() for i in picked])
+        arrays["image_shapes"] = np.array([i["image"].shape for i in picked])
+    if "audio" in names:
+        arrays["audio_samples"] = np.concatenate([i["audio"][0] for i in picked])
+        arrays["audio_lengths"] = np.array([len(i["audio"][0]) for i in picked])
+        arrays["audio_rates"] = np.array([i["audio"][1] for i in picked])
+    if "vectors" in names:
+        arrays["item_vectors"] = np.stack([i["vectors"] for i in picked])
+    np.savez(root / "content.npz", **arrays)

@@ -72,7 +72,7 @@ def _tower_parity(bundle: Path, path: Path, members) -> dict:
     from foundation.export.bundle import load_bundle
 
     saved = dict(np.load(path, allow_pickle=False))
-    items = {int(i): {"text": str(t)} for i, t in zip(saved["raw_ids"], saved["texts"])}
+    items = _new_items(saved)
     reference = members @ saved["vectors"].T  # the model's scoring vectors of these items
     diffs = {}
     for backend in ("torch", "onnx"):
@@ -80,6 +80,31 @@ def _tower_parity(bundle: Path, path: Path, members) -> dict:
         served = predictor._scoring(predictor.new_item_vectors(items))
         diffs[backend] = float(np.abs(members @ served.T - reference).max())
     return {"items": len(items), "members": len(members), "max_abs_diff": diffs}
+
+
+def _new_items(saved: dict) -> dict:
+    """The recorded items' raw content as a caller would pass it to ``add_items``."""
+    import numpy as np
+
+    items: dict = {int(i): {} for i in saved["raw_ids"]}
+    rows = list(items.values())
+    if "texts" in saved:
+        for row, text in zip(rows, saved["texts"]):
+            row["text"] = str(text)
+    if "image_pixels" in saved:
+        ends = np.cumsum([int(np.prod(s)) for s in saved["image_shapes"]])
+        for row, pixels, shape in zip(rows, np.split(saved["image_pixels"], ends[:-1]),
+                                      saved["image_shapes"]):
+            row["image"] = pixels.reshape(shape)
+    if "audio_samples" in saved:
+        ends = np.cumsum(saved["audio_lengths"])
+        for row, samples, rate in zip(rows, np.split(saved["audio_samples"], ends[:-1]),
+                                      saved["audio_rates"]):
+            row["audio"] = (samples, int(rate))
+    if "item_vectors" in saved:
+        for row, vector in zip(rows, saved["item_vectors"]):
+            row["vectors"] = vector
+    return items
 
 
 def _histories(d) -> list:

@@ -20,8 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from foundation.checksum import sha256
 from foundation.data.items import load_item_content
+from foundation.models.encoders import load_item_encoder
 from foundation.models.towers import (
+    EncoderSide,
     ItemTower,
     MiniLMTextTower,
     Modality,
@@ -29,23 +32,48 @@ from foundation.models.towers import (
     VectorTower,
     encode_texts,
 )
+from foundation.train.checkpoint import resolve
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "content"
 
 
-def build_tower(modality: Modality, manifest: dict[str, Any], text: TextTowerConfig
-                ) -> ItemTower:
+ENCODED_BY_ENCODER = (Modality.image, Modality.audio)  # towers of a pretrain_item_encoder run
+ENCODE_BATCH = 256  # items per forward of an image or audio tower
+
+
+def build_tower(modality: Modality, manifest: dict[str, Any], text: TextTowerConfig,
+                item_encoder: str | None = None) -> ItemTower:
     if modality == Modality.text:
         return MiniLMTextTower(text).eval()
+    if modality in ENCODED_BY_ENCODER:
+        encoder, fingerprint = load_item_encoder(_encoder_run(modality, item_encoder))
+        if modality.value not in encoder.towers:
+            raise ValueError(f"model.item_encoder={item_encoder} has no {modality.value} tower "
+                             f"(its pairs: {[f'{a.value}:{b.value}' for a, b in encoder.pairs]})")
+        return EncoderSide(encoder, modality.value, fingerprint)
     return VectorTower(int(manifest["items"]["content"]["vectors"]["dim"]))
 
 
-def _fingerprint(modality: Modality, manifest: dict[str, Any], text: TextTowerConfig) -> str:
+def _encoder_run(modality: Modality, item_encoder: str | None) -> str:
+    if not item_encoder:
+        raise ValueError(f"model.item_content lists {modality.value!r}, whose tower comes from "
+                         f"an item encoder run: pass model.item_encoder=RUN (a "
+                         f"pretrain_item_encoder run)")
+    return item_encoder
+
+
+def _fingerprint(modality: Modality, manifest: dict[str, Any], text: TextTowerConfig,
+                 item_encoder: str | None) -> str:
     """What the cached vectors depend on: the tower and the item shards (known without
     loading the tower's weights, so a cache hit costs no model load)."""
-    tower = (MiniLMTextTower.fingerprint_of(text) if modality == Modality.text
-             else f"vectors-{manifest['items']['content']['vectors']['dim']}")
+    if modality == Modality.text:
+        tower = MiniLMTextTower.fingerprint_of(text)
+    elif modality in ENCODED_BY_ENCODER:
+        weights = resolve(_encoder_run(modality, item_encoder)) / "dense.safetensors"
+        tower = f"encoder-{sha256(weights)[:16]}-{modality.value}"
+    else:
+        tower = f"vectors-{manifest['items']['content']['vectors']['dim']}"
     shards = [s["sha256"] for s in manifest["items"]["shards"]]
     return hashlib.sha256(json.dumps([tower, shards]).encode()).hexdigest()[:16]
 
@@ -65,29 +93,32 @@ def _agree(flag: bool) -> bool:
 
 
 def content_vectors(modality: Modality, data_path: str, manifest: dict[str, Any],
-                    num_items: int, text: TextTowerConfig, cache_dir: Path | None
-                    ) -> tuple[Tensor, Tensor]:
+                    num_items: int, text: TextTowerConfig, cache_dir: Path | None,
+                    item_encoder: str | None = None) -> tuple[Tensor, Tensor]:
     """``[V, d]`` vectors of every item (zeros where it has no such content) and the ``[V]``
-    mask of items that have it; collective when distributed."""
+    mask of items that have it; collective when distributed. Image and audio go through
+    the towers of the item encoder run ``item_encoder``."""
     if not manifest.get("items") or modality.value not in manifest["items"]["content"]:
         raise ValueError(f"model.item_content lists {modality.value!r}, but {data_path} has no "
-                         f"item {modality.value}: build the shards with "
-                         f"source.item_{modality.value}_path=... or drop it from "
-                         f"model.item_content")
-    key = _fingerprint(modality, manifest, text)
+                         f"item {modality.value}: build the shards with its source "
+                         f"(source.item_text_path, item_vectors_path or item_media_dir) or "
+                         f"drop it from model.item_content")
+    key = _fingerprint(modality, manifest, text, item_encoder)
     cache = cache_dir / f"{modality.value}.safetensors" if cache_dir is not None else None
     from safetensors.torch import load_file, save_file
 
     if _agree(cache is not None and _cached(cache) == key):
         saved = load_file(str(cache))
         return saved["vectors"], saved["has"].bool()
-    tower = build_tower(modality, manifest, text)
+    tower = build_tower(modality, manifest, text, item_encoder)
     rank, world = _world()
     ids, values = load_item_content(data_path, manifest, modality.value)
     mine = np.arange(rank, len(ids), world)  # each rank encodes a slice of the catalogue
     vectors = torch.zeros(num_items, tower.out_dim)
     if modality == Modality.text:
         encoded = encode_texts(tower, [values[i] for i in mine], progress=rank == 0)
+    elif modality in ENCODED_BY_ENCODER:
+        encoded = _encode_batches(tower, [values[i] for i in mine])
     else:
         encoded = tower(np.stack([values[i] for i in mine])) if len(mine) else None
     if len(mine):
@@ -104,6 +135,13 @@ def content_vectors(modality: Modality, data_path: str, manifest: dict[str, Any]
         tmp.replace(cache)
     log.info("encoded %d items' %s with %s", len(ids), modality.value, tower.fingerprint)
     return vectors, has
+
+
+@torch.no_grad()
+def _encode_batches(tower: ItemTower, values: list) -> Tensor:
+    parts = [tower(values[start:start + ENCODE_BATCH])
+             for start in range(0, len(values), ENCODE_BATCH)]
+    return torch.cat(parts) if parts else torch.zeros(0, tower.out_dim)
 
 
 def _cached(path: Path) -> str | None:

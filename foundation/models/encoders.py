@@ -4,7 +4,7 @@ Each tower splits into ``prepare`` (raw content → a tensor batch, on the CPU: 
 resampling, tokenising) and ``encode`` (that tensor → vectors ``[B, out_dim]``, the part that
 trains and exports), and ``forward(raw) = encode(prepare(raw))``.
 
-* ``ImageTower``: a small CNN (conv–BN–ReLU blocks, stride 2, global average pool).
+* ``ImageTower``: a small CNN (conv–GroupNorm–ReLU blocks, stride 2, global average pool).
 * ``AudioTower``: a log-mel spectrogram (``torch.stft`` and a mel filterbank built here:
   torchaudio's wheels do not match torch 2.13) and a small CNN over it.
 * ``TextTransformerTower``: a WordPiece tokenizer trained on the catalogue's own text
@@ -18,22 +18,30 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from foundation.data.media import prepare_audio, prepare_image
+from foundation.models.contrastive import InfoNCE
 from foundation.models.towers import ItemTower
 
-IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
+if TYPE_CHECKING:
+    from foundation.data.batch import ItemBatch
 
-
-def _conv_stack(in_channels: int, channels: Sequence[int], conv: type[nn.Module],
-                norm: type[nn.Module]) -> nn.Sequential:
+def _conv_stack(in_channels: int, channels: Sequence[int]) -> nn.Sequential:
+    """conv 3×3 stride 2 → GroupNorm → ReLU blocks. GroupNorm, not BatchNorm: it keeps no
+    running statistics, which on several ranks would drift apart (only gradients are
+    synchronised), so every rank and the exported program compute the same vectors."""
     layers: list[nn.Module] = []
     for out in channels:
-        layers += [conv(in_channels, out, 3, stride=2, padding=1, bias=False), norm(out),
-                   nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(in_channels, out, 3, stride=2, padding=1, bias=False),
+                   nn.GroupNorm(min(8, out), out), nn.ReLU(inplace=True)]
         in_channels = out
     return nn.Sequential(*layers)
 
@@ -51,18 +59,11 @@ class ImageTower(ItemTower):
     def __init__(self, cfg: ImageTowerConfig):
         super().__init__()
         self.cfg, self.out_dim = cfg, cfg.dim
-        self.body = _conv_stack(3, cfg.channels, nn.Conv2d, nn.BatchNorm2d)
+        self.body = _conv_stack(3, cfg.channels)
         self.head = nn.Linear(cfg.channels[-1], cfg.dim)
 
     def prepare(self, images: Sequence[np.ndarray]) -> Tensor:
-        from PIL import Image
-
-        size = self.cfg.size
-        resized = [a if a.shape[:2] == (size, size) else
-                   np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR))
-                   for a in images]
-        pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
-        return (pixels - IMAGE_MEAN) / IMAGE_STD
+        return torch.from_numpy(np.stack([prepare_image(a, self.cfg.size) for a in images]))
 
     def encode(self, pixels: Tensor) -> Tensor:
         return self.head(self.body(pixels).mean(dim=(2, 3)))
@@ -106,15 +107,6 @@ def log_mel(waves: Tensor, cfg: AudioTowerConfig, filters: Tensor) -> Tensor:
     return torch.log(filters.to(waves.device) @ power + 1e-6)
 
 
-def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Linear-interpolation resampling (enough for a small tower's input)."""
-    if rate == target:
-        return samples
-    length = max(1, int(round(len(samples) * target / rate)))
-    return np.interp(np.linspace(0, len(samples) - 1, length), np.arange(len(samples)),
-                     samples).astype(np.float32)
-
-
 class AudioTower(ItemTower):
     """Audio clips (``(samples, rate)`` pairs) → vectors."""
 
@@ -123,18 +115,18 @@ class AudioTower(ItemTower):
         self.cfg, self.out_dim = cfg, cfg.dim
         self.register_buffer("filters", mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate),
                              persistent=False)
-        self.input_norm = nn.BatchNorm2d(1)
-        self.body = _conv_stack(1, cfg.channels, nn.Conv2d, nn.BatchNorm2d)
+        self.input_norm = nn.GroupNorm(1, 1)  # each spectrogram to zero mean, unit variance
+        self.body = _conv_stack(1, cfg.channels)
         self.head = nn.Linear(cfg.channels[-1], cfg.dim)
 
+    @property
+    def length(self) -> int:
+        return int(self.cfg.sample_rate * self.cfg.seconds)
+
     def prepare(self, clips: Sequence[tuple[np.ndarray, int]]) -> Tensor:
-        length = int(self.cfg.sample_rate * self.cfg.seconds)
-        waves = np.zeros((len(clips), length), dtype=np.float32)
-        for row, (samples, rate) in enumerate(clips):
-            wave = resample(np.asarray(samples, dtype=np.float32), int(rate),
-                            self.cfg.sample_rate)[:length]
-            waves[row, :len(wave)] = wave
-        return torch.from_numpy(waves)
+        return torch.from_numpy(np.stack([
+            prepare_audio(samples, int(rate), self.cfg.sample_rate, self.length)
+            for samples, rate in clips]))
 
     def encode(self, waves: Tensor) -> Tensor:
         spectrogram = self.input_norm(log_mel(waves, self.cfg, self.filters).unsqueeze(1))
@@ -222,6 +214,139 @@ class VectorProjection(ItemTower):
         return self.encode(self.prepare(vectors).to(self.mlp[0].weight.device))
 
 
-__all__ = ["AudioTower", "AudioTowerConfig", "ImageTower", "ImageTowerConfig",
-           "TextTransformerConfig", "TextTransformerTower", "VectorProjection", "log_mel",
-           "mel_filterbank", "train_tokenizer"]
+
+
+# -- the item encoder: towers + heads into one space ---------------------------------------
+
+TOKENIZER_FILE = "text_tokenizer.json"  # in an encoder run's directory
+
+
+class Side(str, Enum):
+    text = "text"
+    image = "image"
+    audio = "audio"
+    vectors = "vectors"
+    behaviour = "behaviour"
+
+
+@dataclass
+class ItemEncoderConfig:
+    name: str = "pretrain_item_encoder"
+    # What is aligned: "A:B" pairs of text, image, audio, vectors, behaviour.
+    pairs: list[str] = field(default_factory=lambda: ["image:text", "audio:text"])
+    behaviour_from: str | None = None  # a pretrain_member_fm run (sharded item table)
+    dim: int = 128  # the shared space every side is projected into
+    temperature: float = 0.07  # initial; learnt
+    min_temperature: float = 0.01  # the learnt temperature never goes below this (CLIP)
+    val_fraction: float = 0.1  # items held out (by id) for validation
+    ks: list[int] = field(default_factory=lambda: [1, 5])
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    text: TextTransformerConfig = field(default_factory=TextTransformerConfig)
+
+
+def parse_pairs(pairs: list[str]) -> list[tuple[Side, Side]]:
+    sides = [s.value for s in Side]
+    parsed = []
+    for pair in pairs:
+        a, colon, b = str(pair).partition(":")
+        if not colon or a not in sides or b not in sides or a == b:
+            raise ValueError(f"recipe.pairs: {pair!r} is not A:B with two different sides "
+                             f"from {sides}")
+        parsed.append((Side(a), Side(b)))
+    if not parsed:
+        raise ValueError("recipe.pairs is empty: name at least one pair, e.g. [image:text]")
+    return parsed
+
+
+class ItemEncoder(nn.Module):
+    """Towers and projection heads into one unit-length space, and the InfoNCE loss."""
+
+    def __init__(self, towers: dict[str, ItemTower], behaviour_dim: int | None,
+                 pairs: list[tuple[Side, Side]], recipe: ItemEncoderConfig):
+        super().__init__()
+        self.pairs = pairs
+        self.towers = nn.ModuleDict(towers)
+        widths = {side: tower.out_dim for side, tower in towers.items()}
+        if behaviour_dim is not None:
+            widths[Side.behaviour.value] = behaviour_dim
+        self.heads = nn.ModuleDict({side: nn.Linear(width, recipe.dim)
+                                    for side, width in widths.items()})
+        self.loss = InfoNCE(recipe.temperature, recipe.min_temperature)
+
+    def embed(self, side: Side, batch: ItemBatch, emb: dict[str, Tensor], rows: Tensor) -> Tensor:
+        """Unit vectors ``[len(rows), dim]`` of one side of the batch's ``rows``."""
+        if side == Side.behaviour:  # the member model's table stays as trained
+            return F.normalize(self.heads[side.value](emb["negative"][rows].detach()), dim=-1)
+        return self.content_vectors(side.value, [batch.content[side.value][i]
+                                                 for i in rows.tolist()])
+
+    def content_vectors(self, side: str, values: list) -> Tensor:
+        """Raw content of one side → unit vectors in the shared space (what a member model
+        reads as this side's item content, model.item_encoder)."""
+        return F.normalize(self.heads[side](self.towers[side](values)), dim=-1)
+
+    def rows(self, batch: ItemBatch, *sides: Side) -> Tensor:
+        have = torch.ones(len(batch), dtype=torch.bool)
+        for side in sides:
+            if side != Side.behaviour:
+                have &= batch.has(side.value)
+        return have.nonzero().squeeze(1)
+
+    def forward(self, batch: ItemBatch, emb: dict[str, Tensor]) -> Tensor:
+        losses = []
+        for a, b in self.pairs:
+            rows = self.rows(batch, a, b)
+            losses.append(self.loss(self.embed(a, batch, emb, rows), self.embed(b, batch, emb, rows)))
+        return torch.stack(losses).mean()
+
+
+def build_item_encoder(recipe: ItemEncoderConfig, manifest: dict[str, Any],
+                       tokenizer_json: str | None, behaviour_dim: int | None) -> ItemEncoder:
+    """The towers of every content side of ``recipe.pairs`` and their heads."""
+    pairs = parse_pairs(list(recipe.pairs))
+    towers: dict[str, ItemTower] = {}
+    # In Side's order: a set's order differs between processes (string hashing is salted),
+    # and every rank must build the same modules in the same order.
+    used = {s for pair in pairs for s in pair}
+    for side in [s for s in Side if s in used and s != Side.behaviour]:
+        if side == Side.image:
+            towers[side.value] = ImageTower(recipe.image)
+        elif side == Side.audio:
+            towers[side.value] = AudioTower(recipe.audio)
+        elif side == Side.text:
+            towers[side.value] = TextTransformerTower(recipe.text, tokenizer_json)
+        else:
+            dim = int(manifest["items"]["content"]["vectors"]["dim"])
+            towers[side.value] = VectorProjection(dim, recipe.dim)
+    return ItemEncoder(towers, behaviour_dim, pairs, recipe)
+
+
+def load_item_encoder(run_dir: str | Path) -> tuple[ItemEncoder, str]:
+    """A trained ``pretrain_item_encoder`` run's encoder (its newest checkpoint, eval mode)
+    and a fingerprint of its weights."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from foundation.checksum import sha256
+    from foundation.data.writer import load_manifest
+    from foundation.train import checkpoint
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"model.item_encoder={run}: not a training run (no config.yaml)")
+    saved = OmegaConf.load(run / "config.yaml")
+    if saved.recipe.name != "pretrain_item_encoder":
+        raise ValueError(f"model.item_encoder={run} is a {saved.recipe.name} run; pass a "
+                         f"pretrain_item_encoder run")
+    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ItemEncoderConfig),
+                                                 saved.recipe))
+    path = checkpoint.resolve(run)
+    weights = load_file(str(path / "dense.safetensors"))
+    behaviour = weights.get("heads.behaviour.weight")
+    tokenizer = run / TOKENIZER_FILE
+    encoder = build_item_encoder(recipe, load_manifest(saved.data.path),
+                                 tokenizer.read_text() if tokenizer.exists() else None,
+                                 behaviour.shape[1] if behaviour is not None else None)
+    encoder.load_state_dict(weights)
+    return encoder.eval(), f"encoder-{sha256(path / 'dense.safetensors')[:16]}"

@@ -65,6 +65,8 @@ class MemberModelConfig:
     # modality's frozen tower vectors, cached per run, through a trained adapter.
     item_content: list[Modality] = field(default_factory=list)
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+    # A pretrain_item_encoder run: its towers encode the image and audio content.
+    item_encoder: str | None = None
     # In training, an item's ID embedding is replaced by a shared fallback with this
     # probability, so the model learns to score from content alone (cold start). With
     # content or id_dropout, items never seen in training always use the fallback.

@@ -6,6 +6,10 @@
   package's zip in memory, never downloaded. Frozen, or its top N layers trainable.
 * ``VectorTower``: vectors an upstream service computed, passed through as they are (the
   member model's content adapter projects every modality into its own space).
+* ``EncoderSide``: one side of a trained item encoder (``pretrain_item_encoder``): its tower
+  and projection head, giving unit vectors in the encoder's shared space.
+
+Towers trained from scratch (image, audio, text, vectors) are in ``encoders.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class Modality(str, Enum):
 
     text = "text"
     vectors = "vectors"
+    image = "image"  # through a pretrain_item_encoder run's tower (model.item_encoder)
+    audio = "audio"  # likewise
 
 
 @dataclass
@@ -58,6 +64,18 @@ class VectorTower(ItemTower):
 
     def forward(self, content: Tensor) -> Tensor:
         return torch.as_tensor(content, dtype=torch.float32)
+
+
+class EncoderSide(ItemTower):
+    """One content side of a trained item encoder, frozen: raw content → its unit vectors."""
+
+    def __init__(self, encoder: nn.Module, side: str, fingerprint: str):
+        super().__init__()
+        self.encoder, self.side = encoder, side
+        self.out_dim, self.fingerprint = encoder.heads[side].out_features, fingerprint
+
+    def forward(self, content: list) -> Tensor:
+        return self.encoder.content_vectors(self.side, content)
 
 
 # -- MiniLM ------------------------------------------------------------------------------
