@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 from foundation.data.batch import ItemBatch
 from foundation.data.items import decode_item
-from foundation.data.loader import ErrorPolicy, _seeded_shuffle
+from foundation.data.loader import ErrorPolicy, _batch, _seeded_shuffle
 from foundation.data.writer import load_manifest
 from torch.utils.data import DataLoader, get_worker_info
 
@@ -57,26 +57,9 @@ def _decode(src: Iterable[dict[str, Any]], *, split: str, val_fraction: float,
             yield row
 
 
-def _batch(src: Iterable[dict[str, Any]], *, batch_size: int, modalities: tuple[str, ...],
-           handler: ErrorPolicy) -> Iterator[ItemBatch]:
-    rows: list[dict[str, Any]] = []
-    reported = handler.skipped
-
-    def emit() -> ItemBatch:
-        nonlocal reported
-        batch = ItemBatch(item=torch.tensor([r["item"] for r in rows], dtype=torch.int64),
-                          content={m: [r.get(m) for r in rows] for m in modalities},
-                          skipped=handler.skipped - reported)
-        reported = handler.skipped
-        return batch
-
-    for row in src:
-        if len(rows) == batch_size:
-            yield emit()
-            rows = []
-        rows.append(row)
-    if rows:
-        yield emit()
+def collate_items(rows: list[dict[str, Any]], modalities: tuple[str, ...]) -> ItemBatch:
+    return ItemBatch(item=torch.tensor([r["item"] for r in rows], dtype=torch.int64),
+                     content={m: [r.get(m) for r in rows] for m in modalities})
 
 
 def build_item_loader(path: str | Path, split: str, *, batch_size: int, modalities: tuple[str, ...],
@@ -109,7 +92,8 @@ def build_item_loader(path: str | Path, split: str, *, batch_size: int, modaliti
     if shuffle and shuffle_buffer > 1:
         stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch,
                               rank=rank))
-    stages.append(partial(_batch, batch_size=batch_size, modalities=modalities, handler=handler))
+    stages.append(partial(_batch, batch_size=batch_size, handler=handler,
+                          collate=partial(collate_items, modalities=modalities)))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
     return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
                       persistent_workers=False, generator=generator)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from itertools import islice
 from pathlib import Path, PurePosixPath
@@ -147,8 +147,8 @@ def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
         labels=cat("labels", torch.float32) if ranking else None)
 
 
-def _batch(src: Iterable[dict[str, Any]], *, batch_size: int,
-           handler: ErrorPolicy) -> Iterator[SequenceBatch]:
+def _batch(src: Iterable[dict[str, Any]], *, batch_size: int, handler: ErrorPolicy,
+           collate: Callable[[list[dict[str, Any]]], Any] = collate) -> Iterator[SequenceBatch]:
     """Rows → batches (the last one partial), each carrying the skips of this process since
     its previous batch.
 
@@ -160,7 +160,7 @@ def _batch(src: Iterable[dict[str, Any]], *, batch_size: int,
     rows: list[dict[str, Any]] = []
     reported = handler.skipped
 
-    def emit() -> SequenceBatch:
+    def emit() -> Any:
         nonlocal reported
         batch = collate(rows)
         batch.skipped, reported = handler.skipped - reported, handler.skipped
