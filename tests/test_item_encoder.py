@@ -172,3 +172,24 @@ def test_a_member_model_reads_the_encoders_image_tower_and_serves_new_posters(
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # a path and its bytes agree
     everything = predictor.recommend(history, k=len(predictor.catalogue))
     assert 100_001 in everything and 100_002 in everything
+
+
+@pytest.mark.slow
+def test_an_interrupted_encoder_run_resumes_to_the_same_weights(media_world, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    args = ["train", "recipe=pretrain_item_encoder", f"data.path={media_world}",
+            f"run_dir={run}", "data.batch_size=32", "trainer.max_steps=12",
+            "trainer.checkpoint_every=6", "trainer.eval_every=0", *FAST]
+    foundation(*args)
+    final = run / "checkpoints/step-12"
+    uninterrupted = load_file(str(final / "dense.safetensors"))
+    tokenizer = (run / "text_tokenizer.json").read_text()
+    shutil.rmtree(final)  # as if the job died after step 6's checkpoint
+    assert "resumed from" in foundation(*args)
+    resumed = load_file(str(final / "dense.safetensors"))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert (run / "text_tokenizer.json").read_text() == tokenizer
+    again = train_tokenizer(["Haunted ghost story", "Space galaxy", "ghost"], 50)
+    assert again == train_tokenizer(["Haunted ghost story", "Space galaxy", "ghost"], 50)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -147,15 +148,23 @@ class TextTransformerConfig:
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> str:
-    """A lower-casing WordPiece tokenizer learnt from ``texts``, as its JSON."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A lower-casing WordPiece tokenizer for ``texts``, as its JSON: every character (alone
+    and as a ``##`` continuation), then the most frequent whole words up to ``vocab_size``;
+    rarer words fall back to pieces. Built here, not by ``tokenizers``' WordPiece trainer,
+    whose vocabulary varies from run to run (ties broken by hash order)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]"],
-                                        show_progress=False)
-    tokenizer.train_from_iterator(list(texts), trainer)
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(str(text))))
+    chars = sorted({c for word in words for c in word})
+    vocab = ["[PAD]", "[UNK]", *chars, *(f"##{c}" for c in chars)]
+    frequent = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += frequent[:max(0, vocab_size - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, splitter
     return tokenizer.to_str()
 
 
