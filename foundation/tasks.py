@@ -64,6 +64,29 @@ class Task:
                                                       model.dropout)
         return ItemContent(adapters)
 
+    def item_features(self) -> list[dict[str, Any]]:
+        """The item side of the feature schema (the event side is ``schema``): what an item's
+        vector is made of, where each part lives and how serving obtains it."""
+        model, vocab = self.cfg.model, self.manifest["vocab"]
+        parts = [{"name": "item", "kind": "id", "size": self.num_items,
+                  "lives": ("sharded table (TorchRec planner)" if self.sharded_items
+                            else "replicated table (dense, every rank)"),
+                  "served_from": "History(items=...), catalogue ids; embeddings/item_vectors"}]
+        if vocab.get("attribute") and model.side_features:
+            parts.append({"name": "attribute", "kind": "categorical set",
+                          "size": int(vocab["attribute"]),
+                          "lives": "replicated table (dense), averaged per item",
+                          "served_from": "folded into embeddings/item_vectors at export"})
+        towers = {Modality.text: "frozen all-MiniLM-L6-v2 (cached per run)",
+                  Modality.vectors: "upstream vectors from the item shards",
+                  Modality.image: f"frozen tower of item encoder {model.item_encoder}",
+                  Modality.audio: f"frozen tower of item encoder {model.item_encoder}"}
+        for modality in map(Modality, model.item_content):
+            parts.append({"name": modality.value, "kind": "content",
+                          "lives": f"{towers[modality]} + trained adapter",
+                          "served_from": f"add_items({{id: {{'{modality.value}': ...}}}})"})
+        return parts
+
     @functools.cached_property  # read once, not at every validation
     def popularity_baselines(self) -> dict[str, Tensor]:
         """Item scores of the most-popular baselines: counted over the training data and,

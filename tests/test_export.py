@@ -96,6 +96,7 @@ def test_a_new_event_feature_declared_once_reaches_serving(bundle):
     surface = {f["name"]: f for f in manifest["features"]}["surface"]
     assert surface["vocab"] == SURFACES and surface["served_from"] == "History(surface=...)"
     assert "surface" in manifest["model"]["token_features"]
+    assert [f["name"] for f in manifest["item_features"]] == ["item"]  # an ID-only model
     predictor = load_bundle(bundle)
     items = [int(i) for i in predictor.item_ids[1:6]]
     times = [0, 60, 120, 3600, 7200]

@@ -164,6 +164,9 @@ def test_a_member_model_reads_the_encoders_image_tower_and_serves_new_posters(
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["parity"]["towers"]["max_abs_diff"]["onnx"] <= 1e-4
     assert {"towers/image.pt2", "towers/image.onnx"} <= set(manifest["files"])
+    parts = {f["name"]: f for f in manifest["item_features"]}
+    assert list(parts) == ["item", "image"] and str(encoder_run) in parts["image"]["lives"]
+    assert parts["item"]["lives"].startswith("replicated")
     predictor = load_bundle(bundle)
     poster = media_world / "raw/media/5.png"
     predictor.add_items({100_001: {"image": poster}, 100_002: {"image": poster.read_bytes()}})

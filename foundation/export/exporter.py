@@ -341,8 +341,10 @@ def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | Non
         "outputs": {"member": {"dtype": "float32", "shape": ["batch", model_cfg.embedding_dim],
                                "meaning": "member embedding; score = member · item_vectors"}},
         "vocab": data_manifest["vocab"],
-        # Every event feature: its vocabulary and how serving obtains it (data/schema.py).
+        # Every event feature: its vocabulary and how serving obtains it (data/schema.py),
+        # and what each item's vector is made of.
         "features": run.task.schema.to_manifest(),
+        "item_features": run.task.item_features(),
         "tables": tables,
         "ann": ann,
         "eval": json.loads(eval_path.read_text()) if eval_path.exists() else None,
