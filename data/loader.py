@@ -175,7 +175,8 @@ def _batch(src: Iterable[dict[str, Any]], *, batch_size: int, handler: ErrorPoli
         yield emit()
 
 
-def shard_urls(path: str | Path, split: str) -> dict[str, int]:
+def shard_urls(path: str | Path, split: str, manifest: dict[str, Any] | None = None
+               ) -> dict[str, int]:
     """The split's shard paths → their sample counts, in manifest order: absolute local paths
     inside ``path``.
 
@@ -183,7 +184,7 @@ def shard_urls(path: str | Path, split: str) -> dict[str, int]:
     could act on (``pipe:cmd`` runs a shell command, ``http:`` fetches), and never leaves the
     dataset directory.
     """
-    manifest = load_manifest(path)
+    manifest = manifest if manifest is not None else load_manifest(path)
     if split not in manifest["splits"]:
         raise KeyError(f"no split {split!r} in {path}; splits: {sorted(manifest['splits'])}")
     root = Path(path).absolute()  # absolute: the url starts with "/", so it has no scheme
@@ -215,8 +216,9 @@ def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int,
     handler = ErrorPolicy(on_error)
     # The shard seed depends only on (seed, epoch): every rank and worker sees the same order.
     shard_seed = seed * 1_000_003 + epoch if shuffle else None
-    urls = shard_urls(path, split)
-    schema = EventSchema.from_manifest(load_manifest(path))
+    manifest = load_manifest(path)  # read once: the shard list and the feature schema
+    urls = shard_urls(path, split, manifest)
+    schema = EventSchema.from_manifest(manifest)
     stages: list[Any] = [
         wds.SimpleShardList(list(urls), seed=shard_seed),
         partial(_split_by_rank, rank=rank, world_size=world_size),

@@ -146,7 +146,7 @@ class Predictor:
         self.exported_items = len(self.catalogue)  # rows after these came from add_items
         self._run = self._load_program(root / BACKENDS[backend])
         self._towers: dict[str, Any] = {}
-        self._tokenizers: dict[str, Any] = {}
+        self._text_tokenizer = None  # loaded on the first text add_items
 
     def _table(self, name: str, precision: str = "fp32") -> np.ndarray:
         available = self.manifest["tables"].get(name, {}).get("precisions", [])
@@ -271,9 +271,9 @@ class Predictor:
     def _tokenize(self, spec: dict[str, Any], texts: list[Any]) -> tuple[np.ndarray, ...]:
         from tokenizers import Tokenizer
 
-        if "text" not in self._tokenizers:
-            self._tokenizers["text"] = Tokenizer.from_file(str(self.root / spec["tokenizer"]))
-        encoded = self._tokenizers["text"].encode_batch([str(v) for v in texts])
+        if self._text_tokenizer is None:
+            self._text_tokenizer = Tokenizer.from_file(str(self.root / spec["tokenizer"]))
+        encoded = self._text_tokenizer.encode_batch([str(v) for v in texts])
         return (np.array([e.ids for e in encoded], dtype=np.int64),
                 np.array([e.attention_mask for e in encoded], dtype=np.int64))
 

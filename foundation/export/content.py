@@ -11,6 +11,7 @@ each tower as programs (``towers/<modality>.pt2``, ``.onnx``): for text with its
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +119,10 @@ def write_content_parity_inputs(dense: nn.Module, data_path: str, manifest: dict
     if content is None or not set(content.adapters) & {"text", "image", "audio"}:
         return
     names = tuple(content.adapters)
-    complete = [i for i in iter_items(data_path, manifest, names) if all(n in i for n in names)]
-    picked = [complete[k] for k in np.linspace(0, len(complete) - 1,
-                                               min(PARITY_ITEMS, len(complete))).astype(int)]
+    # The first items with every modality: the read stops there, not after decoding the
+    # whole catalogue's media.
+    complete = (i for i in iter_items(data_path, manifest, names) if all(n in i for n in names))
+    picked = list(itertools.islice(complete, PARITY_ITEMS))
     items = torch.as_tensor([i["item"] for i in picked])
     vectors = dense.scoring(dense.fallback + content(items))
     raw = np.load(Path(data_path) / "item_ids.npy", allow_pickle=False)

@@ -8,8 +8,9 @@ The model is split the way the whole framework is (ARCHITECTURE.md, "Sparse / de
   them all) and one table per event feature of the dataset's schema (data/schema.py: by
   default action, time-gap bucket, hour, device).
 * ``EventEncoder`` is the dense trunk: token = item + the event features (context ones such
-  as hour and device only with ``context_features``) + recency position, then causal layers: pre-norm softmax self-attention (SASRec) or HSTU's
-  pointwise attention with relative position and time biases (``model.attention``).
+  as hour and device only with ``context_features``) + recency position, then causal
+  layers: pre-norm softmax self-attention (SASRec) or HSTU's pointwise attention with
+  relative position and time biases (``model.attention``).
 """
 
 from __future__ import annotations
