@@ -12,13 +12,14 @@ from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
 from foundation.eval.metrics import rank_metrics, sampled_ranks, target_ranks, top_k_items
-from foundation.models.content import ItemContent
+from foundation.models.content import ContentMatch, ItemContent
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
     EventEncoder,
     ItemAttributes,
     MemberModelConfig,
     last_states,
+    pad_jagged,
     sharded_items,
     sparse_features,
 )
@@ -60,6 +61,10 @@ class NextItemModel(nn.Module):
         self.fallback = nn.Parameter(torch.zeros(model.embedding_dim)) if (
             content is not None or model.id_dropout > 0) else None
         self.register_buffer("seen", item_counts > 0, persistent=False)
+        if model.content_match and content is None:
+            raise ValueError("model.content_match=true scores items by their content: list "
+                             "the modalities to read in model.item_content (e.g. [text])")
+        self.match = ContentMatch(content, model.max_len) if model.content_match else None
         # A replicated item table lives here, trained by the dense engine (model.item_table).
         self.item_table = None if sharded_items(model) else nn.Embedding(
             item_counts.numel(), model.embedding_dim, padding_idx=0)
@@ -70,14 +75,23 @@ class NextItemModel(nn.Module):
         self.register_buffer("log_item_prob", (counts / counts.sum()).clamp_min(1e-12).log(),
                              persistent=False)
 
-    def item_vectors(self, items: Tensor, embeddings: Tensor | None) -> Tensor:
-        """Items' table embeddings (``embeddings``, from the sharded table, or the replicated
-        table's rows), plus their side information and content when the model has them."""
+    def uses_id(self, items: Tensor) -> Tensor | None:
+        """Which of ``items`` use their ID row (None: all of them): not items never seen in
+        training, nor, in training, a random ``id_dropout`` share of the others."""
+        if self.fallback is None:
+            return None
+        use_id = self.seen[items]
+        if self.training and self.id_dropout > 0:
+            use_id = use_id & (torch.rand(items.shape, device=items.device) >= self.id_dropout)
+        return use_id
+
+    def item_vectors(self, items: Tensor, embeddings: Tensor | None,
+                     use_id: Tensor | None = None) -> Tensor:
+        """Items' vectors as event inputs: their table embeddings (``embeddings``, from the
+        sharded table, or the replicated table's rows) or, where ``use_id`` is false, the
+        fallback; plus their side information and content when the model has them."""
         vectors = embeddings if self.item_table is None else self.item_table(items)
-        if self.fallback is not None:
-            use_id = self.seen[items]
-            if self.training and self.id_dropout > 0:
-                use_id = use_id & (torch.rand(items.shape, device=items.device) >= self.id_dropout)
+        if use_id is not None:
             vectors = torch.where(use_id.unsqueeze(-1), vectors, self.fallback)
         if self.attributes is not None:
             vectors = vectors + self.attributes(items)
@@ -88,31 +102,59 @@ class NextItemModel(nn.Module):
         cosine = Similarity(self.recipe.similarity) == Similarity.cosine
         return F.normalize(vectors, dim=-1) if cosine else vectors
 
+    def scored_items(self, vectors: Tensor, items: Tensor, use_id: Tensor | None) -> Tensor:
+        """Items' scoring vectors, from their input ``vectors``: with ``content_match``,
+        their content part follows."""
+        vectors = self.scoring(vectors)
+        return vectors if self.match is None else torch.cat(
+            [vectors, self.match.items(items, use_id)], -1)
+
+    def new_item_vectors(self, items: Tensor) -> Tensor:
+        """Scoring vectors of items known by their content only (as serving adds them)."""
+        no_id = torch.zeros_like(items, dtype=torch.bool)
+        return self.scored_items(self.fallback + self.content(items), items, no_id)
+
+    def queries(self, states: Tensor, items: Tensor, lengths: Tensor, mask: Tensor,
+                temperature: float = 1.0) -> Tensor:
+        """Each position's scoring vector ``[B, L, ·]`` (``temperature`` divides the learned
+        part in training): with ``content_match``, its content query follows."""
+        queries = self.scoring(states) / temperature
+        if self.match is None:
+            return queries
+        return torch.cat([queries, self.match.members(pad_jagged(items, lengths)[0], mask)], -1)
+
     def forward(self, batch, emb: dict[str, Tensor], negatives: Tensor | None = None,
                 mode: str = "train") -> Tensor:
         """``train``: the loss; ``encode``: each row's member vector; ``items``: the scoring
         vectors of ``negatives`` (the catalogue); ``tokens``: their vectors as event inputs."""
         if mode in ("items", "tokens"):
-            vectors = self.item_vectors(negatives, emb.get("negative"))
-            return self.scoring(vectors) if mode == "items" else vectors
-        emb = {**emb, "item": self.item_vectors(batch.item, emb.get("item"))}
+            use_id = self.uses_id(negatives)
+            vectors = self.item_vectors(negatives, emb.get("negative"), use_id)
+            return self.scored_items(vectors, negatives, use_id) if mode == "items" else vectors
+        use_id = self.uses_id(batch.item)
+        emb = {**emb, "item": self.item_vectors(batch.item, emb.get("item"), use_id)}
         states, mask = self.encoder(emb, batch.lengths, newest_is_target=mode == "train",
                                    timestamps=batch.timestamp)
+        cosine = Similarity(self.recipe.similarity) == Similarity.cosine
+        temperature = self.recipe.temperature if cosine and mode == "train" else 1.0
+        queries = self.queries(states, batch.item, batch.lengths, mask, temperature)
         if mode == "encode":
-            return self.scoring(last_states(states, mask))
+            return last_states(queries, mask)
         query_index, target_index = next_item_pairs(states, mask, batch.lengths)
-        queries, targets = states.flatten(0, 1)[query_index], batch.item[target_index]
-        queries = self.scoring(queries)
-        if Similarity(self.recipe.similarity) == Similarity.cosine:
-            queries = queries / self.recipe.temperature
-        negative_vectors = self.scoring(self.item_vectors(negatives, emb.get("negative")))
+        queries, targets = queries.flatten(0, 1)[query_index], batch.item[target_index]
+        negative_use_id = self.uses_id(negatives)
+        negative_vectors = self.scored_items(
+            self.item_vectors(negatives, emb.get("negative"), negative_use_id), negatives,
+            negative_use_id)
         # A model that can score new items from their content must not learn, as negatives,
         # the items training never shows: it would learn to bury exactly the cold ones.
         absent = ~self.seen if self.fallback is not None else None
         if self.recipe.loss == "full_softmax":  # negatives: every item 1..V-1, in order
             return full_softmax_loss(queries, targets, negative_vectors, absent)
         return sampled_softmax_loss(
-            queries, targets, self.scoring(emb["item"][target_index]), negatives,
+            queries, targets, self.scored_items(
+                emb["item"][target_index], targets,
+                None if use_id is None else use_id[target_index]), negatives,
             negative_vectors,
             log_item_prob=self.log_item_prob if self.recipe.logq_correction else None,
             in_batch=self.recipe.in_batch_negatives, absent=absent)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,6 +83,25 @@ def _parent_cmdline(pid: int) -> str:
         return Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except (FileNotFoundError, IndexError, ValueError):
         return ""
+
+
+def communicate_or_dump_stacks(proc: subprocess.Popen, marker: str, timeout: float
+                               ) -> tuple[str, str]:
+    """``proc.communicate(timeout)``; past it, every rank prints its threads' stacks
+    (SIGUSR2: foundation/train/__main__.py) before the job is killed, and the test fails
+    showing where it hung."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ranks = worker_pids(marker)
+        for sig in (signal.SIGUSR2, signal.SIGKILL):
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(3)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"hung for {timeout}s; the ranks' stacks:\n{err[-12000:]}") from None
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:

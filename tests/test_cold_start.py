@@ -1,5 +1,6 @@
 """Cold start on the synthetic world: a fifth of the titles never appear in training, only
-their titles do. A member model reading item text recommends them; an ID-only model cannot."""
+their titles do. A member model reading item text (and scoring by content match) recommends
+them; an ID-only model cannot."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def runs(cold_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("cold_runs")
     common = [f"data.path={cold_world}", "trainer.eval_every=0", "trainer.eval_batches=2", *FAST]
     foundation("train", "--nproc=2", f"run_dir={root / 'text'}", "trainer.max_steps=250",
-               "model.item_content=[text]", "model.id_dropout=0.3", *common)
+               "model.item_content=[text]", "model.id_dropout=0.3", "model.content_match=true",
+               *common)
     foundation("train", f"run_dir={root / 'ids'}", "trainer.max_steps=60", *common)
     for run in ("text", "ids"):
         foundation("eval", f"run_dir={root / run}", "split=test")
@@ -80,7 +82,8 @@ def bundle(runs):
 def test_the_bundle_embeds_new_titles_as_the_model_does(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {"towers/text.pt2", "towers/text.onnx", "towers/text_tokenizer.json",
-            "embeddings/content_text.safetensors"} <= set(manifest["files"])
+            "embeddings/content_text.safetensors",
+            "embeddings/content_match.safetensors"} <= set(manifest["files"])
     towers = manifest["parity"]["towers"]  # the gate served items as new ones, both backends
     assert towers["items"] == 64 and towers["members"] >= 256
     assert max(towers["max_abs_diff"].values()) <= 1e-4

@@ -163,14 +163,14 @@ def test_content_reaches_item_vectors_and_unseen_or_dropped_ids_use_the_fallback
     model = NextItemModel(cfg, PretrainConfig(loss="full_softmax"), counts, content=content)
     items = torch.arange(6)
     ids = model.item_table(items)
-    out = model.eval().item_vectors(items, None)
+    out = model.eval().item_vectors(items, None, model.uses_id(items))
     adapted = content(items)
     assert torch.allclose(out[1:4], ids[1:4] + adapted[1:4])
     assert torch.allclose(out[4], model.fallback + adapted[4])  # cold: fallback + content
     assert torch.allclose(out[5], ids[5]) and adapted[5].abs().sum() == 0  # no content: ID only
     # training: about half the ID rows of seen items are swapped for the fallback
     many = torch.full((4000,), 1)
-    dropped = (model.train().item_vectors(many, None) - adapted[1]).sub(model.fallback).abs()
+    dropped = (model.train().item_vectors(many, None, model.uses_id(many)) - adapted[1]).sub(model.fallback).abs()
     share = (dropped.sum(1) < 1e-6).float().mean().item()
     assert 0.45 < share < 0.55
     # the adapter's outputs start at the scale of ID rows, centred on the catalogue
@@ -230,3 +230,46 @@ def test_items_training_never_shows_are_not_negatives_of_a_content_model():
         assert torch.allclose(before, after), loss
         content.adapters["text"].vectors[5] += 10.0  # a seen item does count
         assert not torch.allclose(after, model(batch, emb, negatives=torch.arange(1, 50)))
+
+
+def test_content_match_scores_items_by_the_recency_weighted_content_of_the_history():
+    """With content_match, a member's score of an item gains q · u: q pools the units
+    (centred, unit-length frozen vectors) of the events up to each position by learned
+    recency weights; u is the item's unit, weighted by whether the item is scored with its
+    ID. Training moves the cold-item weight (dropped IDs teach it)."""
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
+    from test_model import make_batch
+
+    from foundation.models.content import ContentAdapter, ItemContent
+    from foundation.models.member import MemberModelConfig
+
+    torch.manual_seed(0)
+    batch = make_batch([5, 3])
+    counts = torch.ones(50)
+    counts[45:] = 0  # never in training
+    vectors = torch.randn(50, 6)
+    content = ItemContent({"text": ContentAdapter(vectors, torch.ones(50).bool(), 8, 0.0)})
+    cfg = MemberModelConfig(embedding_dim=8, num_layers=1, num_heads=1, item_table="replicated",
+                            context_features=False, content_match=True, id_dropout=0.5,
+                            max_len=10)
+    model = NextItemModel(cfg, PretrainConfig(loss="full_softmax"), counts, content=content)
+    match = model.match
+    with torch.no_grad():
+        match.log_recency.copy_(torch.randn(10))
+        match.log_item_weight.copy_(torch.tensor([3.0, 0.5]).log())
+    units = torch.nn.functional.normalize(vectors - vectors.mean(0), dim=-1)
+    assert torch.allclose(match.unit, units, atol=1e-6)
+    emb = {k: torch.zeros(len(batch.item), 8) for k in ("action", "gap")}
+    members = model.eval()(batch, emb, mode="encode")
+    items = model(None, {}, torch.arange(50), mode="items")
+    assert members.shape == (2, 8 + 6) and items.shape == (50, 8 + 6)
+    last = batch.item[5:8]  # the second history: its newest event weighs recency[0]
+    pooled = (match.recency[[2, 1, 0]].unsqueeze(1) * units[last]).sum(0)
+    assert torch.allclose(members[1, 8:], pooled, atol=1e-5)
+    assert torch.allclose(items[10, 8:], 0.5 * units[10]) and torch.allclose(
+        items[47, 8:], 3.0 * units[47])  # seen with its ID; never seen
+    assert torch.allclose(model.new_item_vectors(torch.tensor([10]))[0, 8:], 3.0 * units[10])
+    model.train()(batch, emb, negatives=torch.arange(1, 50)).backward()
+    assert match.log_item_weight.grad[0] != 0 and match.log_recency.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="model.item_content"):
+        NextItemModel(cfg, PretrainConfig(), counts)

@@ -120,7 +120,7 @@ def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(
     wait_for_step(killed, 6, proc)
     os.kill(max(worker_pids(str(killed))), signal.SIGKILL)
     began = time.time()
-    out, err = proc.communicate(timeout=300)
+    out, err = communicate_or_dump_stacks(proc, str(killed), timeout=300)
     assert proc.returncode == 0, err[-4000:]
     assert "resumed from" in out, out[-2000:]
     assert time.time() - began < 240

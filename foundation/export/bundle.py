@@ -138,7 +138,13 @@ class Predictor:
         # model scores by cosine (manifest.model.similarity).
         self.token_vectors = self._table("item_vectors", precision)
         self.cosine = model.get("similarity", "dot") == "cosine"
-        self.catalogue = self._scoring(self.token_vectors)
+        match = (self.manifest.get("content") or {}).get("match")
+        # content_match (models/content.py ContentMatch): each item's content units, scored
+        # against the history's recency-weighted units
+        self.match = load_file(root / match["file"]) if match else None
+        self.units = self.match["units"] if match else None
+        self.catalogue = self._scoring(self.token_vectors, self.units,
+                                       self.match["seen"].astype(bool) if match else None)
         self.item_ids = load_file(root / table_file("item_ids"))["ids"]
         self._internal = {int(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
         self.tables = {key: self._table(f"{key}_table") for key in self.token_features
@@ -197,7 +203,8 @@ class Predictor:
         return self.catalogue[self._known(candidates, "candidates")] @ member
 
     def member_vectors(self, histories: Sequence[History | Sequence[int]]) -> np.ndarray:
-        """Members' embeddings ``[B, D]`` (for an embedding store or the ANN index)."""
+        """Members' embeddings ``[B, D]`` (for an embedding store or the ANN index; with
+        content match, their content queries follow: ``[B, D + C]``, as the catalogue's)."""
         return self.member_vectors_of([self._events(h) for h in histories])
 
     def add_items(self, items: dict[int, dict[str, Any]]) -> None:
@@ -208,21 +215,31 @@ class Predictor:
         clash = [i for i in items if int(i) in self._internal]
         if clash:
             raise ValueError(f"add_items: {clash[:5]} already in the catalogue")
-        vectors = self.new_item_vectors(items)
+        vectors, units = self.new_item_vectors(items)
         start = len(self.catalogue)
         self.token_vectors = np.vstack([self.token_vectors, vectors])
-        self.catalogue = np.vstack([self.catalogue, self._scoring(vectors)])
+        self.catalogue = np.vstack([self.catalogue, self._scoring(vectors, units, False)])
+        if self.units is not None:
+            self.units = np.vstack([self.units, units])
         self.item_ids = np.concatenate([self.item_ids, np.array(list(items), dtype=np.int64)])
         self._internal.update({int(i): start + k for k, i in enumerate(items)})
 
-    def _scoring(self, vectors: np.ndarray) -> np.ndarray:
-        if not self.cosine:
+    def _scoring(self, vectors: np.ndarray, units: np.ndarray | None = None,
+                 seen: np.ndarray | bool = True) -> np.ndarray:
+        """Items' scoring vectors from their input vectors (unit length under cosine) and,
+        with content match, their content units (weighted by whether the item was seen in
+        training)."""
+        if self.cosine:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        if self.match is None:
             return vectors
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        weight = self.match["item_weight"][np.asarray(seen, dtype=np.int64)]
+        return np.hstack([vectors, units * np.broadcast_to(weight, len(units))[:, None]])
 
-    def new_item_vectors(self, items: dict[int, dict[str, Any]]) -> np.ndarray:
-        """Vectors ``[N, D]`` of items described by their content only (as event inputs;
-        scoring uses them unit-length under cosine similarity)."""
+    def new_item_vectors(self, items: dict[int, dict[str, Any]]
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Items described by their content only: their vectors ``[N, D]`` as event inputs,
+        and with content match their content units (``_scoring`` makes both a score's)."""
         content = self.manifest.get("content")
         if not content:
             raise BundleError(f"{self.root} holds an ID-only model: it cannot embed new items "
@@ -235,14 +252,22 @@ class Predictor:
             if unknown or not given:
                 raise ValueError(f"add_items: item {item} gives {sorted(given)}; this model "
                                  f"reads {sorted(modalities)}")
+        units = []
         for name, spec in modalities.items():
             rows = [row for row, given in enumerate(items.values()) if name in given]
-            if not rows:
-                continue
-            raw = self._encode(name, spec, [list(items.values())[row][name] for row in rows])
+            raw = self._encode(name, spec, [list(items.values())[row][name] for row in rows]
+                               ) if rows else np.zeros((0, spec["dim"]), np.float32)
             adapter = load_file(self.root / spec["adapter"])
             out[rows] += (raw - adapter["center"]) @ adapter["project"].T
-        return out
+            if self.match is not None:
+                unit = np.zeros((len(items), spec["dim"]), np.float32)
+                centred = raw - self.match[f"center_{name}"]
+                unit[rows] = centred / np.maximum(
+                    np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+                units.append(unit)
+        if self.match is None:
+            return out, None
+        return out, np.hstack(units) / np.float32(np.sqrt(len(units)))
 
     def _encode(self, name: str, spec: dict[str, Any], values: list[Any]) -> np.ndarray:
         """One modality's raw content → its tower's vectors ``[N, dim]``: text as strings,
@@ -336,7 +361,14 @@ class Predictor:
             if self.uses_time:
                 times[row, : len(token)] = e["timestamp"]
         inputs = (tokens, lengths, times) if self.uses_time else (tokens, lengths)
-        return np.asarray(self._run(*inputs), dtype=np.float32)
+        members = np.asarray(self._run(*inputs), dtype=np.float32)
+        return members if self.match is None else np.hstack([members, self._queries(events)])
+
+    def _queries(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        """Members' content-match queries: their newest events' units, recency-weighted."""
+        recency = self.match["recency"]
+        return np.stack([recency[np.arange(len(e["item"]))[::-1]] @ self.units[e["item"]]
+                         for e in events])
 
 
 def _media_bytes(value: Any) -> bytes:

@@ -6,7 +6,8 @@ each adapter (``embeddings/content_<modality>.safetensors``: ``center`` and ``pr
 each tower as programs (``towers/<modality>.pt2``, ``.onnx``): for text with its tokenizer
 (``towers/text_tokenizer.json``), for image and audio the item encoder's tower and head
 (pixels or waveforms in, what ``foundation.data.media.prepare_*`` makes of a file);
-``Predictor.add_items`` runs them.
+``Predictor.add_items`` runs them. A model with ``content_match`` also scores by content
+similarity to the history; ``embeddings/content_match.safetensors`` holds what that needs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from foundation.models.towers import MiniLMTextTower, Modality
 
 TEXT_STEM = "towers/text"
 FALLBACK = "embeddings/fallback.safetensors"
+MATCH = "embeddings/content_match.safetensors"
 PARITY_ITEMS = 64  # items whose content the gate serves through the bundled towers
 
 
@@ -77,7 +79,25 @@ def write_content(dense: nn.Module, model: MemberModelConfig, root: Path
     save_file({"weight": dense.fallback.detach().numpy()}, str(root / FALLBACK))
     return {"modalities": modalities, "fallback": FALLBACK,
             "meaning": "new item vector = fallback + sum over modalities of "
-                       "project @ (tower(content) - center)"}
+                       "project @ (tower(content) - center)",
+            "match": _write_match(dense, root)}
+
+
+def _write_match(dense: nn.Module, root: Path) -> dict[str, Any] | None:
+    """The content-match score's data (models/content.py ContentMatch), if the model has it."""
+    match = getattr(dense, "match", None)
+    if match is None:
+        return None
+    arrays = {"units": match.unit, "seen": dense.seen.to(torch.uint8),
+              "recency": match.recency, "item_weight": match.item_weight,
+              **{f"center_{name}": center for name, center in match.centers.items()}}
+    save_file({k: v.detach().contiguous().numpy() for k, v in arrays.items()},
+              str(root / MATCH))
+    return {"file": MATCH, "modalities": list(match.centers),
+            "meaning": "scores gain q · u: an item's u = item_weight[seen] · units (a new "
+                       "item: item_weight[0] · concat over modalities of unit(tower(content) - "
+                       "center) / sqrt(#modalities)); a member's q = sum over its newest events of "
+                       "recency[age] · units[item]"}
 
 
 def _write_text_tower(model: MemberModelConfig, root: Path) -> dict[str, Any]:
@@ -124,7 +144,7 @@ def write_content_parity_inputs(dense: nn.Module, data_path: str, manifest: dict
     complete = (i for i in iter_items(data_path, manifest, names) if all(n in i for n in names))
     picked = list(itertools.islice(complete, PARITY_ITEMS))
     items = torch.as_tensor([i["item"] for i in picked])
-    vectors = dense.scoring(dense.fallback + content(items))
+    vectors = dense.new_item_vectors(items)
     raw = np.load(Path(data_path) / "item_ids.npy", allow_pickle=False)
     arrays = {"raw_ids": raw[items.numpy()], "vectors": vectors.numpy()}
     if "text" in names:

@@ -119,7 +119,7 @@ def export_run(cfg: DictConfig) -> Path:
                 d.mkdir(parents=True)
         env.barrier()
         start = time.time()
-        tables = write_tables(run, staging, cfg.precisions)
+        tables, scoring = write_tables(run, staging, cfg.precisions)
         write_parity_inputs(run, parity_dir, cfg)
         if env.is_main:
             write_content_parity_inputs(run.model.dense_module, run.cfg.data.path,
@@ -130,7 +130,7 @@ def export_run(cfg: DictConfig) -> Path:
         failure: Exception | None = None
         if env.is_main:
             try:
-                report = _finish(run, cfg, staging, parity_dir, tables, output)
+                report = _finish(run, cfg, staging, parity_dir, tables, scoring, output)
                 print(f"export: {output} | parity max|Δ| {report['max_abs_diff']:.1e}, top-10 "
                       f"identical {report['top10_identical']:.1%} | {len(tables)} tables | "
                       f"{time.time() - start:.0f}s", flush=True)
@@ -152,8 +152,10 @@ def export_run(cfg: DictConfig) -> Path:
             dist.destroy_process_group()
 
 
-def write_tables(run: TrainedRun, root: Path, precisions: list[str]) -> dict[str, Any]:
-    """Every table, gathered to rank 0 one at a time, plus the scoring catalogue."""
+def write_tables(run: TrainedRun, root: Path, precisions: list[str]
+                 ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Every table, gathered to rank 0 one at a time, plus the catalogue's vectors as event
+    inputs; returns the tables and (on rank 0) the catalogue's scoring vectors."""
     tables: dict[str, Any] = {}
 
     def write(name: str, weight: np.ndarray) -> None:
@@ -174,11 +176,12 @@ def write_tables(run: TrainedRun, root: Path, precisions: list[str]) -> dict[str
         if isinstance(module, nn.Embedding | nn.EmbeddingBag) and run.env.is_main:
             write(name.replace(".", "_") or "table", module.weight.detach().numpy())
     catalogue = run.task.catalogue_vectors(run.model, mode="tokens")  # collective
+    scoring = run.task.catalogue_vectors(run.model, mode="items").numpy()  # collective
     if run.env.is_main:
         write("item_vectors", catalogue.numpy())
         ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
         save_file({"ids": ids.astype(np.int64)}, str(root / table_file("item_ids")))
-    return tables
+    return tables, scoring if run.env.is_main else None
 
 
 def write_member_vectors(run: TrainedRun, root: Path, cfg: DictConfig) -> dict[str, Any]:
@@ -230,11 +233,11 @@ def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
 
 
 def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
-            tables: dict[str, Any], output: Path) -> dict[str, Any]:
+            tables: dict[str, Any], scoring: np.ndarray, output: Path) -> dict[str, Any]:
     cosine = run.cfg.recipe.get("similarity", "dot") == "cosine"
     program = MemberEncoderProgram(run.model.dense_module.encoder, normalise=cosine).eval()
     write_programs(program, run.cfg.model.embedding_dim, run.cfg.model.max_len, staging)
-    ann = write_ann_index(staging, normalise=cosine) if cfg.ann else None
+    ann = write_ann_index(staging, scoring) if cfg.ann else None
     manifest = _manifest(run, tables, ann)
     manifest["content"] = write_content(run.model.dense_module, run.cfg.model, staging)
     _write_manifest(staging, manifest)
@@ -273,19 +276,16 @@ def write_programs(program: nn.Module, dim: int, max_len: int, root: Path) -> No
     export_program(program, inputs, shapes, root / "model", output_name="member")
 
 
-def write_ann_index(root: Path, normalise: bool = False) -> dict[str, Any]:
-    """An HNSW inner-product index over the item scoring vectors (unit length with
-    ``normalise``: cosine similarity); faiss id = internal item id - 1."""
+def write_ann_index(root: Path, vectors: np.ndarray) -> dict[str, Any]:
+    """An HNSW inner-product index over the items' scoring ``vectors`` (the model's own:
+    unit length under cosine similarity, with the content part under content_match);
+    faiss id = internal item id - 1."""
     try:
         import faiss
     except ImportError as err:
         raise ExportError("ann=true needs faiss (pip install faiss-cpu), or export with "
                           "ann=false") from err
-    from safetensors.numpy import load_file
 
-    vectors = load_file(root / table_file("item_vectors"))["weight"]
-    if normalise:
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction, index.hnsw.efSearch = 200, 128
     index.add(np.ascontiguousarray(vectors[1:]))  # row 0 is padding: faiss id = item id - 1
@@ -339,7 +339,8 @@ def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | Non
                                       "meaning": "each event's unix seconds"}}
                       if encoder.uses_time else {})},
         "outputs": {"member": {"dtype": "float32", "shape": ["batch", model_cfg.embedding_dim],
-                               "meaning": "member embedding; score = member · item_vectors"}},
+                               "meaning": "member embedding; score = member · item_vectors "
+                                          "(+ content.match's score, if any)"}},
         "vocab": data_manifest["vocab"],
         # Every event feature: its vocabulary and how serving obtains it (data/schema.py),
         # and what each item's vector is made of.

@@ -77,7 +77,7 @@ def _tower_parity(bundle: Path, path: Path, members) -> dict:
     diffs = {}
     for backend in ("torch", "onnx"):
         predictor = load_bundle(bundle, backend=backend)
-        served = predictor._scoring(predictor.new_item_vectors(items))
+        served = predictor._scoring(*predictor.new_item_vectors(items), seen=False)
         diffs[backend] = float(np.abs(members @ served.T - reference).max())
     return {"items": len(items), "members": len(members), "max_abs_diff": diffs}
 

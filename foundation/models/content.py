@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from foundation.checksum import sha256
@@ -182,3 +184,54 @@ class ItemContent(nn.Module):
 
     def forward(self, items: Tensor) -> Tensor:
         return sum(adapter(items) for adapter in self.adapters.values())
+
+
+class ContentMatch(nn.Module):
+    """A content-only score beside the learned one: how close an item's frozen content
+    vectors are to those of the member's recent history, recency-weighted.
+
+    The adapters' projection into the model's space blurs what the towers say sharply (two
+    titles of one product line); this score keeps the towers' own geometry (a learned
+    metric on it overfits: on Amazon Scientific it halved the cold items' NDCG). Items
+    scored without their ID row (never seen in training, or dropped by ``id_dropout``) have
+    their own learned weight, so a cold item competes on content calibrated against items
+    with IDs. Scoring stays one dot product: members gain ``q``, items ``scale · unit``.
+    """
+
+    def __init__(self, content: ItemContent, max_len: int, decay: float = 0.6):
+        super().__init__()
+        units, centers = [], {}
+        for name, adapter in content.adapters.items():
+            has = adapter.has
+            centers[name] = adapter.vectors[has].mean(0) if has.any() else adapter.vectors[0] * 0
+            units.append(F.normalize(adapter.vectors - centers[name], dim=-1) * has.unsqueeze(-1))
+        # each modality contributes one cosine; their sum keeps the score's range
+        self.register_buffer("unit", torch.cat(units, -1) / len(units) ** 0.5, persistent=False)
+        self.centers = centers  # export: new items' unit vectors
+        # Positive weights learnt in log space, as CLIP's temperature: an optimiser step
+        # moves them by a ratio, not by an amount (a few hundred steps span any scale).
+        self.log_recency = nn.Parameter(torch.arange(max_len, dtype=torch.float32)
+                                        * math.log(decay))
+        self.log_item_weight = nn.Parameter(torch.zeros(2))  # [scored without ID, with ID]
+
+    @property
+    def recency(self) -> Tensor:
+        """The weight of an event by its age (0: the newest)."""
+        return self.log_recency.exp()
+
+    @property
+    def item_weight(self) -> Tensor:
+        return self.log_item_weight.exp()
+
+    def items(self, items: Tensor, use_id: Tensor | None) -> Tensor:
+        """Items' content part of their scoring vectors."""
+        with_id = use_id.long() if use_id is not None else torch.ones_like(items)
+        return self.unit[items] * self.item_weight[with_id].unsqueeze(-1)
+
+    def members(self, items: Tensor, mask: Tensor) -> Tensor:
+        """Left-aligned histories ``[B, L]`` → each position's content query ``[B, L, C]``,
+        from the events up to it."""
+        steps = torch.arange(mask.shape[1], device=mask.device)
+        distance = steps.unsqueeze(1) - steps.unsqueeze(0)  # query t - event s
+        weights = self.recency[distance.clamp(0, len(self.recency) - 1)] * (distance >= 0)
+        return torch.einsum("ts,bsc->btc", weights, self.unit[items] * mask.unsqueeze(-1))

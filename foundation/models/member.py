@@ -72,6 +72,10 @@ class MemberModelConfig:
     # probability, so the model learns to score from content alone (cold start). With
     # content or id_dropout, items never seen in training always use the fallback.
     id_dropout: float = 0.0
+    # Also score items by how close their frozen content vectors are to the recent
+    # history's (models/content.py ContentMatch): sharper than the adapters, and what a
+    # cold item mostly competes on. Needs item_content.
+    content_match: bool = False
 
 
 def sharded_items(cfg: MemberModelConfig) -> bool:

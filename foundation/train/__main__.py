@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 
 import torch.distributed as dist
@@ -10,6 +12,9 @@ from foundation.config import ConfigError, compose
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `kill -USR2 PID` prints every thread's stack to the rank's stderr: where a hung job is
+    # (SIGTERM and SIGUSR1 ask for a checkpoint and a clean exit: train/preemption.py).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     try:
         cfg = compose("train", sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
