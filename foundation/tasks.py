@@ -85,6 +85,12 @@ class Task:
             parts.append({"name": modality.value, "kind": "content",
                           "lives": f"{towers[modality]} + trained adapter",
                           "served_from": f"add_items({{id: {{'{modality.value}': ...}}}})"})
+        if model.content_match:
+            parts.append({"name": "content_match", "kind": "content similarity",
+                          "lives": "the modalities' frozen vectors as unit vectors, recency-"
+                                   "weighted over the history (no ID table)",
+                          "served_from": "embeddings/content_match.safetensors; new items "
+                                         "through add_items"})
         return parts
 
     @functools.cached_property  # read once, not at every validation

@@ -16,7 +16,14 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import FAST, run_torchrun, spawn, wait_for_step, worker_pids
+from conftest import (
+    FAST,
+    communicate_or_dump_stacks,
+    run_torchrun,
+    spawn,
+    wait_for_step,
+    worker_pids,
+)
 from foundation.data.loader import build_loader
 from safetensors.torch import load_file
 
