@@ -109,6 +109,12 @@ class NextItemModel(nn.Module):
         return vectors if self.match is None else torch.cat(
             [vectors, self.match.items(items, use_id)], -1)
 
+    def item_scoring_vectors(self, items: Tensor, embeddings: Tensor | None) -> Tensor:
+        """Items' scoring vectors from their table embeddings, with their own ID-or-fallback
+        draw (the catalogue, negatives)."""
+        use_id = self.uses_id(items)
+        return self.scored_items(self.item_vectors(items, embeddings, use_id), items, use_id)
+
     def new_item_vectors(self, items: Tensor) -> Tensor:
         """Scoring vectors of items known by their content only (as serving adds them)."""
         no_id = torch.zeros_like(items, dtype=torch.bool)
@@ -128,9 +134,9 @@ class NextItemModel(nn.Module):
         """``train``: the loss; ``encode``: each row's member vector; ``items``: the scoring
         vectors of ``negatives`` (the catalogue); ``tokens``: their vectors as event inputs."""
         if mode in ("items", "tokens"):
-            use_id = self.uses_id(negatives)
-            vectors = self.item_vectors(negatives, emb.get("negative"), use_id)
-            return self.scored_items(vectors, negatives, use_id) if mode == "items" else vectors
+            if mode == "items":
+                return self.item_scoring_vectors(negatives, emb.get("negative"))
+            return self.item_vectors(negatives, emb.get("negative"), self.uses_id(negatives))
         use_id = self.uses_id(batch.item)
         emb = {**emb, "item": self.item_vectors(batch.item, emb.get("item"), use_id)}
         states, mask = self.encoder(emb, batch.lengths, newest_is_target=mode == "train",
@@ -142,10 +148,7 @@ class NextItemModel(nn.Module):
             return last_states(queries, mask)
         query_index, target_index = next_item_pairs(states, mask, batch.lengths)
         queries, targets = queries.flatten(0, 1)[query_index], batch.item[target_index]
-        negative_use_id = self.uses_id(negatives)
-        negative_vectors = self.scored_items(
-            self.item_vectors(negatives, emb.get("negative"), negative_use_id), negatives,
-            negative_use_id)
+        negative_vectors = self.item_scoring_vectors(negatives, emb.get("negative"))
         # A model that can score new items from their content must not learn, as negatives,
         # the items training never shows: it would learn to bury exactly the cold ones.
         absent = ~self.seen if self.fallback is not None else None

@@ -230,7 +230,7 @@ class Predictor:
         with content match, their content units (weighted by whether the item was seen in
         training)."""
         if self.cosine:
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            vectors = unit_rows(vectors)
         if self.match is None:
             return vectors
         weight = self.match["item_weight"][np.asarray(seen, dtype=np.int64)]
@@ -261,9 +261,7 @@ class Predictor:
             out[rows] += (raw - adapter["center"]) @ adapter["project"].T
             if self.match is not None:
                 unit = np.zeros((len(items), spec["dim"]), np.float32)
-                centred = raw - self.match[f"center_{name}"]
-                unit[rows] = centred / np.maximum(
-                    np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+                unit[rows] = unit_rows(raw - self.match[f"center_{name}"])
                 units.append(unit)
         if self.match is None:
             return out, None
@@ -390,6 +388,10 @@ def _clip(value: Any) -> tuple[np.ndarray, int]:
     if isinstance(value, tuple):
         return np.asarray(value[0], dtype=np.float32), int(value[1])
     return decode_audio(_media_bytes(value))
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def top_k(scores: np.ndarray, events: Sequence[dict[str, np.ndarray]], k: int,

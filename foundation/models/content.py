@@ -223,10 +223,9 @@ class ContentMatch(nn.Module):
     def item_weight(self) -> Tensor:
         return self.log_item_weight.exp()
 
-    def items(self, items: Tensor, use_id: Tensor | None) -> Tensor:
+    def items(self, items: Tensor, use_id: Tensor) -> Tensor:
         """Items' content part of their scoring vectors."""
-        with_id = use_id.long() if use_id is not None else torch.ones_like(items)
-        return self.unit[items] * self.item_weight[with_id].unsqueeze(-1)
+        return self.unit[items] * self.item_weight[use_id.long()].unsqueeze(-1)
 
     def members(self, items: Tensor, mask: Tensor) -> Tensor:
         """Left-aligned histories ``[B, L]`` → each position's content query ``[B, L, C]``,
