@@ -30,10 +30,12 @@ def _summary(verb: str, output: str, manifest: dict[str, Any]) -> str:
     content = ", ".join(f"{kind} for {c['items']} items"
                         for kind, c in (manifest.get("items") or {}).get("content", {}).items())
     cold = (manifest.get("cold_items") or {}).get("count", 0)
+    val_cold = (manifest.get("cold_val_items") or {}).get("count", 0)
     skipped = ((manifest.get("items") or {}).get("skipped") or {}).get("count", 0)
     extra = (f"; item content: {content}" if content else "") + (
         f"; {skipped} unreadable media files skipped" if skipped else "") + (
-        f"; {cold} cold items held out of train/val" if cold else "")
+        f"; {cold} cold items held out of train/val" if cold else "") + (
+        f"; {val_cold} held out of train only" if val_cold else "")
     return (f"{verb} {totals['members']} members, {totals['events']} events, "
             f"{totals['items']} items, {totals['impressions']} impressions → {output} "
             f"({splits}{extra})")

@@ -46,6 +46,7 @@ class SynthConfig:
     test_fraction: float = 0.1
     shards_per_split: int = 8
     cold_items: float = 0.0  # held out of train/val samples (see BuildConfig.cold_items)
+    cold_val_items: float = 0.0  # held out of train samples only (BuildConfig.cold_val_items)
     media: bool = True  # a rendered poster (png) and a short audio clip (wav) per item
     output: str = MISSING
 
@@ -324,5 +325,5 @@ def synthesize(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
     build = BuildConfig(source=source, output=cfg.output, seed=cfg.seed,
                         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                         shards_per_split=cfg.shards_per_split, cold_items=cfg.cold_items,
-                        cold_seed=cfg.seed)
+                        cold_val_items=cfg.cold_val_items, cold_seed=cfg.seed)
     return build_shards(build, progress=progress)

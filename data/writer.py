@@ -9,6 +9,7 @@ Output layout::
     OUTPUT/item_counts_all.npy        event count per item id over all source events (leaky popularity)
     OUTPUT/item_attributes.npz        jagged attribute ids per item id (when attributes are given)
     OUTPUT/cold_items.npy             item ids removed from train/val samples (cold_items=F)
+    OUTPUT/cold_val_items.npy         item ids removed from train samples only (cold_val_items=F)
     OUTPUT/catalogue.parquet          catalogue with remapped ids (when a catalogue is given)
     OUTPUT/items/shard-000000.tar     item content, one sample per item (data/items.py)
 
@@ -74,6 +75,10 @@ class BuildConfig:
     # sample (after max_history); test samples keep them. The items stay in the catalogue.
     cold_items: float = 0.0
     cold_seed: int = 0
+    # A further seeded fraction removed from train samples only: validation's cold targets,
+    # on which a content-match model calibrates the weight of items it scores without an
+    # ID (model.cold_calibration). Drawn after cold_items, so that set does not change.
+    cold_val_items: float = 0.0
     # The event features, each declared once (data/schema.py): a categorical one is read from
     # the events' column of its name (source.columns.<name> maps another), derived ones from
     # the timestamps. Add one with +features.NAME='{vocab: [a, b]}' (values are EventFeature
@@ -96,17 +101,24 @@ def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-COLD_FREE_SPLITS = ("train", "val")
 
 
-def choose_cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
-    """A per-item-id mask of the cold items: a seeded ``fraction`` of ids 1..num_items-1."""
-    if not 0 <= fraction < 1:
-        raise ValueError(f"cold_items={fraction}: a fraction of the catalogue in [0, 1)")
-    cold = np.zeros(num_items, dtype=bool)
-    count = int(round((num_items - 1) * fraction))
-    cold[1 + np.random.default_rng(seed).permutation(num_items - 1)[:count]] = True
-    return cold
+def choose_cold_items(num_items: int, fraction: float, seed: int,
+                      val_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item-id masks of the cold items (a seeded ``fraction`` of ids 1..num_items-1)
+    and of the validation-only cold items (the next ``val_fraction``)."""
+    for name, value in (("cold_items", fraction), ("cold_val_items", val_fraction)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name}={value}: a fraction of the catalogue in [0, 1)")
+    if fraction + val_fraction >= 1:
+        raise ValueError(f"cold_items + cold_val_items = {fraction + val_fraction}: leave "
+                         "some of the catalogue warm (their sum must stay below 1)")
+    order = 1 + np.random.default_rng(seed).permutation(num_items - 1)
+    count, val_count = (int(round((num_items - 1) * f)) for f in (fraction, val_fraction))
+    cold, val_cold = np.zeros(num_items, dtype=bool), np.zeros(num_items, dtype=bool)
+    cold[order[:count]] = True
+    val_cold[order[count:count + val_count]] = True
+    return cold, val_cold
 
 
 def split_shard_count(split: str, samples: int, shards_per_split: int) -> int:
@@ -283,6 +295,16 @@ class _Tables:
         return np.cumsum(delta[:-1])
 
 
+def _without_removed_targets(tables: _Tables, samples: tuple[np.ndarray, np.ndarray],
+                             removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The samples whose target (last event) is not a removed item. Cut short instead, a
+    sample's target would become an earlier event, which training may hold (leave-one-out
+    and time splits share members), and validation would reward memorising it."""
+    members, ends = samples
+    keep = ~removed[tables.events["item"][ends - 1]] if len(ends) else np.ones(0, bool)
+    return members[keep], ends[keep]
+
+
 def _chunks(indices: np.ndarray, num_shards: int) -> Iterator[np.ndarray]:
     """Balanced contiguous chunks: shard sizes differ by at most one sample."""
     n = len(indices)
@@ -380,20 +402,23 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     if cfg.source.item_attributes_path:
         vocab["attribute"] = _write_item_attributes(tables, cfg.source.item_attributes_path, root)
     items = write_item_shards(root, tables.content, tables.remap, tables.skipped_media)
-    cold = choose_cold_items(num_items, cfg.cold_items, cfg.cold_seed)
+    cold, val_cold = choose_cold_items(num_items, cfg.cold_items, cfg.cold_seed,
+                                       cfg.cold_val_items)
     np.save(root / "cold_items.npy", np.flatnonzero(cold).astype(np.int64))
+    np.save(root / "cold_val_items.npy", np.flatnonzero(val_cold).astype(np.int64))
+    removed = {"train": cold | val_cold, "val": cold}  # test samples keep every item
+    plan["val"] = _without_removed_targets(tables, plan["val"], removed["val"])
     manifest_splits = {}
     total = sum(len(members) for members, _ in plan.values())
     with tqdm(total=total, desc="shards", unit="sample", disable=not progress) as bar:
         for split in SPLITS:
-            drop = cold if split in COLD_FREE_SPLITS else None
-            shards = _write_split(tables, split, plan[split], cfg, bar, drop)
+            shards = _write_split(tables, split, plan[split], cfg, bar, removed.get(split))
             manifest_splits[split] = {"shards": shards, "samples": sum(s["samples"] for s in shards),
                                       "events": sum(s["events"] for s in shards)}
     events = tables.events["item"]
     held = {split: tables.held(plan[split], cfg.max_history) for split in SPLITS}
-    for split in COLD_FREE_SPLITS:  # cold items' events were removed from these samples
-        held[split] = held[split] * ~cold[events]
+    for split, dropped in removed.items():  # these items' events left its samples
+        held[split] = held[split] * ~dropped[events]
     np.save(root / "item_counts.npy", np.bincount(events[held["train"] > 0], minlength=num_items).astype(np.int64))
     np.save(root / "item_counts_all.npy", np.bincount(events, minlength=num_items).astype(np.int64))
     manifest = {
@@ -408,7 +433,9 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
         "splits": manifest_splits,
         "items": items,  # item content shards (None without content)
         "cold_items": {"fraction": cfg.cold_items, "seed": cfg.cold_seed,
-                       "count": int(cold.sum()), "removed_from": list(COLD_FREE_SPLITS)},
+                       "count": int(cold.sum()), "removed_from": ["train", "val"]},
+        "cold_val_items": {"fraction": cfg.cold_val_items, "count": int(val_cold.sum()),
+                           "removed_from": ["train"]},
         "totals": {"members": len(tables.members),
                    "events": int((sum(held.values()) > 0).sum()),  # distinct events stored
                    "impressions": int(sum(len(v["item"]) for v in tables.impressions.values())),
@@ -416,7 +443,7 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
         "files": {"item_ids": "item_ids.npy", "item_counts": "item_counts.npy",
                   "item_counts_all": "item_counts_all.npy",
                   "item_attributes": "item_attributes.npz" if "attribute" in vocab else None,
-                  "cold_items": "cold_items.npy",
+                  "cold_items": "cold_items.npy", "cold_val_items": "cold_val_items.npy",
                   "catalogue": _write_catalogue(tables, root)},
     }
     tmp = root / "manifest.json.tmp"

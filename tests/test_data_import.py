@@ -167,3 +167,19 @@ def test_build_command_split_and_attributes_keys(tmp_path, capsys):
         run_build(compose("data_build", [*base, "split=leave_1_out"]))
     assert run_build(compose("data_build", [*base, "split=leave_one_out"])) == 0
     assert "built 3 members, 9 events, 4 items" in capsys.readouterr().out
+
+
+def test_a_validation_sample_whose_target_is_cold_is_left_out(tmp_path):
+    """Cut short instead, its target would be an event of its own training sample."""
+    full = {7: [30, 10, 20], 9: [30, 10]}  # the val samples without cold items
+    dropped = set()
+    for seed in (0, 1, 2, 12):  # these seeds make each of the four items cold in turn
+        _build(tmp_path, SASREC, "seq.txt", "sasrec_txt", out=f"out{seed}",
+               split="leave_one_out", cold_items=0.25, cold_seed=seed)
+        root = tmp_path / f"out{seed}"
+        cold = set(np.load(root / "item_ids.npy")[np.load(root / "cold_items.npy")].tolist())
+        expected = {member: [i for i in items if i not in cold]
+                    for member, items in full.items() if items[-1] not in cold}
+        assert _items(root, "val") == expected
+        dropped |= full.keys() - expected.keys()
+    assert dropped == {7, 9}  # both members' val targets were cold under some seed

@@ -17,7 +17,7 @@ from foundation.data.commands import run_build
 from foundation.data.schema import ACTIONS, hour_of_day, time_gap_bucket
 from foundation.data.sources import SourceConfig
 from foundation.data.synthetic import SynthConfig, generate
-from foundation.data.writer import BuildConfig, build_shards, load_manifest
+from foundation.data.writer import BuildConfig, build_shards, choose_cold_items, load_manifest
 
 from foundation.config import ConfigError, compose
 
@@ -140,3 +140,15 @@ def test_time_features():
     gaps = np.array([-1, 0, 59, 60, 3600, 10**9])
     assert time_gap_bucket(gaps).tolist() == [1, 2, 2, 3, 7, 15]
     assert hour_of_day(np.array([0, 3599, 3600, 86399])).tolist() == [1, 1, 2, 24]
+
+
+def test_validation_cold_items_are_drawn_after_the_cold_ones():
+    cold, none = choose_cold_items(101, 0.2, seed=3)
+    same, val_cold = choose_cold_items(101, 0.2, seed=3, val_fraction=0.1)
+    assert (cold == same).all() and not none.any()  # adding cold_val_items keeps the cold set
+    assert cold.sum() == 20 and val_cold.sum() == 10 and not (cold & val_cold).any()
+    assert not cold[0] and not val_cold[0]  # never the padding id
+    with pytest.raises(ValueError, match="cold_items \\+ cold_val_items"):
+        choose_cold_items(101, 0.6, seed=0, val_fraction=0.5)
+    with pytest.raises(ValueError, match="cold_val_items=1.5"):
+        choose_cold_items(101, 0.2, seed=0, val_fraction=1.5)
