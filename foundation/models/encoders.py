@@ -4,7 +4,8 @@ Each tower splits into ``prepare`` (raw content → a tensor batch, on the CPU: 
 resampling, tokenising) and ``encode`` (that tensor → vectors ``[B, out_dim]``, the part that
 trains and exports), and ``forward(raw) = encode(prepare(raw))``.
 
-* ``ImageTower``: a small CNN (conv–GroupNorm–ReLU blocks, stride 2, global average pool).
+* ``ImageTower``: a small CNN (conv–GroupNorm–ReLU blocks, stride 2, global average pool),
+  or the ImageNet-pretrained EfficientNet-Lite0 (``image.backbone=efficientnet_lite0``).
 * ``AudioTower``: a log-mel spectrogram (``torch.stft`` and a mel filterbank built here:
   torchaudio's wheels do not match torch 2.13) and a small CNN over it.
 * ``TextTransformerTower``: a WordPiece tokenizer trained on the catalogue's own text
@@ -28,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from foundation.data.media import prepare_audio, prepare_image
+from foundation.data.media import IMAGE_STD, prepare_audio, prepare_image
 from foundation.models.contrastive import InfoNCE
+from foundation.models.efficientnet import EfficientNetLite0
 from foundation.models.towers import ItemTower
 
 if TYPE_CHECKING:
@@ -47,11 +49,20 @@ def _conv_stack(in_channels: int, channels: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ImageBackbone(str, Enum):
+    cnn = "cnn"  # the small CNN above (image.channels), trained from scratch
+    # ImageNet-pretrained EfficientNet-Lite0 (models/efficientnet.py), frozen but for its
+    # last image.trainable_blocks blocks; give it image.size of 96 to 224 pixels
+    efficientnet_lite0 = "efficientnet_lite0"
+
+
 @dataclass
 class ImageTowerConfig:
     size: int = 32  # images are resized to size × size
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     dim: int = 128
+    backbone: ImageBackbone = ImageBackbone.cnn
+    trainable_blocks: int = 0  # efficientnet_lite0: how many of its 16 blocks fine-tune
 
 
 class ImageTower(ItemTower):
@@ -60,8 +71,13 @@ class ImageTower(ItemTower):
     def __init__(self, cfg: ImageTowerConfig):
         super().__init__()
         self.cfg, self.out_dim = cfg, cfg.dim
-        self.body = _conv_stack(3, cfg.channels)
-        self.head = nn.Linear(cfg.channels[-1], cfg.dim)
+        if ImageBackbone(cfg.backbone) == ImageBackbone.efficientnet_lite0:
+            # its weights expect pixels in [-1, 1]; prepare_image gives (x - 0.5) / 0.25
+            self.body = EfficientNetLite0(cfg.trainable_blocks, pixel_scale=IMAGE_STD / 0.5)
+            width = self.body.out_channels
+        else:
+            self.body, width = _conv_stack(3, cfg.channels), cfg.channels[-1]
+        self.head = nn.Linear(width, cfg.dim)
 
     def prepare(self, images: Sequence[np.ndarray]) -> Tensor:
         return torch.from_numpy(np.stack([prepare_image(a, self.cfg.size) for a in images]))
