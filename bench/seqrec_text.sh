@@ -3,8 +3,10 @@
 # UniSRec files): shards (the files' own leave-one-out split, item text) → train on 2 ranks
 # with +experiment=seqrec_text → test-split evaluation of the best validation checkpoint →
 # A/B against most-popular.
-# usage: bench/seqrec_text.sh [DATASET_DIR] [OUT_DIR] [extra build overrides (cold_items=0.2)]
-#        TRAIN="model.item_content=[]" bench/seqrec_text.sh ...   extra training overrides
+# usage: bench/seqrec_text.sh [DATASET_DIR] [OUT_DIR] [extra build overrides
+#        (cold_items=0.2 cold_val_items=0.1)]
+#        TRAIN="model.item_content=[] model.content_match=false" bench/seqrec_text.sh ...
+#        extra training overrides (here: the ID-only ablation)
 set -euo pipefail
 SRC=${1:-../shared/datasets/amazon-scientific}
 OUT=${2:-bench/out/$(basename "$SRC")}

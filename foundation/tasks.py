@@ -121,13 +121,29 @@ class Task:
 
     @functools.cached_property
     def cold_items(self) -> Tensor | None:
-        """``[V]`` bool: the items the build held out of training (None without any)."""
-        if not (self.manifest.get("cold_items") or {}).get("count"):
+        """``[V]`` bool: the items the build held out of training and validation (None
+        without any)."""
+        return self._item_mask("cold_items")
+
+    @functools.cached_property
+    def cold_val_items(self) -> Tensor | None:
+        """``[V]`` bool: the items the build held out of training only (None without any)."""
+        return self._item_mask("cold_val_items")
+
+    def cold_targets(self, split: str | None) -> Tensor | None:
+        """The items whose users form ``split``'s cold group: on the validation split those
+        held out of training only (validation holds no other cold item), else the cold items."""
+        if split == self.cfg.data.val_split and self.cold_val_items is not None:
+            return self.cold_val_items
+        return self.cold_items
+
+    def _item_mask(self, kind: str) -> Tensor | None:
+        if not (self.manifest.get(kind) or {}).get("count"):
             return None
-        path = Path(self.cfg.data.path) / self.manifest["files"]["cold_items"]
-        cold = torch.zeros(self.num_items, dtype=torch.bool)
-        cold[torch.as_tensor(np.load(path, allow_pickle=False))] = True
-        return cold
+        path = Path(self.cfg.data.path) / self.manifest["files"][kind]
+        mask = torch.zeros(self.num_items, dtype=torch.bool)
+        mask[torch.as_tensor(np.load(path, allow_pickle=False))] = True
+        return mask
 
     # -- model -----------------------------------------------------------------------
     def build_sparse(self, device: torch.device) -> nn.Module:
@@ -160,7 +176,10 @@ class Task:
         return sparse_features(batch, candidates=batch.candidates,
                                candidate_lengths=batch.candidate_lengths), {}
 
-    def evaluate(self, model, batches: Iterable[SequenceBatch]) -> dict[str, Any]:
+    def evaluate(self, model, batches: Iterable[SequenceBatch], split: str | None = None,
+                 calibrate: bool = False) -> dict[str, Any]:
+        """Metrics of ``model`` on ``batches`` (from ``split``); with ``calibrate`` (validation
+        in training) the task may also fit what it calibrates on that split."""
         raise NotImplementedError
 
 
@@ -218,10 +237,12 @@ def all_max(flags: Tensor, world_size: int) -> Tensor:
 
 
 def all_concat(arrays: list[np.ndarray], world_size: int) -> np.ndarray:
-    """Concatenate 1-D float arrays from every rank (tensor collectives, no pickling)."""
+    """Concatenate float arrays from every rank along their first axis (tensor collectives,
+    no pickling); every rank's arrays share their other dimensions."""
     local = torch.as_tensor(np.concatenate(arrays) if arrays else np.zeros(0), dtype=torch.float64)
     if world_size == 1:
         return local.numpy()
+    trailing, local = local.shape[1:], local.reshape(-1)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
     dist.all_gather(sizes, torch.tensor([local.numel()]))
     longest = int(max(s.item() for s in sizes))
@@ -229,4 +250,5 @@ def all_concat(arrays: list[np.ndarray], world_size: int) -> np.ndarray:
     padded[: local.numel()] = local
     parts = [torch.zeros(longest, dtype=torch.float64) for _ in range(world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).numpy()
+    gathered = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return gathered.reshape(-1, *trailing).numpy()

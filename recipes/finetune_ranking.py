@@ -69,7 +69,7 @@ class FinetuneRanking(Task):
         return self.recipe.init_from
 
     @torch.no_grad()
-    def evaluate(self, model, batches):
+    def evaluate(self, model, batches, split=None, calibrate=False):
         """AUC and log loss over every impression of the split, next to a popularity scorer."""
         logits, labels, popular = [], [], []
         for batch, real in synchronised(batches, model.world_size):

@@ -107,7 +107,7 @@ class PretrainItemEncoder(Task):
         return kjt, {}
 
     @torch.no_grad()
-    def evaluate(self, model, batches):
+    def evaluate(self, model, batches, split=None, calibrate=False):
         """Each held-out item's sides embedded, then for every pair: how often an item's
         other side is among the k nearest of all held-out items' (both directions)."""
         module = model.dense_module

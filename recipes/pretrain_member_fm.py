@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from foundation.eval.metrics import rank_metrics, sampled_ranks, target_ranks, top_k_items
+from foundation.eval.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.models.content import ContentMatch, ItemContent
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
@@ -24,6 +29,9 @@ from foundation.models.member import (
     sparse_features,
 )
 from foundation.tasks import Task, all_concat, all_max, split_last_event, synchronised
+from foundation.train.logging import best_validation
+
+log = logging.getLogger(__name__)
 
 
 class Similarity(str, Enum):
@@ -64,6 +72,9 @@ class NextItemModel(nn.Module):
         if model.content_match and content is None:
             raise ValueError("model.content_match=true scores items by their content: list "
                              "the modalities to read in model.item_content (e.g. [text])")
+        if not 0 <= model.cold_budget < 1:
+            raise ValueError(f"model.cold_budget={model.cold_budget}: the fraction of the warm "
+                             "users' NDCG that new items may cost, in [0, 1) (e.g. 0.1)")
         self.match = ContentMatch(content, model.max_len) if model.content_match else None
         # A replicated item table lives here, trained by the dense engine (model.item_table).
         self.item_table = None if sharded_items(model) else nn.Embedding(
@@ -164,6 +175,23 @@ class NextItemModel(nn.Module):
 
 
 COLD_GROUP = "group_cold"  # in the ranks: whether each user's target is a cold item
+COLD_SCALES = 2.0 ** (np.arange(-4, 17) / 8)  # 0.71 … 4 × the learned cold-item weight
+CALIBRATION_K = 10  # the cold-item weight is fitted on NDCG@10
+
+
+def choose_cold_scale(ndcg: np.ndarray, is_cold: np.ndarray, scales: np.ndarray,
+                      budget: float, reference: float | None = None) -> int:
+    """Of the candidate cold-item scales (columns of each user's NDCG ``[users, scales]``),
+    the one best for users with a cold target among those that keep the other users' NDCG
+    within ``budget`` (a fraction) of ``reference`` (default: their best over the scales);
+    the one best for them if none does; scale 1 without both kinds of users."""
+    if not is_cold.any() or is_cold.all():
+        return int(np.flatnonzero(scales == 1)[0])
+    warm, cold = ndcg[~is_cold].mean(0), ndcg[is_cold].mean(0)
+    allowed = warm >= (1 - budget) * (warm.max() if reference is None else reference)
+    if not allowed.any():
+        return int(np.argmax(warm))
+    return int(np.argmax(np.where(allowed, cold, -np.inf)))
 
 
 class PretrainMemberFM(Task):
@@ -173,6 +201,10 @@ class PretrainMemberFM(Task):
     eval_metric = "hr@10"
 
     def build_dense(self) -> nn.Module:
+        if self.cfg.model.cold_reference:  # a wrong run fails now, not at the first validation
+            log.info("the cold-item weight keeps warm validation NDCG@10 within %.0f%% of "
+                     "%s's %.4f", 100 * self.cfg.model.cold_budget,
+                     self.cfg.model.cold_reference, self.reference_warm_ndcg)
         found = self.item_attributes() if self.cfg.model.side_features else None
         attributes = ItemAttributes(*found, dim=self.cfg.model.embedding_dim) if found else None
         return NextItemModel(self.cfg.model, self.recipe, self.item_counts, attributes,
@@ -201,43 +233,60 @@ class PretrainMemberFM(Task):
         return model.dense(history, emb, mode="encode")
 
     @torch.no_grad()
-    def evaluate(self, model, batches):
+    def evaluate(self, model, batches, split=None, calibrate=False):
         """Leave-last-out full ranking over the catalogue (and, with ``sampled_negatives``,
         among that many random items), next to the baselines: most-popular, and with item
         text ``content_knn``. Returns the metrics, every user's target rank (``ranks``, for
         paired comparisons) and, on a build with cold items, the metrics of the users whose
-        target is cold and of the others (``groups``)."""
-        catalogue = self.catalogue_vectors(model)
+        target is cold and of the others (``groups``). With ``calibrate`` and cold targets
+        in ``split``, a content-match model first fits its cold-item weight on them."""
         ks = self.recipe.ks
+        cold = self.cold_targets(split)
+        scales, width = self._cold_scales(model, cold if calibrate else None)
+        catalogue = self.catalogue_vectors(model)
+        cold_part = None if width is None else (  # unseen items' content part of their vectors
+            catalogue[:, -width:] * (~model.dense_module.seen).unsqueeze(-1))
         baselines = self.baseline_scorers()
-        cold = self.cold_items
         parts: dict[str, list] = {"sample_id": [], "model": [], **{n: [] for n in baselines}}
         if self.recipe.sampled_negatives:
             parts["model_sampled"] = []
         if cold is not None:
             parts[COLD_GROUP] = []
-        covered = torch.zeros(self.num_items, dtype=torch.bool)
+        covered = torch.zeros(len(scales), self.num_items, dtype=torch.bool)
         for batch, real in synchronised(batches, model.world_size):
             history, targets = split_last_event(batch)
-            scores = self.member_vectors(model, history) @ catalogue.T
+            members = self.member_vectors(model, history)
+            scores = members @ catalogue.T
             if not real:
                 continue
             exclude = self._excluded(history, scores.shape)
+            cold_scores = None if cold_part is None else members[:, -width:] @ cold_part.T
+            variants = [scores] if cold_part is None else [  # each candidate cold weight
+                scores + (scale - 1) * cold_scores for scale in scales]
             parts["sample_id"].append(batch.sample_ids.numpy())
-            parts["model"].append(target_ranks(scores, targets, exclude).numpy())
+            parts["model"].append(np.stack(
+                [target_ranks(v, targets, exclude).numpy() for v in variants], 1))
             for name, scorer in baselines.items():
                 parts[name].append(target_ranks(scorer(history, scores.shape), targets,
                                                 exclude).numpy())
             if self.recipe.sampled_negatives:
-                parts["model_sampled"].append(sampled_ranks(
-                    scores, targets, exclude, batch.sample_ids, self.recipe.sampled_negatives,
-                    self.cfg.seed).numpy())
+                parts["model_sampled"].append(np.stack([sampled_ranks(
+                    v, targets, exclude, batch.sample_ids, self.recipe.sampled_negatives,
+                    self.cfg.seed).numpy() for v in variants], 1))
             if cold is not None:
                 parts[COLD_GROUP].append(cold[targets].numpy())
-            covered |= top_k_items(scores, exclude, max(ks))
+            covered |= torch.stack([top_k_items(v, exclude, max(ks)) for v in variants])
         ranks = {name: all_concat(arrays, model.world_size) for name, arrays in parts.items()}
+        chosen = 0 if len(scales) == 1 else self._fit_cold_scale(
+            model, scales, ranks["model"], ranks[COLD_GROUP].astype(bool))
+        for name in ("model", "model_sampled"):
+            if name in ranks:
+                ranks[name] = ranks[name][:, chosen]
         metrics = {**rank_metrics(ranks["model"], ks), "users": float(len(ranks["model"])),
-                   f"coverage@{max(ks)}": all_max(covered, model.world_size).float().mean().item()}
+                   f"coverage@{max(ks)}": all_max(covered[chosen],
+                                                  model.world_size).float().mean().item()}
+        if len(scales) > 1:
+            metrics["cold_scale"] = float(scales[chosen])
         if self.recipe.sampled_negatives:
             sampled = rank_metrics(ranks["model_sampled"], ks)
             metrics.update({f"sampled_{k}": v for k, v in sampled.items()})
@@ -250,8 +299,50 @@ class PretrainMemberFM(Task):
                 "metrics": {**rank_metrics(ranks["model"][users], ks), "users": float(users.sum())},
                 "baselines": {name: rank_metrics(ranks[name][users], ks) for name in baselines}}
                 for group, users in (("cold", is_cold), ("warm", ~is_cold))
-                if users.any()}  # validation holds no cold targets: the build removed them
+                if users.any()}  # validation holds no cold targets unless built with them
         return result
+
+    def _cold_scales(self, model, cold: Tensor | None) -> tuple[np.ndarray, int | None]:
+        """The cold-item weight multiples to try, and the width of the content part of the
+        scoring vectors (None: nothing to calibrate, one variant). Resets the scale, so the
+        candidates multiply the learned weight."""
+        match = model.dense_module.match
+        if cold is None or match is None:
+            return np.ones(1), None
+        match.log_cold_scale.zero_()
+        return COLD_SCALES, match.unit.shape[1]
+
+    @functools.cached_property
+    def reference_warm_ndcg(self) -> float | None:
+        """The warm users' validation NDCG@10 of ``model.cold_reference`` (a run on the same
+        build, e.g. the ID-only incumbent) at its best checkpoint, from its log."""
+        if not self.cfg.model.cold_reference:
+            return None
+        run = Path(self.cfg.model.cold_reference)
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"model.cold_reference={run} is not a training run (no "
+                                    "config.yaml): pass the run_dir of a run on this build")
+        theirs = OmegaConf.load(run / "config.yaml").data.path
+        if Path(theirs).resolve() != Path(self.cfg.data.path).resolve():
+            raise ValueError(f"model.cold_reference={run} was trained on {theirs}, not on "
+                             f"{self.cfg.data.path}: its warm users are other users; pass a run "
+                             "on the same build")
+        key = f"warm/ndcg@{CALIBRATION_K}"
+        value = best_validation(run).get(key)
+        if value is None:
+            raise ValueError(f"model.cold_reference={run} logs no {key}: train it on a build "
+                             "with cold_val_items, whose validation has warm and cold users")
+        return float(value)
+
+    def _fit_cold_scale(self, model, scales: np.ndarray, ranks: np.ndarray,
+                        is_cold: np.ndarray) -> int:
+        """Set the model's cold-item scale to the one ``choose_cold_scale`` picks from every
+        user's target rank under each scale ``[users, scales]``; returns its index."""
+        ndcg = per_user(ranks, [CALIBRATION_K])[f"ndcg@{CALIBRATION_K}"]
+        chosen = choose_cold_scale(ndcg, is_cold, scales, self.cfg.model.cold_budget,
+                                   self.reference_warm_ndcg)
+        model.dense_module.match.log_cold_scale.fill_(float(np.log(scales[chosen])))
+        return chosen
 
     def baseline_scorers(self) -> dict[str, Callable[[SequenceBatch, torch.Size], Tensor]]:
         """Scorers ``(history, [B, V]) → item scores`` of the baselines this data allows."""

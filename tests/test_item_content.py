@@ -3,7 +3,10 @@ checked), the towers, and content reaching the member model's item vectors."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -269,7 +272,46 @@ def test_content_match_scores_items_by_the_recency_weighted_content_of_the_histo
     assert torch.allclose(items[10, 8:], 0.5 * units[10]) and torch.allclose(
         items[47, 8:], 3.0 * units[47])  # seen with its ID; never seen
     assert torch.allclose(model.new_item_vectors(torch.tensor([10]))[0, 8:], 3.0 * units[10])
+    match.log_cold_scale.fill_(math.log(2.0))  # calibrated on validation: serving only
+    items = model(None, {}, torch.arange(50), mode="items")
+    assert torch.allclose(items[47, 8:], 6.0 * units[47]) and torch.allclose(
+        items[10, 8:], 0.5 * units[10])
+    assert torch.allclose(match.serving_item_weight, torch.tensor([6.0, 0.5]))
     model.train()(batch, emb, negatives=torch.arange(1, 50)).backward()
+    assert torch.allclose(match.items(torch.tensor([47]), torch.tensor([False])),
+                          3.0 * units[47:48])  # training keeps the learned weight
     assert match.log_item_weight.grad[0] != 0 and match.log_recency.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="model.item_content"):
         NextItemModel(cfg, PretrainConfig(), counts)
+    with pytest.raises(ValueError, match="model.cold_budget=10"):
+        NextItemModel(dataclasses.replace(cfg, cold_budget=10), PretrainConfig(), counts,
+                      content=content)
+
+
+def test_the_cold_item_scale_serves_cold_users_within_the_warm_users_budget():
+    from foundation.recipes.pretrain_member_fm import COLD_SCALES, choose_cold_scale
+
+    scales = np.array([0.5, 1.0, 2.0, 4.0])
+    is_cold = np.array([False, False, False, True])
+    ndcg = np.array([[1.0, 0.96, 0.8, 0.5]] * 3 + [[0.0, 0.2, 0.6, 1.0]])  # users × scales
+    assert choose_cold_scale(ndcg, is_cold, scales, budget=0.05) == 1  # warm keeps ≥ 0.95
+    assert choose_cold_scale(ndcg, is_cold, scales, budget=0.25) == 2
+    assert choose_cold_scale(ndcg, is_cold, scales, budget=0.6) == 3
+    assert choose_cold_scale(ndcg, np.zeros(4, bool), scales, budget=0.6) == 1  # nothing to fit
+    # against a reference run's warm NDCG (e.g. the ID-only incumbent) instead of the best
+    assert choose_cold_scale(ndcg, is_cold, scales, budget=0.1, reference=0.85) == 2
+    assert choose_cold_scale(ndcg, is_cold, scales, budget=0.1, reference=2.0) == 0  # least harm
+    assert COLD_SCALES.min() < 1 < COLD_SCALES.max() and (COLD_SCALES == 1).sum() == 1
+
+
+def test_a_runs_best_validation_is_read_from_its_log(tmp_path):
+    from foundation.train.logging import best_validation
+
+    with pytest.raises(FileNotFoundError, match="finished training run"):
+        best_validation(tmp_path)
+    rows = [{"step": 10, "loss": 3.0}, {"step": 10, "split": "val", "warm/ndcg@10": 0.2},
+            {"step": 20, "split": "val", "warm/ndcg@10": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert best_validation(tmp_path)["step"] == 20  # no best.json: the last validation
+    (tmp_path / "best.json").write_text(json.dumps({"step": 10}))
+    assert best_validation(tmp_path)["warm/ndcg@10"] == 0.2

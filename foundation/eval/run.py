@@ -84,7 +84,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     try:
         run = load_run(run_dir, cfg.checkpoint, env)
         task, path = run.task, run.checkpoint
-        result = task.evaluate(run.model, run.batches(cfg.split, cfg.batch_size))
+        result = task.evaluate(run.model, run.batches(cfg.split, cfg.batch_size), split=cfg.split)
         ranks = result.pop("ranks", None)
         report = {"split": cfg.split, "run_dir": str(run_dir), "checkpoint": path.name,
                   "recipe": task.name, **result}

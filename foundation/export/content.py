@@ -89,7 +89,7 @@ def _write_match(dense: nn.Module, root: Path) -> dict[str, Any] | None:
     if match is None:
         return None
     arrays = {"units": match.unit, "seen": dense.seen.to(torch.uint8),
-              "recency": match.recency, "item_weight": match.item_weight,
+              "recency": match.recency, "item_weight": match.serving_item_weight,
               **{f"center_{name}": center for name, center in match.centers.items()}}
     save_file({k: v.detach().contiguous().numpy() for k, v in arrays.items()},
               str(root / MATCH))

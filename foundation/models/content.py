@@ -213,6 +213,10 @@ class ContentMatch(nn.Module):
         self.log_recency = nn.Parameter(torch.arange(max_len, dtype=torch.float32)
                                         * math.log(decay))
         self.log_item_weight = nn.Parameter(torch.zeros(2))  # [scored without ID, with ID]
+        # Outside training, items without an ID are weighted by this multiple of their
+        # learned weight, fitted on validation's cold targets (PretrainMemberFM.evaluate):
+        # training never shows a cold item as a target, so nothing else calibrates it.
+        self.register_buffer("log_cold_scale", torch.zeros(()))
 
     @property
     def recency(self) -> Tensor:
@@ -220,12 +224,18 @@ class ContentMatch(nn.Module):
         return self.log_recency.exp()
 
     @property
-    def item_weight(self) -> Tensor:
+    def learned_item_weight(self) -> Tensor:
         return self.log_item_weight.exp()
+
+    @property
+    def serving_item_weight(self) -> Tensor:
+        """The item weights outside training: the no-ID one times the calibrated scale."""
+        return (self.log_item_weight + F.pad(self.log_cold_scale.reshape(1), (0, 1))).exp()
 
     def items(self, items: Tensor, use_id: Tensor) -> Tensor:
         """Items' content part of their scoring vectors."""
-        return self.unit[items] * self.item_weight[use_id.long()].unsqueeze(-1)
+        weight = self.learned_item_weight if self.training else self.serving_item_weight
+        return self.unit[items] * weight[use_id.long()].unsqueeze(-1)
 
     def members(self, items: Tensor, mask: Tensor) -> Tensor:
         """Left-aligned histories ``[B, L]`` → each position's content query ``[B, L, C]``,

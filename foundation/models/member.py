@@ -76,6 +76,13 @@ class MemberModelConfig:
     # history's (models/content.py ContentMatch): sharper than the adapters, and what a
     # cold item mostly competes on. Needs item_content.
     content_match: bool = False
+    # With content_match on a build with cold_val_items, each validation weights the items
+    # scored without an ID (cold) by the multiple of their learned weight (0.71 … 4) that
+    # serves the users with a cold target best while the others keep at least
+    # 1 - cold_budget of their best NDCG@10 (or of cold_reference's: a run on the same build,
+    # e.g. the ID-only incumbent): how much of the warm ranking new titles may cost.
+    cold_budget: float = 0.05
+    cold_reference: str | None = None
 
 
 def sharded_items(cfg: MemberModelConfig) -> bool:

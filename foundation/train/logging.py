@@ -63,3 +63,19 @@ def _start_wandb(cfg: LoggerConfig, run_dir: Path, config: dict | None, name: st
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=cfg.project, dir=str(run_dir), config=config, mode=mode,
                       name=f"{run_dir.name}-{name}", reinit="finish_previous")
+
+
+def best_validation(run_dir: Path) -> dict[str, Any]:
+    """The logged validation row of a run's best checkpoint (``best.json``), else its last."""
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: pass the directory of a "
+                                "finished training run")
+    rows = [row for row in map(json.loads, log.read_text().splitlines()) if "split" in row]
+    best = run_dir / "best.json"
+    if best.is_file():
+        step = json.loads(best.read_text())["step"]
+        rows = [row for row in rows if row["step"] == step]
+    if not rows:
+        raise ValueError(f"{log} logs no validation{' at its best step' * best.is_file()}")
+    return rows[-1]

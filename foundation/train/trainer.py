@@ -256,7 +256,8 @@ class Trainer:
         self.model.train(False)
         limit = self.cfg.trainer.eval_batches or None
         loader = self.stream.loader(self.cfg.data.val_split, batch_size=self.cfg.data.eval_batch_size)
-        result = self.task.evaluate(self.model, itertools.islice(loader, limit))
+        result = self.task.evaluate(self.model, itertools.islice(loader, limit),
+                                    split=self.cfg.data.val_split, calibrate=True)
         result.pop("ranks", None)  # per-user detail is for `foundation eval`, not the log
         row = {"step": step, "split": self.cfg.data.val_split, **note, **result["metrics"]}
         for name, metrics in result["baselines"].items():
