@@ -321,14 +321,16 @@ def _write_split(tables: _Tables, split: str, samples: tuple[np.ndarray, np.ndar
     shards = []
     for i, chunk in enumerate(_chunks(np.arange(len(members)), count)):
         rel = f"{split}/shard-{i:06d}.tar"
-        events = 0
+        events = written = 0
         with wds.TarWriter(str(root / rel), encoder=False, mtime=0.0) as sink:
             for index, end in zip(members[chunk].tolist(), ends[chunk].tolist()):
                 entries, held = tables.sample(index, end, cfg.max_history, drop)
-                sink.write(entries)
-                events += held
                 bar.update(1)
-        shards.append({"path": rel, "samples": len(chunk), "events": events,
+                if held == 0 and drop is not None:  # every event was a removed (cold) item
+                    continue
+                sink.write(entries)
+                events, written = events + held, written + 1
+        shards.append({"path": rel, "samples": written, "events": events,
                        "sha256": sha256(root / rel)})
     return shards
 

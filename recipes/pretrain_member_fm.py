@@ -242,7 +242,7 @@ class PretrainMemberFM(Task):
         in ``split``, a content-match model first fits its cold-item weight on them."""
         ks = self.recipe.ks
         cold = self.cold_targets(split)
-        scales, width = self._cold_scales(model, cold if calibrate else None)
+        scales, width = self._cold_scales(model, calibrate and split == self.cfg.data.val_split)
         catalogue = self.catalogue_vectors(model)
         cold_part = None if width is None else (  # unseen items' content part of their vectors
             catalogue[:, -width:] * (~model.dense_module.seen).unsqueeze(-1))
@@ -302,12 +302,13 @@ class PretrainMemberFM(Task):
                 if users.any()}  # validation holds no cold targets unless built with them
         return result
 
-    def _cold_scales(self, model, cold: Tensor | None) -> tuple[np.ndarray, int | None]:
+    def _cold_scales(self, model, calibrate: bool) -> tuple[np.ndarray, int | None]:
         """The cold-item weight multiples to try, and the width of the content part of the
-        scoring vectors (None: nothing to calibrate, one variant). Resets the scale, so the
-        candidates multiply the learned weight."""
+        scoring vectors (None: nothing to calibrate, one variant): a content-match model
+        calibrates on validation's own cold items (``cold_val_items``). Resets the scale, so
+        the candidates multiply the learned weight."""
         match = model.dense_module.match
-        if cold is None or match is None:
+        if not calibrate or match is None or self.cold_val_items is None:
             return np.ones(1), None
         match.log_cold_scale.zero_()
         return COLD_SCALES, match.unit.shape[1]

@@ -84,6 +84,16 @@ def test_validation_calibrates_the_weight_of_cold_items(runs):
     assert "cold_scale" not in _report(runs / "text")["metrics"]  # test only applies it
 
 
+def test_a_cold_reference_must_be_a_run_on_the_same_build(runs, cold_world, synth_shards):
+    common = ["trainer.max_steps=1", "model.item_content=[text]", "model.content_match=true",
+              f"run_dir={runs / 'refused'}", *FAST]
+    for reference, data, message in ((runs / "ids", synth_shards, "its warm users are other"),
+                                     (runs / "nothing", cold_world, "is not a training run")):
+        result = foundation("train", f"data.path={data}", f"model.cold_reference={reference}",
+                            *common, check=False)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
 def test_compare_one_group_of_users(runs):
     out = foundation("eval", "compare", str(runs / "ids"), str(runs / "text"), "--group", "cold",
                      "--output", str(runs / "cold.json"))

@@ -182,4 +182,6 @@ def test_a_validation_sample_whose_target_is_cold_is_left_out(tmp_path):
                     for member, items in full.items() if items[-1] not in cold}
         assert _items(root, "val") == expected
         dropped |= full.keys() - expected.keys()
+        train = _items(root, "train")  # a sample left with no event is left out
+        assert all(train.values()) and (9 in train) == (30 not in cold)
     assert dropped == {7, 9}  # both members' val targets were cold under some seed
