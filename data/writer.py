@@ -77,7 +77,7 @@ class BuildConfig:
     cold_seed: int = 0
     # A further seeded fraction removed from train samples only: validation's cold targets,
     # on which a content-match model calibrates the weight of items it scores without an
-    # ID (model.cold_calibration). Drawn after cold_items, so that set does not change.
+    # ID (model.cold_budget). Drawn after cold_items, so that set does not change.
     cold_val_items: float = 0.0
     # The event features, each declared once (data/schema.py): a categorical one is read from
     # the events' column of its name (source.columns.<name> maps another), derived ones from
@@ -99,8 +99,6 @@ def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
             zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
                         npy.getvalue())
     return buf.getvalue()
-
-
 
 
 def choose_cold_items(num_items: int, fraction: float, seed: int,
@@ -326,7 +324,7 @@ def _write_split(tables: _Tables, split: str, samples: tuple[np.ndarray, np.ndar
             for index, end in zip(members[chunk].tolist(), ends[chunk].tolist()):
                 entries, held = tables.sample(index, end, cfg.max_history, drop)
                 bar.update(1)
-                if held == 0 and drop is not None:  # every event was a removed (cold) item
+                if held == 0:  # every event was a removed (cold) item
                     continue
                 sink.write(entries)
                 events, written = events + held, written + 1

@@ -74,7 +74,7 @@ class NextItemModel(nn.Module):
                              "the modalities to read in model.item_content (e.g. [text])")
         if not 0 <= model.cold_budget < 1:
             raise ValueError(f"model.cold_budget={model.cold_budget}: the fraction of the warm "
-                             "users' NDCG that new items may cost, in [0, 1) (e.g. 0.1)")
+                             "users' NDCG that new items may cost, in [0, 1) (e.g. 0.05)")
         self.match = ContentMatch(content, model.max_len) if model.content_match else None
         # A replicated item table lives here, trained by the dense engine (model.item_table).
         self.item_table = None if sharded_items(model) else nn.Embedding(
