@@ -13,9 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from foundation.eval.calibration import (
+    CALIBRATION_K,
+    COLD_SCALES,
+    choose_cold_scale,
+    reference_warm_ndcg,
+)
 from foundation.eval.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.models.content import ContentMatch, ItemContent
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
@@ -29,7 +34,6 @@ from foundation.models.member import (
     sparse_features,
 )
 from foundation.tasks import Task, all_concat, all_max, split_last_event, synchronised
-from foundation.train.logging import best_validation
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +179,6 @@ class NextItemModel(nn.Module):
 
 
 COLD_GROUP = "group_cold"  # in the ranks: whether each user's target is a cold item
-COLD_SCALES = 2.0 ** (np.arange(-4, 17) / 8)  # 0.71 … 4 × the learned cold-item weight
-CALIBRATION_K = 10  # the cold-item weight is fitted on NDCG@10
-
-
-def choose_cold_scale(ndcg: np.ndarray, is_cold: np.ndarray, scales: np.ndarray,
-                      budget: float, reference: float | None = None) -> int:
-    """Of the candidate cold-item scales (columns of each user's NDCG ``[users, scales]``),
-    the one best for users with a cold target among those that keep the other users' NDCG
-    within ``budget`` (a fraction) of ``reference`` (default: their best over the scales);
-    the one best for them if none does; scale 1 without both kinds of users."""
-    if not is_cold.any() or is_cold.all():
-        return int(np.flatnonzero(scales == 1)[0])
-    warm, cold = ndcg[~is_cold].mean(0), ndcg[is_cold].mean(0)
-    allowed = warm >= (1 - budget) * (warm.max() if reference is None else reference)
-    if not allowed.any():
-        return int(np.argmax(warm))
-    return int(np.argmax(np.where(allowed, cold, -np.inf)))
 
 
 class PretrainMemberFM(Task):
@@ -315,25 +302,9 @@ class PretrainMemberFM(Task):
 
     @functools.cached_property
     def reference_warm_ndcg(self) -> float | None:
-        """The warm users' validation NDCG@10 of ``model.cold_reference`` (a run on the same
-        build, e.g. the ID-only incumbent) at its best checkpoint, from its log."""
-        if not self.cfg.model.cold_reference:
-            return None
-        run = Path(self.cfg.model.cold_reference)
-        if not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"model.cold_reference={run} is not a training run (no "
-                                    "config.yaml): pass the run_dir of a run on this build")
-        theirs = OmegaConf.load(run / "config.yaml").data.path
-        if Path(theirs).resolve() != Path(self.cfg.data.path).resolve():
-            raise ValueError(f"model.cold_reference={run} was trained on {theirs}, not on "
-                             f"{self.cfg.data.path}: its warm users are other users; pass a run "
-                             "on the same build")
-        key = f"warm/ndcg@{CALIBRATION_K}"
-        value = best_validation(run).get(key)
-        if value is None:
-            raise ValueError(f"model.cold_reference={run} logs no {key}: train it on a build "
-                             "with cold_val_items, whose validation has warm and cold users")
-        return float(value)
+        """``model.cold_reference``'s warm validation NDCG (None without a reference)."""
+        run = self.cfg.model.cold_reference
+        return reference_warm_ndcg(Path(run), self.cfg.data.path) if run else None
 
     def _fit_cold_scale(self, model, scales: np.ndarray, ranks: np.ndarray,
                         is_cold: np.ndarray) -> int:

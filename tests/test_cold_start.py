@@ -72,8 +72,7 @@ def test_a_content_model_recommends_cold_items_from_their_text(runs):
 def test_validation_calibrates_the_weight_of_cold_items(runs):
     """Validation's cold targets (cold_val_items) fit how much the content-match score of
     items without an ID counts; the checkpoint keeps it, so test and serving use it."""
-    from foundation.recipes.pretrain_member_fm import COLD_SCALES
-
+    from foundation.eval.calibration import COLD_SCALES
     from foundation.train.logging import best_validation
 
     rows = [json.loads(line) for line in (runs / "text" / "metrics.jsonl").read_text().splitlines()]

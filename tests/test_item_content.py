@@ -289,7 +289,7 @@ def test_content_match_scores_items_by_the_recency_weighted_content_of_the_histo
 
 
 def test_the_cold_item_scale_serves_cold_users_within_the_warm_users_budget():
-    from foundation.recipes.pretrain_member_fm import COLD_SCALES, choose_cold_scale
+    from foundation.eval.calibration import COLD_SCALES, choose_cold_scale
 
     scales = np.array([0.5, 1.0, 2.0, 4.0])
     is_cold = np.array([False, False, False, True])
