@@ -18,10 +18,18 @@ from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
 from foundation.data.batch import SequenceBatch
+from foundation.data.items import load_item_content
 from foundation.data.schema import EventSchema
-from foundation.models.content import CACHE_DIR, ContentAdapter, ItemContent, content_vectors
+from foundation.models.content import (
+    CACHE_DIR,
+    ContentAdapter,
+    ItemContent,
+    TunedTextAdapter,
+    content_vectors,
+    lower_token_states,
+)
 from foundation.models.member import SparseArch, sharded_items, sparse_features
-from foundation.models.towers import Modality
+from foundation.models.towers import MiniLMTextTower, Modality
 
 
 class Task:
@@ -60,9 +68,22 @@ class Task:
             vectors, has = content_vectors(modality, self.cfg.data.path, self.manifest,
                                            self.num_items, model.text_tower, cache,
                                            model.item_encoder)
-            adapters[modality.value] = ContentAdapter(vectors, has, model.embedding_dim,
-                                                      model.dropout)
+            if modality == Modality.text and model.text_tower.trainable_layers:
+                adapters[modality.value] = self._tuned_text(vectors, has)
+            else:
+                adapters[modality.value] = ContentAdapter(vectors, has, model.embedding_dim,
+                                                          model.dropout)
         return ItemContent(adapters)
+
+    def _tuned_text(self, vectors: Tensor, has: Tensor) -> TunedTextAdapter:
+        """The text tower with its top layers trained (every rank keeps the frozen layers'
+        token states of the whole catalogue)."""
+        model = self.cfg.model
+        tower = MiniLMTextTower(model.text_tower)
+        ids, texts = load_item_content(self.cfg.data.path, self.manifest, Modality.text.value)
+        tokens, offsets = lower_token_states(tower, ids, texts, self.num_items)
+        return TunedTextAdapter(vectors, has, model.embedding_dim, model.dropout, tower,
+                                tokens, offsets)
 
     def item_features(self) -> list[dict[str, Any]]:
         """The item side of the feature schema (the event side is ``schema``): what an item's
@@ -77,7 +98,10 @@ class Task:
                           "size": int(vocab["attribute"]),
                           "lives": "replicated table (dense), averaged per item",
                           "served_from": "folded into embeddings/item_vectors at export"})
-        towers = {Modality.text: "frozen all-MiniLM-L6-v2 (cached per run)",
+        tuned = model.text_tower.trainable_layers
+        towers = {Modality.text: (f"all-MiniLM-L6-v2, top {tuned} layers trained (catalogue "
+                                  f"refreshed every {model.text_tower.refresh_every} steps)"
+                                  if tuned else "frozen all-MiniLM-L6-v2 (cached per run)"),
                   Modality.vectors: "upstream vectors from the item shards",
                   Modality.image: f"frozen tower of item encoder {model.item_encoder}",
                   Modality.audio: f"frozen tower of item encoder {model.item_encoder}"}

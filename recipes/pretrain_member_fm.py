@@ -23,6 +23,7 @@ from foundation.eval.calibration import (
 )
 from foundation.eval.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.models.content import ContentMatch, ItemContent
+from foundation.models.history import HistoryBias, add_pairs
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
     EventEncoder,
@@ -80,6 +81,7 @@ class NextItemModel(nn.Module):
             raise ValueError(f"model.cold_budget={model.cold_budget}: the fraction of the warm "
                              "users' NDCG that new items may cost, in [0, 1) (e.g. 0.05)")
         self.match = ContentMatch(content, model.max_len) if model.content_match else None
+        self.history = HistoryBias(model.max_len) if model.history_bias else None
         # A replicated item table lives here, trained by the dense engine (model.item_table).
         self.item_table = None if sharded_items(model) else nn.Embedding(
             item_counts.numel(), model.embedding_dim, padding_idx=0)
@@ -152,6 +154,8 @@ class NextItemModel(nn.Module):
             if mode == "items":
                 return self.item_scoring_vectors(negatives, emb.get("negative"))
             return self.item_vectors(negatives, emb.get("negative"), self.uses_id(negatives))
+        if mode == "train" and self.content is not None:
+            self.content.begin_step(batch.item)  # tuned towers encode the batch's items
         use_id = self.uses_id(batch.item)
         emb = {**emb, "item": self.item_vectors(batch.item, emb.get("item"), use_id)}
         states, mask = self.encoder(emb, batch.lengths, newest_is_target=mode == "train",
@@ -162,20 +166,29 @@ class NextItemModel(nn.Module):
         if mode == "encode":
             return last_states(queries, mask)
         query_index, target_index = next_item_pairs(states, mask, batch.lengths)
+        offsets = None if self.history is None else self.history.pairs(
+            pad_jagged(batch.item, batch.lengths)[0], mask,
+            query_index // mask.shape[1], query_index % mask.shape[1])
         queries, targets = queries.flatten(0, 1)[query_index], batch.item[target_index]
         negative_vectors = self.item_scoring_vectors(negatives, emb.get("negative"))
         # A model that can score new items from their content must not learn, as negatives,
         # the items training never shows: it would learn to bury exactly the cold ones.
         absent = ~self.seen if self.fallback is not None else None
         if self.recipe.loss == "full_softmax":  # negatives: every item 1..V-1, in order
-            return full_softmax_loss(queries, targets, negative_vectors, absent)
+            return full_softmax_loss(queries, targets, negative_vectors, absent, offsets)
         return sampled_softmax_loss(
             queries, targets, self.scored_items(
                 emb["item"][target_index], targets,
                 None if use_id is None else use_id[target_index]), negatives,
             negative_vectors,
             log_item_prob=self.log_item_prob if self.recipe.logq_correction else None,
-            in_batch=self.recipe.in_batch_negatives, absent=absent)
+            in_batch=self.recipe.in_batch_negatives, absent=absent, offsets=offsets)
+
+    def history_offsets(self, history) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The history bias of each history's newest state (None without one)."""
+        if self.history is None:
+            return None
+        return self.history.newest(*pad_jagged(history.item, history.lengths))
 
 
 COLD_GROUP = "group_cold"  # in the ranks: whether each user's target is a cold item
@@ -244,6 +257,9 @@ class PretrainMemberFM(Task):
             history, targets = split_last_event(batch)
             members = self.member_vectors(model, history)
             scores = members @ catalogue.T
+            offsets = model.dense_module.history_offsets(history)
+            if offsets is not None:
+                scores = add_pairs(scores, offsets)
             if not real:
                 continue
             exclude = self._excluded(history, scores.shape)

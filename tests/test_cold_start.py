@@ -27,6 +27,7 @@ def runs(cold_world, tmp_path_factory):
     foundation("train", f"run_dir={root / 'ids'}", "trainer.max_steps=60", *common)
     foundation("train", "--nproc=2", f"run_dir={root / 'text'}", "trainer.max_steps=250",
                "model.item_content=[text]", "model.id_dropout=0.3", "model.content_match=true",
+               "model.text_tower.trainable_layers=1",  # the top layer trains with the model
                f"model.cold_reference={root / 'ids'}", *common)
     for run in ("text", "ids"):
         foundation("eval", f"run_dir={root / run}", "split=test")
@@ -113,11 +114,22 @@ def bundle(runs):
 def test_the_bundle_embeds_new_titles_as_the_model_does(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {"towers/text.pt2", "towers/text.onnx", "towers/text_tokenizer.json",
+            "towers/text_match.pt2",  # the tuned tower, and the frozen one content match reads
             "embeddings/content_text.safetensors",
             "embeddings/content_match.safetensors"} <= set(manifest["files"])
     towers = manifest["parity"]["towers"]  # the gate served items as new ones, both backends
     assert towers["items"] == 64 and towers["members"] >= 200  # val samples with a cold target are left out
     assert max(towers["max_abs_diff"].values()) <= 1e-4
+    import numpy as np
+
+    from foundation.export import load_bundle
+
+    predictor = load_bundle(bundle)  # the tuned tower moved away from the frozen one
+    spec = manifest["content"]["modalities"]["text"]
+    titles = ["a title of the test world", "another one"]
+    tuned = predictor._encode("text", spec, titles)
+    frozen = predictor._encode("text", {**spec, "program": spec["match_program"]}, titles)
+    assert np.abs(tuned - frozen).max() > 1e-3
 
 
 def test_a_new_title_like_the_history_is_recommended_at_once(bundle, cold_world):

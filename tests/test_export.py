@@ -45,6 +45,7 @@ def trained_run(surface_shards, tmp_path_factory) -> Path:
                f"run_dir={run}", "trainer.max_steps=150", "trainer.eval_every=0",
                "model.item_scale=8.0",  # the predictor must scale items like the model
                "model.attention=pointwise",  # the serving program reads event times too
+               "model.history_bias=true",  # the predictor offsets history items as trained
                *FAST)
     foundation("eval", f"run_dir={run}", "split=val")
     return run
@@ -160,6 +161,22 @@ def test_fresh_processes_without_torchrec_or_deepspeed_serve_the_same_recommenda
     scores = np.array(by_torch["scores"])
     assert np.all(np.diff(scores) <= 1e-6)  # score() agrees with recommend()'s order
     assert np.allclose(scores, by_onnx["scores"], atol=1e-4)
+
+
+def test_served_scores_carry_the_trained_history_bias(bundle):
+    """Items of the history gain the learned offset of each of their events, by age; the
+    gate's reference adds the training model's, so a bundle that dropped it would fail."""
+    predictor = load_bundle(bundle)
+    weight = predictor.history_bias
+    assert weight is not None and np.abs(weight).max() > 1e-3  # trained, above the gate's 1e-4
+    items = [int(i) for i in predictor.item_ids[[3, 5, 3, 8]]]
+    events = [predictor._events(items)]
+    offset = predictor.scores_of(events) - predictor.member_vectors_of(events) @ predictor.catalogue.T
+    rows = predictor._known(items, "history")
+    expected = np.zeros_like(offset[0])
+    np.add.at(expected, rows, weight[[3, 2, 1, 0]])
+    assert np.allclose(offset[0], expected, atol=1e-5)
+    assert np.allclose(predictor.score(items, items[:2]), predictor.scores_of(events)[0, rows[:2]])
 
 
 def test_the_gate_serves_raw_histories_and_fails_a_skewed_served_feature(trained_run, bundle,

@@ -17,7 +17,7 @@ from foundation.data.items import iter_items, load_item_content, read_item_text
 from foundation.data.sources import SourceConfig, read_table
 from foundation.data.writer import BuildConfig, build_shards
 
-from foundation.models.towers import MiniLMTextTower, TextTowerConfig, VectorTower
+from foundation.models.towers import MiniLMTextTower, TextTowerConfig, VectorTower, encode_texts
 
 HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
 
@@ -148,6 +148,50 @@ def test_the_minilm_tower_embeds_meaning_and_its_top_layers_train():
     alone = tower.eval()(["soldering iron tips, 10 pack"])
     assert torch.allclose(alone[0], vectors[2].detach(), atol=1e-5)
     assert torch.equal(VectorTower(2)(np.ones((1, 2))), torch.ones(1, 2))
+
+
+def test_a_tuned_text_tower_trains_on_each_batch_and_refreshes_the_catalogue():
+    """Top layer trained with the member model: the batch's items are encoded afresh with
+    gradients, the rest of the catalogue comes from the last refresh, and a refresh (every
+    ``refresh_every`` steps, and before any evaluation) equals the whole tower run again."""
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
+    from test_model import make_batch
+
+    from foundation.models.content import ItemContent, TunedTextAdapter, lower_token_states
+    from foundation.models.member import MemberModelConfig
+
+    torch.manual_seed(0)
+    cfg = TextTowerConfig(max_tokens=16, trainable_layers=1, refresh_every=2)
+    tower = MiniLMTextTower(cfg)
+    titles = [f"title number {i}, a {'comedy' if i % 2 else 'documentary'}" for i in range(1, 50)]
+    ids = np.arange(1, 50)
+    tokens, offsets = lower_token_states(tower, ids, titles, 50)
+    frozen = torch.zeros(50, 384)
+    frozen[1:] = encode_texts(tower.eval(), titles)
+    has = torch.arange(50) > 0
+    adapter = TunedTextAdapter(frozen, has, 8, 0.0, tower, tokens, offsets)
+    assert torch.allclose(adapter.encode(torch.tensor([3, 7])), frozen[[3, 7]], atol=1e-5)
+    member = MemberModelConfig(embedding_dim=8, num_layers=1, num_heads=1, max_len=10,
+                               item_table="replicated", context_features=False)
+    model = NextItemModel(member, PretrainConfig(loss="full_softmax"), torch.ones(50),
+                          content=ItemContent({"text": adapter})).train()
+    optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    batch = make_batch([5, 3])
+    emb = {k: torch.zeros(len(batch.item), 8) for k in ("action", "gap")}
+    top, below = adapter.layers[0].query.weight, tower.layers[4].query.weight
+    before, below_before = top.detach().clone(), below.detach().clone()
+    model(batch, emb, negatives=torch.arange(1, 50)).backward()
+    assert top.grad.abs().sum() > 0 and below.grad is None  # only the top layer trains
+    optimiser.step()
+    assert not torch.equal(top, before) and torch.equal(below, below_before)
+    assert adapter.steps_since_refresh == 2  # not yet refreshed: the catalogue is stale
+    assert torch.equal(adapter.vectors, frozen)
+    model.eval()(batch, emb, mode="encode")  # evaluation refreshes first
+    retuned = torch.zeros(50, 384)
+    retuned[1:] = encode_texts(tower.eval(), titles)  # the whole tower, with the trained layer
+    assert not torch.allclose(retuned, frozen, atol=1e-3)
+    assert torch.allclose(adapter.vectors, retuned, atol=1e-5)
+    assert adapter.steps_since_refresh == 0
 
 
 def test_content_reaches_item_vectors_and_unseen_or_dropped_ids_use_the_fallback():

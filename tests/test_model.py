@@ -234,3 +234,64 @@ def test_cosine_similarity_scores_unit_vectors_and_divides_the_loss_by_the_tempe
     # cosines lie in [-1, 1]: at temperature 1 the softmax is nearly flat, a low one sharpens it
     assert abs(losses[("cosine", 1.0)] - math.log(49)) < 0.1
     assert losses[("cosine", 0.05)] != pytest.approx(losses[("cosine", 1.0)], abs=0.1)
+
+
+def test_the_history_bias_offsets_each_item_by_the_age_of_its_events():
+    from foundation.models.history import HistoryBias, add_pairs
+
+    bias = HistoryBias(max_len=3)
+    with torch.no_grad():
+        bias.units.copy_(torch.tensor([-1.0, -2.0, -4.0]) / bias.UNIT)
+    items = torch.tensor([[3, 4, 3, 7, 5], [2, 5, 0, 0, 0]])
+    served = add_pairs(torch.zeros(2, 8), bias.newest(items, items > 0))
+    # row 0: item 3 at ages 4 and 2 (ages past max_len weigh as the oldest), 4 at 3, 7 at 1
+    assert served[0].tolist() == [0, 0, 0, -8, -4, -1, 0, -2]
+    assert served[1].tolist() == [0, 0, -2, 0, 0, -1, 0, 0]
+    # in training, a query at position t sees only the events up to t
+    query, item, value = bias.pairs(items, items > 0, torch.tensor([0]), torch.tensor([1]))
+    assert item.tolist() == [3, 4] and value.tolist() == [-2.0, -1.0]
+
+    torch.manual_seed(0)
+    table = torch.randn(9, 4)
+    queries, targets = torch.randn(2, 4), torch.tensor([3, 6])
+    offsets = bias.newest(items, items > 0)
+    everything = torch.arange(1, 9)
+    expected = F.cross_entropy(add_pairs(queries @ table.T, offsets)[:, 1:], targets - 1)
+    full = full_softmax_loss(queries, targets, table[everything], offsets=offsets)
+    sampled = sampled_softmax_loss(queries, targets, table[targets], everything,
+                                   table[everything], log_item_prob=None, in_batch=True,
+                                   offsets=offsets)  # in-batch: item 3 and 6 twice
+    assert torch.allclose(full, expected, atol=1e-6)
+    in_batch = torch.cat([targets, everything])
+    logits = add_pairs(queries @ table.T, offsets)
+    dense = torch.cat([logits.gather(1, targets[:, None]), logits[:, in_batch].masked_fill(
+        in_batch == targets[:, None], float("-inf"))], 1)
+    assert torch.allclose(sampled, F.cross_entropy(dense, torch.zeros(2, dtype=torch.long)),
+                          atol=1e-6)
+    full.backward()
+    assert bias.units.grad.abs().sum() > 0
+
+
+def test_the_history_bias_learns_that_members_do_not_repeat():
+    """Histories of distinct items: the trained bias ranks what was just seen lower."""
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
+
+    torch.manual_seed(0)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, item_table="replicated",
+                            context_features=False, history_bias=True, max_len=8)
+    model = NextItemModel(cfg, PretrainConfig(loss="full_softmax"), torch.ones(40)).train()
+    sparse = SparseArch(40, 16, with_items=False)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    for step in range(60):
+        g = torch.Generator().manual_seed(step)
+        item = torch.cat([torch.randperm(39, generator=g)[:6] + 1 for _ in range(16)])
+        batch = SequenceBatch(sample_ids=torch.arange(16), lengths=torch.full((16,), 6),
+                              item=item, timestamp=torch.arange(96),
+                              events={k: torch.ones(96, dtype=torch.long)
+                                      for k in DEFAULT_SCHEMA.sizes})
+        loss = model(batch, sparse(sparse_features(batch, with_items=False)),
+                     negatives=torch.arange(1, 40))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert (model.history.weight[:5] < -1.0).all()  # a seen item loses e-fold odds or more

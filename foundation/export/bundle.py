@@ -145,6 +145,8 @@ class Predictor:
         self.units = self.match["units"] if match else None
         self.catalogue = self._scoring(self.token_vectors, self.units,
                                        self.match["seen"].astype(bool) if match else None)
+        bias = self.manifest.get("history_bias")  # models/history.py HistoryBias
+        self.history_bias = load_file(root / bias["file"])["weight"] if bias else None
         self.item_ids = load_file(root / table_file("item_ids"))["ids"]
         self._internal = {int(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
         self.tables = {key: self._table(f"{key}_table") for key in self.token_features
@@ -194,13 +196,12 @@ class Predictor:
     def recommend_batch(self, histories: Sequence[History | Sequence[int]], k: int = 10,
                         exclude_seen: bool = True) -> list[list[int]]:
         events = [self._events(h) for h in histories]
-        top = top_k(self.member_vectors_of(events) @ self.catalogue.T, events, k, exclude_seen)
+        top = top_k(self.scores_of(events), events, k, exclude_seen)
         return [[int(self.item_ids[i]) for i in row] for row in top]
 
     def score(self, history: History | Sequence[int], candidates: Sequence[int]) -> np.ndarray:
         """Scores of ``candidates`` (catalogue ids) for one member; higher is better."""
-        member = self.member_vectors_of([self._events(history)])[0]
-        return self.catalogue[self._known(candidates, "candidates")] @ member
+        return self.scores_of([self._events(history)])[0, self._known(candidates, "candidates")]
 
     def member_vectors(self, histories: Sequence[History | Sequence[int]]) -> np.ndarray:
         """Members' embeddings ``[B, D]`` (for an embedding store or the ANN index; with
@@ -260,6 +261,9 @@ class Predictor:
             adapter = load_file(self.root / spec["adapter"])
             out[rows] += (raw - adapter["center"]) @ adapter["project"].T
             if self.match is not None:
+                if rows and "match_program" in spec:  # a tuned tower: match reads the frozen
+                    raw = self._encode(name, {**spec, "program": spec["match_program"]},
+                                       [list(items.values())[row][name] for row in rows])
                 unit = np.zeros((len(items), spec["dim"]), np.float32)
                 unit[rows] = unit_rows(raw - self.match[f"center_{name}"])
                 units.append(unit)
@@ -361,6 +365,16 @@ class Predictor:
         inputs = (tokens, lengths, times) if self.uses_time else (tokens, lengths)
         members = np.asarray(self._run(*inputs), dtype=np.float32)
         return members if self.match is None else np.hstack([members, self._queries(events)])
+
+    def scores_of(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        """Every catalogue row's score ``[B, rows]`` for each member: the dot product and, with
+        a history bias, its offset for each of the member's events."""
+        scores = self.member_vectors_of(events) @ self.catalogue.T
+        if self.history_bias is not None:
+            for row, e in enumerate(events):
+                ages = np.arange(len(e["item"]))[::-1].clip(max=len(self.history_bias) - 1)
+                np.add.at(scores[row], e["item"], self.history_bias[ages])
+        return scores
 
     def _queries(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Members' content-match queries: their newest events' units, recency-weighted."""

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from foundation.data.items import iter_items
 from foundation.export.programs import export_program
+from foundation.models.content import TunedTextAdapter
 from foundation.models.encoders import load_item_encoder
 from foundation.models.member import MemberModelConfig
 from foundation.models.towers import MiniLMTextTower, Modality
@@ -73,7 +74,11 @@ def write_content(dense: nn.Module, model: MemberModelConfig, root: Path
                    "project": adapter.project.weight.detach().numpy()}, str(root / rel))
         modalities[name] = {"adapter": rel, "dim": int(adapter.vectors.shape[1])}
         if Modality(name) == Modality.text:
-            modalities[name].update(_write_text_tower(model, root))
+            modalities[name].update(_write_text_tower(model, root, adapter))
+            if isinstance(adapter, TunedTextAdapter) and dense.match is not None:
+                # content match scores by the frozen tower's vectors: new items need both
+                frozen = _write_text_tower(model, root, None, f"{TEXT_STEM}_match")
+                modalities[name]["match_program"] = frozen["program"]
         elif Modality(name) in (Modality.image, Modality.audio):
             modalities[name].update(_write_encoder_tower(model, name, root))
     save_file({"weight": dense.fallback.detach().numpy()}, str(root / FALLBACK))
@@ -100,15 +105,19 @@ def _write_match(dense: nn.Module, root: Path) -> dict[str, Any] | None:
                        "recency[age] · units[item]"}
 
 
-def _write_text_tower(model: MemberModelConfig, root: Path) -> dict[str, Any]:
+def _write_text_tower(model: MemberModelConfig, root: Path, adapter: nn.Module | None,
+                      stem: str = TEXT_STEM) -> dict[str, Any]:
+    """The text tower as programs: with a tuned adapter, its trained top layers in it."""
     tower = MiniLMTextTower(model.text_tower).eval()
+    if isinstance(adapter, TunedTextAdapter):
+        tower.layers[tower.first_trainable:].load_state_dict(adapter.layers.state_dict())
     ids, mask = tower.tokenize(["an example title", "a longer example title, with more words"])
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     seq = torch.export.Dim("seq", min=1, max=model.text_tower.max_tokens)
     export_program(TextTowerProgram(tower), (ids, mask.long()), ({0: batch, 1: seq},) * 2,
-                   root / TEXT_STEM, output_name="text_vector")
+                   root / stem, output_name="text_vector")
     (root / f"{TEXT_STEM}_tokenizer.json").write_text(tower.tokenizer.to_str())
-    return {"program": TEXT_STEM, "tokenizer": f"{TEXT_STEM}_tokenizer.json",
+    return {"program": stem, "tokenizer": f"{TEXT_STEM}_tokenizer.json",
             "max_tokens": model.text_tower.max_tokens}
 
 

@@ -217,8 +217,10 @@ def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
         if index >= cfg.parity_batches:
             break
         history, targets = split_last_event(batch)
-        vectors = run.task.member_vectors(run.model, keep_last(history, run.cfg.model.max_len))
+        served = keep_last(history, run.cfg.model.max_len)
+        vectors = run.task.member_vectors(run.model, served)
         if real:
+            _record_history_offsets(run, served, parts)
             fields = {key: getattr(history, key).numpy() for key in PARITY_FIELDS}
             fields["item"] = raw_ids[fields["item"]]
             fields.update({f"event_{name}": history.events[name].numpy()
@@ -232,6 +234,32 @@ def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
     np.savez(root / f"rank{run.env.rank}.npz", **{k: np.concatenate(v) for k, v in parts.items()})
 
 
+def _record_history_offsets(run: TrainedRun, served, parts: dict[str, list]) -> None:
+    """The training model's history-bias offsets for these members (the gate adds them to
+    the reference scores), as (member within the rank's file, internal item id, offset)."""
+    offsets_of = getattr(run.model.dense_module, "history_offsets", None)
+    offsets = offsets_of(served) if offsets_of is not None else None
+    if offsets is None:
+        return
+    member, item, value = (t.detach().numpy() for t in offsets)
+    before = sum(len(v) for v in parts.get("targets", []))  # members already recorded
+    for key, array in (("bias_member", member + before), ("bias_item", item),
+                       ("bias_value", value)):
+        parts.setdefault(key, []).append(array)
+
+
+def write_history_bias(dense: nn.Module, root: Path) -> dict[str, Any] | None:
+    """The history bias's weights (models/history.py), if the model has one."""
+    history = getattr(dense, "history", None)
+    if history is None:
+        return None
+    rel = "embeddings/history_bias.safetensors"
+    save_file({"weight": history.weight.detach().numpy()}, str(root / rel))
+    return {"file": rel, "meaning": "an item's score gains weight[age] for each of its events in "
+                                    "the member's newest max_len (age 0: the newest), in "
+                                    "recommend and score"}
+
+
 def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
             tables: dict[str, Any], scoring: np.ndarray, output: Path) -> dict[str, Any]:
     cosine = run.cfg.recipe.get("similarity", "dot") == "cosine"
@@ -240,6 +268,7 @@ def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
     ann = write_ann_index(staging, scoring) if cfg.ann else None
     manifest = _manifest(run, tables, ann)
     manifest["content"] = write_content(run.model.dense_module, run.cfg.model, staging)
+    manifest["history_bias"] = write_history_bias(run.model.dense_module, staging)
     _write_manifest(staging, manifest)
     report = run_parity_gate(staging, parity_dir)
     failures = [f"{backend}: max|Δ| {r['max_abs_diff']:.2e} (limit {cfg.max_abs_diff:.0e}), "

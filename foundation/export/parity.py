@@ -44,8 +44,7 @@ def gate(bundle: Path, parity_dir: Path) -> dict:
         for d in data:
             histories = _histories(d)
             events = [predictor._events(h) for h in histories]  # for history exclusion
-            served = predictor.member_vectors(histories)
-            scores, reference = served @ predictor.catalogue.T, d["vectors"] @ predictor.catalogue.T
+            scores, reference = predictor.scores_of(events), _reference_scores(predictor, d)
             diffs.append(float(np.abs(scores - reference).max()))
             same.extend((top_k(scores, events, 10) == top_k(reference, events, 10)).all(1).tolist())
         report["backends"][backend] = {"max_abs_diff": max(diffs),
@@ -62,6 +61,17 @@ def gate(bundle: Path, parity_dir: Path) -> dict:
         members = np.concatenate([d["vectors"] for d in data])
         report["towers"] = _tower_parity(bundle, parity_dir / "content.npz", members)
     return report
+
+
+def _reference_scores(predictor, d):
+    """The training model's scores: its member vectors against the catalogue, plus its
+    history-bias offsets where it has one."""
+    import numpy as np
+
+    scores = d["vectors"] @ predictor.catalogue.T
+    if "bias_member" in d:
+        np.add.at(scores, (d["bias_member"], d["bias_item"]), d["bias_value"])
+    return scores
 
 
 def _tower_parity(bundle: Path, path: Path, members) -> dict:
@@ -123,7 +133,7 @@ def _hits(predictor, d):
 
     histories = _histories(d)
     events = [predictor._events(h) for h in histories]
-    top = top_k(predictor.member_vectors(histories) @ predictor.catalogue.T, events, 10)
+    top = top_k(predictor.scores_of(events), events, 10)
     return (top == d["targets"][:, None]).any(1)
 
 

@@ -33,6 +33,7 @@ from foundation.models.towers import (
     TextTowerConfig,
     VectorTower,
     encode_texts,
+    pool_tokens,
 )
 from foundation.train.checkpoint import resolve
 
@@ -171,8 +172,97 @@ class ContentAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, items: Tensor) -> Tensor:
-        out = self.project(self.dropout(self.vectors[items] - self.center))
+        out = self.project(self.dropout(self.tower_vectors(items) - self.center))
         return out * self.has[items].unsqueeze(-1)
+
+    def tower_vectors(self, items: Tensor) -> Tensor:
+        return self.vectors[items]
+
+    def begin_step(self, items: Tensor) -> None:
+        """A training step reads ``items`` (its batch): a frozen tower has nothing to do."""
+
+
+class TunedTextAdapter(ContentAdapter):
+    """The text modality with the tower's top layers trained with the member model.
+
+    The frozen layers below run once per run: their token states for the whole catalogue
+    are kept (``tokens``, item i's at ``offsets[i]:offsets[i+1]``). Each training step runs
+    the trained layers on its batch's items, with gradients; every other item scores with
+    the catalogue's vectors from the last refresh (every ``refresh_every`` steps, and before
+    any evaluation), as a dense retrieval model refreshes its index. ``vectors`` holds that
+    catalogue; ContentMatch keeps the frozen tower's own (built before training moves them).
+    """
+
+    def __init__(self, vectors: Tensor, has: Tensor, dim: int, dropout: float,
+                 tower: MiniLMTextTower, tokens: Tensor, offsets: Tensor):
+        super().__init__(vectors.clone(), has, dim, dropout)
+        self.layers = nn.ModuleList(tower.layers[tower.first_trainable:])
+        self.register_buffer("tokens", tokens, persistent=False)  # data, not weights
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.refresh_every = tower.cfg.refresh_every
+        self.steps_since_refresh = 1  # the trained layers may differ from the loaded vectors
+        self.fresh: tuple[Tensor, Tensor] | None = None  # this step's items and vectors
+
+    def encode(self, items: Tensor) -> Tensor:
+        """The trained layers on ``items``' kept token states → their text vectors."""
+        starts, lengths = self.offsets[items], self.offsets[items + 1] - self.offsets[items]
+        rows = torch.repeat_interleave(torch.arange(len(items), device=items.device), lengths)
+        within = torch.arange(int(lengths.sum()), device=items.device) - (
+            torch.cumsum(lengths, 0) - lengths)[rows]
+        x = self.tokens.new_zeros(len(items), int(lengths.max()), self.tokens.shape[1])
+        keep = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        x[rows, within] = self.tokens[starts[rows] + within]
+        keep[rows, within] = True
+        return pool_tokens(self.layers, x, keep)
+
+    def begin_step(self, items: Tensor) -> None:
+        texts = torch.unique(items[self.has[items]])
+        self.fresh = (texts, self.encode(texts)) if len(texts) else None
+        self.steps_since_refresh += 1
+        if self.steps_since_refresh > self.refresh_every:
+            self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Every item with text through the trained layers as they are now."""
+        texts = self.has.nonzero().squeeze(1)
+        for start in range(0, len(texts), ENCODE_BATCH):
+            chunk = texts[start:start + ENCODE_BATCH]
+            self.vectors[chunk] = self.encode(chunk)
+        self.steps_since_refresh = 0
+
+    def tower_vectors(self, items: Tensor) -> Tensor:
+        if not self.training:
+            self.fresh = None
+            if self.steps_since_refresh:
+                self.refresh()
+        if self.fresh is None:
+            return self.vectors[items]
+        texts, vectors = self.fresh  # this step's items carry gradients to the layers
+        return self.vectors.index_put((texts,), vectors)[items]
+
+
+def lower_token_states(tower: MiniLMTextTower, ids: np.ndarray, texts: list[str],
+                       num_items: int) -> tuple[Tensor, Tensor]:
+    """The frozen layers' token states of the texts of items ``ids``, concatenated
+    ``[tokens, d]``, and the ``[num_items + 1]`` offsets of each item's (none without text)."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batched
+    states: dict[int, Tensor] = {}
+    size = tower.cfg.batch_size
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), size), desc="text tower, frozen layers",
+                          unit="batch", disable=_world()[0] != 0):
+            chunk = order[start:start + size]
+            tokens, keep = tower.tokenize([texts[i] for i in chunk])
+            lower = tower.lower(tokens, keep)
+            for row, i in enumerate(chunk):
+                states[int(ids[i])] = lower[row, keep[row]]
+    lengths = torch.tensor([len(states[i]) if i in states else 0 for i in range(num_items)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+    kept = [states[i] for i in range(num_items) if i in states]
+    return (torch.cat(kept) if kept else torch.zeros(0, tower.out_dim)), offsets
 
 
 class ItemContent(nn.Module):
@@ -184,6 +274,11 @@ class ItemContent(nn.Module):
 
     def forward(self, items: Tensor) -> Tensor:
         return sum(adapter(items) for adapter in self.adapters.values())
+
+    def begin_step(self, items: Tensor) -> None:
+        """A training step's items: tuned towers encode them afresh (with gradients)."""
+        for adapter in self.adapters.values():
+            adapter.begin_step(items)
 
 
 class ContentMatch(nn.Module):

@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from foundation.models.history import add_pairs
+
+# (query, item, offset) triples: score offsets of some items for some queries (HistoryBias)
+Offsets = tuple[Tensor, Tensor, Tensor]
+
 
 def next_item_pairs(states: Tensor, mask: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """Pair each state with the event after it.
@@ -25,14 +30,16 @@ def next_item_pairs(states: Tensor, mask: Tensor, lengths: Tensor) -> tuple[Tens
 def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor,
                          negative_ids: Tensor, negative_emb: Tensor,
                          log_item_prob: Tensor | None, in_batch: bool = True,
-                         temperature: float = 1.0, absent: Tensor | None = None) -> Tensor:
+                         temperature: float = 1.0, absent: Tensor | None = None,
+                         offsets: Offsets | None = None) -> Tensor:
     """Softmax over {the target} ∪ in-batch targets ∪ shared negatives.
 
     ``log_item_prob`` (log popularity over items) enables logQ correction: each candidate's
     logit is reduced by the log of how often the sampler proposes it, so popular items that
     appear as in-batch negatives are not over-penalised (Yi et al., RecSys 2019). Uniform
     negatives have a constant proposal rate, which the correction includes. Candidates equal
-    to a row's own target ("accidental hits") are masked out.
+    to a row's own target ("accidental hits") are masked out. ``offsets`` are added to the
+    logits of the items they name, wherever those are candidates.
     """
     ids = [target_ids] if in_batch else []
     embs = [target_emb] if in_batch else []
@@ -48,6 +55,8 @@ def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor
         log_q = rate.clamp_min(1e-12).log()
         logits = logits - log_q[cand_ids]
         pos_logit = pos_logit - log_q[target_ids].unsqueeze(-1)
+    if offsets is not None:
+        logits, pos_logit = _add_offsets(logits, pos_logit, cand_ids, target_ids, offsets)
     logits = logits.masked_fill(cand_ids.unsqueeze(0) == target_ids.unsqueeze(1), float("-inf"))
     if absent is not None:  # items left out of training ([V] bool) are never negatives
         logits = logits.masked_fill(absent[cand_ids].unsqueeze(0), float("-inf"))
@@ -55,12 +64,33 @@ def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor
     return F.cross_entropy(full, torch.zeros_like(target_ids))
 
 
+def _add_offsets(logits: Tensor, pos_logit: Tensor, cand_ids: Tensor, target_ids: Tensor,
+                 offsets: Offsets) -> tuple[Tensor, Tensor]:
+    """Each offset at every candidate column holding its item (candidates repeat: in-batch
+    targets) and at its query's target."""
+    query, item, value = offsets
+    sorted_ids, order = cand_ids.sort()
+    first = torch.searchsorted(sorted_ids, item)
+    count = torch.searchsorted(sorted_ids, item, right=True) - first
+    pair = torch.repeat_interleave(torch.arange(len(item), device=item.device), count)
+    within = torch.arange(len(pair), device=item.device) - (torch.cumsum(count, 0) - count)[pair]
+    column = order[first[pair] + within]
+    logits = logits.index_put((query[pair], column), value[pair].to(logits.dtype), accumulate=True)
+    hit = item == target_ids[query]
+    pos_logit = pos_logit.index_put((query[hit], torch.zeros_like(query[hit])),
+                                    value[hit].to(pos_logit.dtype), accumulate=True)
+    return logits, pos_logit
+
+
 def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor,
-                      absent: Tensor | None = None) -> Tensor:
+                      absent: Tensor | None = None, offsets: Offsets | None = None) -> Tensor:
     """Cross-entropy over the whole catalogue; ``catalogue`` holds items 1..V-1 in order (id 0
     is padding). The limit of the sampled loss, without its candidate bookkeeping.
-    ``absent`` ([V] bool) leaves items out of the softmax (never a training target)."""
+    ``absent`` ([V] bool) leaves items out of the softmax (never a training target);
+    ``offsets`` are added to the logits of the items they name."""
     logits = queries @ catalogue.T
+    if offsets is not None:
+        logits = add_pairs(logits, offsets, column_offset=1)
     if absent is not None:
         logits = logits.masked_fill(absent[1:], float("-inf"))
     return F.cross_entropy(logits, target_ids - 1)

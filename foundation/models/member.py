@@ -83,6 +83,9 @@ class MemberModelConfig:
     # e.g. the ID-only incumbent): how much of the warm ranking new titles may cost.
     cold_budget: float = 0.05
     cold_reference: str | None = None
+    # A learned score offset for items already in the history, by how recently they were
+    # seen (models/history.py): how much repeats are worth, which a dot product cannot say.
+    history_bias: bool = False
 
 
 def sharded_items(cfg: MemberModelConfig) -> bool:

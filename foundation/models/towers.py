@@ -43,7 +43,11 @@ class Modality(str, Enum):
 @dataclass
 class TextTowerConfig:
     max_tokens: int = 128  # longer texts are cut (MiniLM was trained on 256 at most)
-    trainable_layers: int = 0  # 0: frozen (vectors computed once per run and cached)
+    # 0: frozen (vectors computed once per run and cached). N: the top N layers train with
+    # the member model, which keeps the layers below's token states and refreshes the
+    # catalogue's vectors every refresh_every steps (models/content.py TunedTextAdapter).
+    trainable_layers: int = 0
+    refresh_every: int = 100
     batch_size: int = 64  # texts per forward when encoding a catalogue
 
 
@@ -162,7 +166,11 @@ class MiniLMTextTower(ItemTower):
         self.layers = nn.ModuleList(BertLayer(shape) for _ in range(shape.num_hidden_layers))
         self._load(weights)
         self._tokenizer_json = tokenizer
-        self.freeze_below(shape.num_hidden_layers - cfg.trainable_layers)
+        if not 0 <= cfg.trainable_layers <= shape.num_hidden_layers:
+            raise ValueError(f"text_tower.trainable_layers={cfg.trainable_layers}: between 0 "
+                             f"(frozen) and {shape.num_hidden_layers} (the whole tower)")
+        self.first_trainable = shape.num_hidden_layers - cfg.trainable_layers
+        self.freeze_below(self.first_trainable)
 
     @staticmethod
     def fingerprint_of(cfg: TextTowerConfig) -> str:
@@ -214,14 +222,29 @@ class MiniLMTextTower(ItemTower):
         return self.encode_tokens(ids.to(self.word.weight.device), keep.to(self.word.weight.device))
 
     def encode_tokens(self, ids: Tensor, keep: Tensor) -> Tensor:
+        return self.upper(self.lower(ids, keep), keep)
+
+    def lower(self, ids: Tensor, keep: Tensor) -> Tensor:
+        """Token states ``[B, L, d]`` below the first trainable layer (frozen)."""
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.word(ids) + self.position(positions) + self.token_type(torch.zeros_like(ids))
         x = self.embedding_norm(x)
-        for layer in self.layers:
+        for layer in self.layers[:self.first_trainable]:
             x = layer(x, keep)
-        weights = keep.unsqueeze(-1).to(x.dtype)  # mean over real tokens
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return F.normalize(pooled, dim=-1)
+        return x
+
+    def upper(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``lower``'s token states → text vectors: the trainable layers, mean pooling."""
+        return pool_tokens(self.layers[self.first_trainable:], x, keep)
+
+
+def pool_tokens(layers: nn.ModuleList, x: Tensor, keep: Tensor) -> Tensor:
+    """Token states through ``layers``, then the mean over real tokens, unit length."""
+    for layer in layers:
+        x = layer(x, keep)
+    weights = keep.unsqueeze(-1).to(x.dtype)
+    pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    return F.normalize(pooled, dim=-1)
 
 
 @torch.no_grad()
