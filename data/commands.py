@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from foundation.data.configs import BuildCommandConfig, SynthCommandConfig
 from foundation.data.synthetic import synthesize
 from foundation.data.writer import BuildConfig, build_shards
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def _typed(cfg: DictConfig | Any, schema: type) -> Any:
@@ -45,7 +48,7 @@ def run_synth(cfg: DictConfig | SynthCommandConfig) -> int:
     cmd: SynthCommandConfig = _typed(cfg, SynthCommandConfig)
     world = dataclasses.replace(cmd.world, output=cmd.output)
     manifest = synthesize(world, progress=cmd.progress)
-    print(_summary("synthesized", cmd.output, manifest))
+    log.info(_summary("synthesized", cmd.output, manifest))
     return 0
 
 
@@ -53,5 +56,5 @@ def run_build(cfg: DictConfig | BuildCommandConfig) -> int:
     cmd: BuildCommandConfig = _typed(cfg, BuildCommandConfig)
     fields = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(BuildConfig)}
     manifest = build_shards(BuildConfig(**fields), progress=cmd.progress)
-    print(_summary("built", cmd.output, manifest))
+    log.info(_summary("built", cmd.output, manifest))
     return 0

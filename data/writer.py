@@ -53,7 +53,8 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SPLIT_KINDS = ("member", "leave_one_out", "time")
 # split=auto: a format's own split where its files carry one, else member
-FORMAT_SPLITS = {"unisrec": "leave_one_out"}
+# Files whose published numbers all use leave-one-out default to it.
+FORMAT_SPLITS = {"unisrec": "leave_one_out", "sasrec_txt": "leave_one_out"}
 LOO_MIN_EVENTS = 3  # leave_one_out: shorter members go to train only, whole (as SASRec does)
 
 

@@ -4,9 +4,13 @@ overrides (``key=value``); ``foundation <command> --help`` lists them."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from foundation.config import ConfigError, compose
+from foundation.console import setup_logging
+
+log = logging.getLogger(__name__)
 
 USAGE = """\
 foundation data synth output=DIR [world.members=N ...]        synthetic member world → shards
@@ -24,6 +28,7 @@ CONFIG_OF = {"synth": "data_synth", "build": "data_build", "train": "train", "ev
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(prog="foundation", usage=USAGE,
                                      description="Train recommender foundation models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                     "manifest.json, ann/) from a run's checkpoint; the parity gate compares "
                     "the sharded model with the bundle served by torch and onnxruntime and "
                     "writes nothing if they disagree. Keys: run_dir, output, checkpoint="
-                    "latest|best|step-N, precisions=[fp32,fp16,int8], ann=true|false, "
+                    "auto|latest|best|step-N (auto: the best after early stopping, else the newest), precisions=[fp32,fp16,int8], ann=true|false, "
                     "parity_batches, max_abs_diff, overwrite."))
     export.add_argument("--nproc", type=int, default=1, help="ranks to load the model on")
     sub.add_parser("recipes", help="list the recipes")
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ConfigError, CheckpointError, ExportError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        log.error(err)
         return 2
 
 
@@ -87,7 +92,7 @@ def _compare(argv: list[str]) -> int:
         run_compare(args.a, args.b, resamples=args.resamples, seed=args.seed, output=args.output,
                     group=args.group)
     except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        log.error(err)
         return 2
     return 0
 

@@ -67,7 +67,7 @@ class TrainConfig:
 class EvalConfig:
     run_dir: str = MISSING
     split: str = "test"
-    checkpoint: str = "latest"  # latest | step-N
+    checkpoint: str = "auto"  # auto (best with early stopping, else latest) | latest | best | step-N
     batch_size: int = 256
 
 

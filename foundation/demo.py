@@ -10,10 +10,13 @@ from that bundle, and a brand-new title added to it → a short summary.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # A fifth of the titles never appears in training (cold: scored on test); a tenth more
 # appears only in validation, where the model calibrates how new titles rank.
@@ -50,29 +53,29 @@ def run_demo(directory: str, nproc: int = 2) -> int:
          "overwrite=true"],
     ]
     for args in steps:
-        print(f"\n$ foundation {' '.join(args)}", flush=True)
+        log.info(f"\n$ foundation {' '.join(args)}")
         code = subprocess.call([sys.executable, "-m", "foundation.cli", *args])
         if code != 0:
-            print(f"demo failed at: foundation {' '.join(args)} (exit {code})", file=sys.stderr)
+            log.error(f"demo failed at: foundation {' '.join(args)} (exit {code})")
             return code
     pre = json.loads((pretrain / "eval.json").read_text())
     fine = json.loads((finetune / "eval.json").read_text())
     cold = json.loads((scratch / "eval.json").read_text())
     minutes = (time.perf_counter() - start) / 60
-    print("\n== demo summary ==")
-    print(f"pretrain  test hr@10 {pre['metrics']['hr@10']:.4f} ndcg@10 {pre['metrics']['ndcg@10']:.4f}"
+    log.info("\n== demo summary ==")
+    log.info(f"pretrain  test hr@10 {pre['metrics']['hr@10']:.4f} ndcg@10 {pre['metrics']['ndcg@10']:.4f}"
           f" | most-popular hr@10 {pre['baselines']['most_popular']['hr@10']:.4f} | {pretrain}")
-    print(f"finetune  test auc {fine['metrics']['auc']:.4f} log_loss {fine['metrics']['log_loss']:.4f}"
+    log.info(f"finetune  test auc {fine['metrics']['auc']:.4f} log_loss {fine['metrics']['log_loss']:.4f}"
           f" | from scratch auc {cold['metrics']['auc']:.4f}"
           f" | most-popular auc {fine['baselines']['most_popular']['auc']:.4f} | {finetune}")
     cold_users = pre["groups"]["cold"]
-    print(f"cold      users whose next title never appeared in training "
+    log.info(f"cold      users whose next title never appeared in training "
           f"({int(cold_users['metrics']['users'])}): ndcg@10 {cold_users['metrics']['ndcg@10']:.4f}"
           f" | content-knn {cold_users['baselines']['content_knn']['ndcg@10']:.4f}"
           f" | most-popular {cold_users['baselines']['most_popular']['ndcg@10']:.4f}")
-    print(f"plots: {pretrain}/training.png {finetune}/training.png")
+    log.info(f"plots: {pretrain}/training.png {finetune}/training.png")
     _serve_from(bundle, shards)
-    print(f"demo finished in {minutes:.1f} min; shards in {shards}")
+    log.info(f"demo finished in {minutes:.1f} min; shards in {shards}")
     return 0
 
 
@@ -85,7 +88,7 @@ def _serve_from(bundle: Path, shards: Path, members: int = 3) -> None:
 
     predictor = load_bundle(bundle)
     parity = predictor.manifest["parity"]["backends"]
-    print(f"bundle    {bundle}: parity max|Δ| torch {parity['torch']['max_abs_diff']:.1e} "
+    log.info(f"bundle    {bundle}: parity max|Δ| torch {parity['torch']['max_abs_diff']:.1e} "
           f"onnx {parity['onnx']['max_abs_diff']:.1e}")
     raw_ids = np.load(shards / "item_ids.npy", allow_pickle=False)
     batch = next(iter(build_loader(str(shards), "test", batch_size=members, max_len=50,
@@ -99,7 +102,7 @@ def _serve_from(bundle: Path, shards: Path, members: int = 3) -> None:
                              for name in predictor.schema.stored})
         top = predictor.recommend(history, k=5)
         hit = "hit" if items[-1] in top else "miss"
-        print(f"member {int(batch.sample_ids[row])}: last played {items[-4:-1].tolist()} → "
+        log.info(f"member {int(batch.sample_ids[row])}: last played {items[-4:-1].tolist()} → "
               f"recommended {top} (next played: {items[-1]}, {hit})")
     _add_a_title(predictor, history, shards)
 
@@ -113,5 +116,5 @@ def _add_a_title(predictor, history, shards: Path) -> None:
     predictor.add_items({new_id: {"text": text}})
     top = predictor.recommend(history, k=20)
     place = f"#{top.index(new_id) + 1} of 20" if new_id in top else "outside the top 20"
-    print(f"new title {new_id} {text!r}, added to the bundle after export → {place} for the "
+    log.info(f"new title {new_id} {text!r}, added to the bundle after export → {place} for the "
           f"last member, whose newest title was {history.items[-1]}")

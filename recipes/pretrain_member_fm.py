@@ -47,10 +47,18 @@ class Similarity(str, Enum):
     cosine = "cosine"
 
 
+class Loss(str, Enum):
+    """``sampled_softmax``: in-batch targets + uniform negatives (any catalogue);
+    ``full_softmax``: every item (small catalogues)."""
+
+    sampled_softmax = "sampled_softmax"
+    full_softmax = "full_softmax"
+
+
 @dataclass
 class PretrainConfig:
     name: str = "pretrain_member_fm"
-    loss: str = "sampled_softmax"  # sampled_softmax | full_softmax (small catalogues)
+    loss: Loss = Loss.sampled_softmax
     num_negatives: int = 256  # uniform negatives shared by the batch
     in_batch_negatives: bool = True
     logq_correction: bool = True
@@ -174,7 +182,7 @@ class NextItemModel(nn.Module):
         # A model that can score new items from their content must not learn, as negatives,
         # the items training never shows: it would learn to bury exactly the cold ones.
         absent = ~self.seen if self.fallback is not None else None
-        if self.recipe.loss == "full_softmax":  # negatives: every item 1..V-1, in order
+        if Loss(self.recipe.loss) == Loss.full_softmax:  # negatives: every item 1..V-1, in order
             return full_softmax_loss(queries, targets, negative_vectors, absent, offsets)
         return sampled_softmax_loss(
             queries, targets, self.scored_items(
@@ -211,7 +219,7 @@ class PretrainMemberFM(Task):
                              self.item_content(), self.token_features)
 
     def features(self, batch):
-        if self.recipe.loss == "full_softmax":
+        if Loss(self.recipe.loss) == Loss.full_softmax:
             negatives = torch.arange(1, self.num_items)
         else:
             negatives = torch.randint(1, self.num_items, (self.recipe.num_negatives,))

@@ -89,6 +89,9 @@ def test_recipe_fields_are_typed_too(tmp_path):
         compose("train", [f"data.path={tmp_path}", "recipe.num_negatives=many"])
     with pytest.raises(ConfigError, match=r"recipe\.init_fromm"):
         compose("train", [f"data.path={tmp_path}", "recipe=finetune_ranking", "recipe.init_fromm=x"])
+    with pytest.raises(ConfigError, match=r"'ful_softmax', expected one of \[sampled_softmax, "
+                                          r"full_softmax\]"):  # a choice fails with the choices
+        compose("train", [f"data.path={tmp_path}", "recipe.loss=ful_softmax"])
 
 
 def test_missing_data_path_is_named(tmp_path):

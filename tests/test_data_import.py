@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -157,7 +158,9 @@ def test_item_attributes_are_jagged_in_the_remapped_item_space(tmp_path):
                    item_attributes_path=str(tmp_path / "attrs.json"))
 
 
-def test_build_command_split_and_attributes_keys(tmp_path, capsys):
+def test_build_command_split_and_attributes_keys(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("foundation"), "propagate", True)  # to caplog
+    caplog.set_level(logging.INFO, logger="foundation")
     (tmp_path / "seq.txt").write_text(SASREC)
     base = ["source.format=sasrec_txt", f"source.path={tmp_path / 'seq.txt'}",
             f"output={tmp_path / 'out'}", "progress=false"]
@@ -165,8 +168,9 @@ def test_build_command_split_and_attributes_keys(tmp_path, capsys):
         compose("data_build", [*base, "source.item_atributes_path=a.json"])
     with pytest.raises(ValueError, match=r"unknown split 'leave_1_out'.*'leave_one_out'"):
         run_build(compose("data_build", [*base, "split=leave_1_out"]))
-    assert run_build(compose("data_build", [*base, "split=leave_one_out"])) == 0
-    assert "built 3 members, 9 events, 4 items" in capsys.readouterr().out
+    assert run_build(compose("data_build", base)) == 0  # split=auto: the files' protocol
+    assert "built 3 members, 9 events, 4 items" in caplog.text
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["split"] == "leave_one_out"
 
 
 def test_a_validation_sample_whose_target_is_cold_is_left_out(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,9 @@ def test_history_beats_popularity_for_next_item_and_engagement(world):
     assert (imp["timestamp"] > last[imp["member_id"] - 1]).all()
 
 
-def test_synth_command_composes_and_requires_output(tmp_path, capsys):
+def test_synth_command_composes_and_requires_output(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("foundation"), "propagate", True)  # to caplog
+    caplog.set_level(logging.INFO, logger="foundation")
     with pytest.raises(ConfigError, match="output"):
         compose("data_synth", ["world.members=10"])
     with pytest.raises(ConfigError, match="world.memberz"):
@@ -106,5 +109,5 @@ def test_synth_command_composes_and_requires_output(tmp_path, capsys):
     cfg = compose("data_synth", [f"output={tmp_path}", "world.members=120", "world.items=80",
                                  "world.shards_per_split=2", "progress=false"])
     assert run_synth(cfg) == 0
-    assert "synthesized 120 members" in capsys.readouterr().out
+    assert "synthesized 120 members" in caplog.text
     assert (tmp_path / "manifest.json").is_file() and (tmp_path / "raw" / "catalogue.parquet").is_file()

@@ -172,6 +172,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_finishes_the_run(synth_sha
     assert json.loads((run / checkpoint.BEST).read_text())["step"] == 2
     assert checkpoint.resolve(run, "best").name == "step-2"  # kept despite keep_last=1
     assert checkpoint.resolve(run).name == "step-6"
+    assert checkpoint.resolve(run, "auto").name == "step-2"  # eval's and export's default
     again = train_alone(synth_shards, run, *frozen, "trainer.max_steps=40",
                         "trainer.eval_every=2", "trainer.patience=2")
     assert "nothing to do" in again.stdout
@@ -185,3 +186,8 @@ def test_the_final_validation_can_be_the_best(synth_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run / checkpoint.BEST).read_text())["step"] == 4
     assert checkpoint.resolve(run, "best").name == "step-4"
+    plain = tmp_path / "no_patience"  # without early stopping (no best.json): the newest
+    for step in (2, 10):
+        (plain / f"checkpoints/step-{step}").mkdir(parents=True)
+        (plain / f"checkpoints/step-{step}" / checkpoint.COMMIT_MARKER).touch()
+    assert checkpoint.resolve(plain, "auto").name == "step-10"

@@ -11,6 +11,7 @@ A side may name a baseline of a run instead of its model: ``RUN@most_popular``.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 
 from foundation.eval.metrics import per_user
 from foundation.eval.run import RANKS_FILE
+
+log = logging.getLogger(__name__)
 
 KS = [5, 10, 20]
 GROUP_PREFIX = "group_"  # eval-ranks.npz entries naming each user's membership of a group
@@ -113,7 +116,7 @@ def run_compare(spec_a: str, spec_b: str, *, resamples: int = 2000, seed: int = 
     result = compare(a, b, resamples=resamples, seed=seed)
     print(markdown(a, b, result, len(a.ranks)), end="")
     headline = result["ndcg@10"]
-    print(f"compare: ndcg@10 {headline['a']:.4f} → {headline['b']:.4f} "
+    log.info(f"compare: ndcg@10 {headline['a']:.4f} → {headline['b']:.4f} "
           f"({headline['diff']:+.4f}, 95% CI [{headline['ci_low']:+.4f}, "
           f"{headline['ci_high']:+.4f}]): {headline['verdict']}")
     if output:

@@ -9,6 +9,7 @@ model and each baseline, by sample id) for ``foundation eval compare``.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from foundation.tasks import Task
 from foundation.train import checkpoint
 from foundation.train.model import ShardedModel
 from foundation.train.stream import EpochStream
+
+log = logging.getLogger(__name__)
 
 RANKS_FILE = "eval-ranks.npz"
 
@@ -94,7 +97,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
                 np.savez(run_dir / RANKS_FILE, split=np.array(cfg.split),
                          **{k: v.astype(np.int64) for k, v in ranks.items()})
             (run_dir / "eval.md").write_text(markdown_report(report))
-            print(one_line(report), flush=True)
+            log.info(one_line(report))
         return report
     finally:
         if dist.is_initialized():

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from foundation.checksum import sha256
 from foundation.config import config_hash
+from foundation.console import setup_logging
 from foundation.data.loader import build_loader
 from foundation.distributed.env import init_distributed
 from foundation.eval.run import TrainedRun, load_run
@@ -48,6 +49,8 @@ from foundation.models.member import last_states
 from foundation.tasks import all_concat, keep_last, split_last_event, synchronised
 from foundation.train import checkpoint
 
+log = logging.getLogger(__name__)
+
 # torch.export and the ONNX exporter log notes meant for their developers (torchvision ops
 # skipped, fx-tracing API names); the export prints its own summary.
 for _name in ("torch.onnx._internal.exporter._registration", "torch.fx._symbolic_trace"):
@@ -61,7 +64,7 @@ class ExportError(RuntimeError):
 @dataclass
 class ExportConfig:
     run_dir: str = MISSING
-    checkpoint: str = "latest"  # latest | best | step-N
+    checkpoint: str = "auto"  # auto (best with early stopping, else latest) | latest | best | step-N
     output: str = MISSING
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
     ann: bool = True  # a faiss HNSW index over the item vectors (ann/items.faiss)
@@ -131,9 +134,9 @@ def export_run(cfg: DictConfig) -> Path:
         if env.is_main:
             try:
                 report = _finish(run, cfg, staging, parity_dir, tables, scoring, output)
-                print(f"export: {output} | parity max|Δ| {report['max_abs_diff']:.1e}, top-10 "
-                      f"identical {report['top10_identical']:.1%} | {len(tables)} tables | "
-                      f"{time.time() - start:.0f}s", flush=True)
+                log.info(f"export: {output} | parity max|Δ| {report['max_abs_diff']:.1e}, "
+                         f"top-10 identical {report['top10_identical']:.1%} | {len(tables)} "
+                         f"tables | {time.time() - start:.0f}s")
             except Exception as err:  # raised after the other ranks heard of it
                 failure = err
                 shutil.rmtree(staging, ignore_errors=True)
@@ -399,12 +402,13 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     from foundation.config import ConfigError, compose
 
+    setup_logging()
     try:
         cfg = compose("export", sys.argv[1:] if argv is None else argv)
         export_run(cfg)
     except (ConfigError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError,
             ValueError, ExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        log.error(err)
         return 2
     return 0
 

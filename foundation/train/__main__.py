@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import faulthandler
+import logging
 import signal
 import sys
 
 import torch.distributed as dist
 
 from foundation.config import ConfigError, compose
+from foundation.console import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
     # `kill -USR2 PID` prints every thread's stack to the rank's stderr: where a hung job is
     # (SIGTERM and SIGUSR1 ask for a checkpoint and a clean exit: train/preemption.py).
     faulthandler.register(signal.SIGUSR2, all_threads=True)
+    setup_logging()
     try:
         cfg = compose("train", sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        log.error(f"config: {err}")
         return 2
     from foundation.train.checkpoint import CheckpointError
     from foundation.train.trainer import Trainer
@@ -26,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Trainer(cfg).fit()
     except (CheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        log.error(err)
         return 2
     except FloatingPointError as err:  # trainer.on_nan=stop
-        print(f"error: {err}", file=sys.stderr)
+        log.error(err)
         return 3
     finally:
         if dist.is_initialized():

@@ -99,13 +99,16 @@ def step_of(path: Path) -> int:
 
 def resolve(source: str | Path, which: str = "latest") -> Path:
     """A run dir or checkpoint dir → a committed checkpoint dir, or a clear error. ``which``:
-    ``latest``, ``best`` (the best validation, with ``trainer.patience``) or ``step-N``."""
+    ``latest``, ``best`` (the best validation, with ``trainer.patience``), ``auto`` (best
+    where the run kept one: early stopping chose it; else latest) or ``step-N``."""
     path = Path(source)
     if (path / COMMIT_MARKER).exists():
         return path
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass a run dir (run_dir=...) or a "
                                 f"checkpoint dir (…/checkpoints/step-N)")
+    if which == "auto":
+        which = "best" if (path / BEST).exists() else "latest"
     if which == "best":
         if not (path / BEST).exists():
             raise FileNotFoundError(f"{path} has no {BEST}: train with trainer.patience > 0 "

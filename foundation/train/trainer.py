@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -28,6 +29,8 @@ from foundation.train.model import ShardedModel
 from foundation.train.plots import plot_run
 from foundation.train.preemption import PreemptionFlag
 from foundation.train.stream import EpochStream
+
+log = logging.getLogger(__name__)
 
 
 def build_task(cfg: DictConfig) -> Task:
@@ -81,8 +84,8 @@ class Trainer:
         cfg, batches = self.cfg.trainer, iter(self.stream)
         if self.start_step >= cfg.max_steps or self.stopped_early:
             if self.env.is_main:
-                print(f"{self.task.name}: nothing to do, {self.run_dir} is at step "
-                      f"{self.start_step} ≥ trainer.max_steps={cfg.max_steps}", flush=True)
+                log.info(f"{self.task.name}: nothing to do, {self.run_dir} is at step "
+                      f"{self.start_step} ≥ trainer.max_steps={cfg.max_steps}")
             self.logger.close()
             return {"recipe": self.task.name, "steps": 0, "run_dir": str(self.run_dir)}
         if self.resharded_from is not None:  # show that the reloaded model is the saved one
@@ -142,18 +145,17 @@ class Trainer:
         self.save(step)  # the run is complete: a rerun has nothing to do
         self.logger.close()
         if self.env.is_main:
-            print(f"{self.task.name}: stopped early at step {step}: no better validation "
+            log.info(f"{self.task.name}: stopped early at step {step}: no better validation "
                   f"{self.task.eval_metric} in {self.stale} evaluations; the best, "
-                  f"{self.best['value']:.4f} at step {self.best['step']}, is checkpoint=best",
-                  flush=True)
+                  f"{self.best['value']:.4f} at step {self.best['step']}, is checkpoint=best")
         return self.summarise(losses, events, seconds, result)
 
     def stop_preempted(self, step: int) -> dict[str, Any]:
         path = self.save(step)
         self.logger.close()
         if self.env.is_main:
-            print(f"{self.task.name}: preempted, checkpoint committed at {path}; run the same "
-                  f"command again to resume", flush=True)
+            log.info(f"{self.task.name}: preempted, checkpoint committed at {path}; run the same "
+                  f"command again to resume")
         return {"recipe": self.task.name, "preempted": True, "step": step,
                 "run_dir": str(self.run_dir)}
 
@@ -186,12 +188,11 @@ class Trainer:
         else:
             self.resume_resharded(path, layout, int(saved["step"]))
         if self.env.is_main:
-            print(f"resumed from {path} at step {saved['step']}", flush=True)
+            log.info(f"resumed from {path} at step {saved['step']}")
             if saved.get("config_hash", config_hash(self.cfg)) != config_hash(self.cfg):
                 changes = config_changes(saved.get("config", {}),
                                          OmegaConf.to_container(self.cfg, resolve=True))
-                print(f"note: the config differs from the checkpoint's: {'; '.join(changes)}",
-                      flush=True)
+                log.info(f"note: the config differs from the checkpoint's: {'; '.join(changes)}")
         return int(saved["step"])
 
     def resume_resharded(self, path: Path, layout: tuple[int, int], step: int) -> None:
@@ -212,8 +213,8 @@ class Trainer:
         seed_everything(self.cfg.seed + step, self.env.rank)  # the saved RNGs were per old rank
         self.resharded_from = layout[0]
         if self.env.is_main:
-            print(f"resharded {path}: {layout[0]} ranks × {layout[1]} workers → {here[0]} × "
-                  f"{here[1]}; the data stream restarts epoch {epoch}", flush=True)
+            log.info(f"resharded {path}: {layout[0]} ranks × {layout[1]} workers → {here[0]} × "
+                  f"{here[1]}; the data stream restarts epoch {epoch}")
 
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
         """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
@@ -319,8 +320,8 @@ class Trainer:
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             plot_run(self.run_dir, metric)
-            print(f"{self.task.name}: {len(losses)} steps in {seconds:.0f}s | loss "
+            log.info(f"{self.task.name}: {len(losses)} steps in {seconds:.0f}s | loss "
                   f"{losses[0]:.3f} → {summary['last_loss']:.3f} | {summary['events_per_s']:,.0f} "
                   f"events/s | val {metric} {value:.4f} ({name.replace('_', '-')} {baseline:.4f}) | "
-                  f"run {self.run_dir}", flush=True)
+                  f"run {self.run_dir}")
         return summary
