@@ -9,6 +9,7 @@ names the key, before any process group, model or data exists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra import compose as hydra_compose
@@ -26,6 +27,21 @@ from foundation.train.logging import LoggerConfig
 from foundation.train.stream import DataConfig
 
 
+class OnNan(str, Enum):
+    """A NaN/inf loss: ``stop`` (naming the step) or ``skip`` the step (counted)."""
+
+    stop = "stop"
+    skip = "skip"
+
+
+class Reshard(str, Enum):
+    """Resuming on other ranks or loader workers: ``refuse``, or ``restart_epoch`` (tables
+    and dense state reshard exactly; the data stream restarts the checkpoint's epoch)."""
+
+    refuse = "refuse"
+    restart_epoch = "restart_epoch"
+
+
 class ConfigError(ValueError):
     """A config that cannot run: the message names the key and the fix."""
 
@@ -41,12 +57,10 @@ class TrainerConfig:
     async_checkpoint: bool = False  # write periodic checkpoints' tables in the background
     sample_ledger: bool = False  # record the sample ids each rank trains on (RUN/ledger/)
     patience: int = 0  # stop after N validations without a better eval metric; keep the best
-    on_nan: str = "stop"  # a NaN/inf loss: stop (naming the step) | skip (the step, counted)
+    on_nan: OnNan = OnNan.stop
     collective_timeout_s: float = 600.0  # a hung rank fails the job after this long
     resume: str = "auto"  # auto (newest committed checkpoint in run_dir) | never | a checkpoint path
-    # resuming on other ranks/loader workers: refuse | restart_epoch (tables and dense state
-    # reshard exactly; the data stream restarts the checkpoint's epoch on the new layout)
-    reshard: str = "refuse"
+    reshard: Reshard = Reshard.refuse
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

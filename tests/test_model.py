@@ -168,14 +168,15 @@ def test_a_replicated_item_table_lives_in_the_dense_model_not_the_sharded_arch()
     loss = model(batch, emb, negatives=torch.arange(1, 50))
     loss.backward()
     assert model.item_table.weight.grad[1:].abs().sum(1).min() > 0  # full softmax: every item
-    bad = compose("train", ["recipe=pretrain_member_fm", "data.path=x", "run_dir=y",
-                            "model.item_table=mirrored"])
     import pytest
 
-    with pytest.raises(ValueError, match="model.item_table='mirrored' is unknown"):
-        from foundation.models.member import sharded_items
+    from foundation.config import ConfigError
+    from foundation.models.member import sharded_items
 
-        sharded_items(bad.model)
+    with pytest.raises(ConfigError, match=r"'mirrored', expected one of \[sharded, replicated\]"):
+        compose("train", ["recipe=pretrain_member_fm", "data.path=x", "model.item_table=mirrored"])
+    with pytest.raises(ValueError, match="model.item_table='mirrored' is unknown"):
+        sharded_items(MemberModelConfig(item_table="mirrored"))  # built in code
 
 
 def test_pointwise_attention_biases_by_relative_position_and_time():

@@ -16,6 +16,7 @@ The model is split the way the whole framework is (ARCHITECTURE.md, "Sparse / de
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from torchrec import KeyedJaggedTensor
 
+from foundation.choices import choice
 from foundation.data.schema import EventSchema, default_features
 from foundation.models.towers import Modality, TextTowerConfig
 
@@ -33,8 +35,21 @@ ITEM_TABLE = "item_table"
 ITEM_FEATURES = ("item", "candidate", "negative")
 # The default schema's features (models built without a dataset: tests, benchmarks).
 DEFAULT_SCHEMA = EventSchema(default_features())
-ITEM_PLACEMENTS = ("sharded", "replicated")
-ATTENTIONS = ("softmax", "pointwise")
+
+
+class ItemPlacement(str, Enum):
+    """Where the item table lives (``model.item_table``; see MemberModelConfig)."""
+
+    sharded = "sharded"
+    replicated = "replicated"
+
+
+class Attention(str, Enum):
+    """The trunk's layers (``model.attention``; see MemberModelConfig)."""
+
+    softmax = "softmax"
+    pointwise = "pointwise"
+
 # Relative time between two events, in log2-minute buckets: up to 2^31 minutes apart.
 RELATIVE_TIME_BUCKETS = 32
 
@@ -54,14 +69,14 @@ class MemberModelConfig:
     # table in the dense module, trained by the engine's AdamW with gradients averaged over
     # ranks (TorchRec's data_parallel placement, which fbgemm's CPU kernels cannot run for
     # sequence tables): for catalogues that fit one device, where Adam learns items faster.
-    item_table: str = "sharded"
+    item_table: ItemPlacement = ItemPlacement.sharded
     # The item embedding's weight in each event token, against the event attributes and the
     # position (SASRec and the Transformer scale by sqrt(embedding_dim)).
     item_scale: float = 1.0
     # softmax: causal softmax self-attention + feed-forward (SASRec). pointwise: HSTU layers
     # (Zhai et al., 2024): SiLU attention weights without softmax normalisation, so how much
     # of the history matters is learnt too, plus learned relative position and time biases.
-    attention: str = "softmax"
+    attention: Attention = Attention.softmax
     # Item content added to every item's embedding (data/items.py, models/content.py): each
     # modality's frozen tower vectors, cached per run, through a trained adapter.
     item_content: list[Modality] = field(default_factory=list)
@@ -90,10 +105,7 @@ class MemberModelConfig:
 
 def sharded_items(cfg: MemberModelConfig) -> bool:
     """Whether the item table is a sharded TorchRec table (else replicated in the dense module)."""
-    if cfg.item_table not in ITEM_PLACEMENTS:
-        raise ValueError(f"model.item_table={cfg.item_table!r} is unknown; choose from "
-                         f"{list(ITEM_PLACEMENTS)}")
-    return cfg.item_table == "sharded"
+    return choice(ItemPlacement, cfg.item_table, "model.item_table") == ItemPlacement.sharded
 
 
 class SparseArch(nn.Module):
@@ -183,10 +195,8 @@ class EventEncoder(nn.Module):
         nn.init.normal_(self.position.weight, std=0.02)
         self.input_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        if cfg.attention not in ATTENTIONS:
-            raise ValueError(f"model.attention={cfg.attention!r} is unknown; choose from "
-                             f"{list(ATTENTIONS)}")
-        if cfg.attention == "pointwise":
+        self.pointwise = choice(Attention, cfg.attention, "model.attention") == Attention.pointwise
+        if self.pointwise:
             self.layers = nn.ModuleList(PointwiseAttention(cfg) for _ in range(cfg.num_layers))
         else:
             layer = nn.TransformerEncoderLayer(
@@ -212,7 +222,7 @@ class EventEncoder(nn.Module):
     @property
     def uses_time(self) -> bool:
         """Whether the encoder reads event timestamps (pointwise attention's time bias)."""
-        return self.cfg.attention == "pointwise"
+        return self.pointwise
 
     def token_scale(self, feature: str) -> float:
         return self.cfg.item_scale if feature == "item" else 1.0
@@ -228,7 +238,7 @@ class EventEncoder(nn.Module):
         recency = newest - torch.arange(x.shape[1], device=x.device)
         x = x + self.position(recency.clamp(0, self.cfg.max_len - 1))
         x = self.dropout(self.input_norm(x))
-        if self.cfg.attention == "pointwise":
+        if self.pointwise:
             if timestamps is None:
                 raise ValueError("pointwise attention needs the events' timestamps")
             return self.output_norm(self._pointwise(x, mask, timestamps))

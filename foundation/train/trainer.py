@@ -41,11 +41,6 @@ def build_task(cfg: DictConfig) -> Task:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv | None = None):
-        if cfg.trainer.on_nan not in ("stop", "skip"):
-            raise ValueError(f"trainer.on_nan={cfg.trainer.on_nan!r}: choose stop or skip")
-        if cfg.trainer.reshard not in ("refuse", "restart_epoch"):
-            raise ValueError(f"trainer.reshard={cfg.trainer.reshard!r}: choose refuse or "
-                             f"restart_epoch")
         self.cfg = cfg
         self.env = env or init_distributed(timeout_s=cfg.trainer.collective_timeout_s)
         self.preemption, self.skipped_steps = PreemptionFlag(), 0
