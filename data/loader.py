@@ -26,6 +26,8 @@ from foundation.data.schema import EventSchema
 from foundation.data.writer import load_manifest
 from torch.utils.data import DataLoader, get_worker_info
 
+from foundation.choices import RAISE, OnError, choice
+
 MODES = ("sequence", "ranking")
 ENTRIES = frozenset({"seq.npz", "imp.npz", "meta.json"})  # everything else is rejected
 
@@ -41,12 +43,11 @@ class ErrorPolicy:
     """
 
     def __init__(self, on_error: str):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.on_error, self.skipped, self.reported = on_error, 0, []
+        self.on_error = choice(OnError, on_error, "on_error")
+        self.skipped, self.reported = 0, []
 
     def __call__(self, exn: Exception) -> bool:
-        if self.on_error == "raise":
+        if self.on_error == RAISE:
             raise exn
         self.skipped += 1
         self.reported.append(" ".join(map(str, exn.args)))

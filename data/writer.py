@@ -48,6 +48,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from foundation.checksum import sha256
+from foundation.choices import RAISE, OnError, choice
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -87,7 +88,7 @@ class BuildConfig:
     features: dict[str, Any] = field(default_factory=default_features)
     # A media file that cannot be read (or breaks a limit): raise, naming it, or skip it,
     # counted in manifest.items.skipped.
-    on_error: str = "raise"
+    on_error: OnError = RAISE
 
 
 def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -390,8 +391,7 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
         raise ValueError(f"source.format={cfg.source.format} files carry their own "
                          f"{FORMAT_SPLITS[cfg.source.format]} split: leave split=auto")
     schema = EventSchema(cfg.features)  # a bad declaration fails before anything is written
-    if cfg.on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={cfg.on_error!r}: choose raise or skip")
+    choice(OnError, cfg.on_error, "on_error")
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     _clean(root)

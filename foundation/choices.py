@@ -9,6 +9,13 @@ from typing import TypeVar
 E_ = TypeVar("E_", bound=Enum)
 
 
+# Unreadable data (a corrupt shard or sample, a bad media file): ``raise`` naming it, or
+# ``skip`` it, counted and reported (``data.on_error``, the build's ``on_error``). Configs
+# name members by name, and ``raise`` is a keyword: hence the functional form.
+OnError = Enum("OnError", {"raise": "raise", "skip": "skip"}, type=str, module=__name__)
+RAISE = OnError["raise"]
+
+
 def choice(kind: type[E_], value: object, key: str) -> E_:
     """``value`` as a member of ``kind``, or a ValueError naming ``key`` and the choices."""
     try:

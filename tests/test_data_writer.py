@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -125,14 +126,16 @@ def test_missing_file_column_and_format_errors_name_the_fix(raw, tmp_path):
         load_manifest(tmp_path / "absent")
 
 
-def test_build_command(raw, tmp_path, capsys):
+def test_build_command(raw, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("foundation"), "propagate", True)  # to caplog
+    caplog.set_level(logging.INFO, logger="foundation")
     with pytest.raises(ConfigError, match="output"):
         compose("data_build", [f"source.path={raw['csv']}"])
     cfg = compose("data_build", ["source.format=csv", f"source.path={raw['csv']}", f"output={tmp_path}",
                                  "source.columns.member_id=user", "source.columns.item_id=movie",
                                  "source.columns.timestamp=ts", "progress=false"])
     assert run_build(cfg) == 0
-    assert "built 150 members" in capsys.readouterr().out
+    assert "built 150 members" in caplog.text
     assert load_manifest(tmp_path)["totals"]["impressions"] == 0
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from foundation.choices import RAISE, OnError
 from foundation.data.batch import SequenceBatch
 from foundation.data.item_loader import build_item_loader
 from foundation.data.loader import build_loader
@@ -21,7 +22,7 @@ class DataConfig:
     max_len: int = 50
     num_workers: int = 1
     shuffle_buffer: int = 1000
-    on_error: str = "raise"  # raise | skip (count and skip corrupt samples)
+    on_error: OnError = RAISE
     train_split: str = "train"
     val_split: str = "val"
 
