@@ -101,12 +101,11 @@ def register_configs() -> None:
 
 
 def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose ``config_name`` with ``overrides``; raise ConfigError naming what is wrong."""
+    """Compose ``config_name`` with ``overrides``; raise ConfigError naming what is wrong
+    (every override that is wrong, not only the first Hydra meets)."""
     register_configs()
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_module("foundation.configs", version_base="1.3"):
-            cfg = hydra_compose(config_name, overrides=list(overrides))
+        cfg = _compose(config_name, overrides)
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"missing required value(s): {', '.join(missing)} "
@@ -114,9 +113,34 @@ def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Di
         OmegaConf.resolve(cfg)
         return cfg
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_explain(err)) from None
+        problems = _wrong_overrides(config_name, overrides) or [_explain(err)]
+        if len(problems) == 1:
+            raise ConfigError(problems[0]) from None
+        raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(
+            "- " + problem.replace("\n", "\n  ") for problem in problems)) from None
+
+
+def _compose(config_name: str, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("foundation.configs", version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+def _wrong_overrides(config_name: str, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Each override that fails on its own (with the config-group choices, which decide what
+    keys exist), explained. Hydra stops at the first; a user wants them all at once."""
+    groups = [o for o in overrides if "." not in o.split("=")[0]]
+    problems = []
+    for override in overrides:
+        try:
+            _compose(config_name, [*groups, override] if override not in groups else groups)
+        except (HydraException, OmegaConfBaseException) as err:
+            if (problem := _explain(err)) not in problems:
+                problems.append(problem)
+    return problems
 
 
 def _explain(err: Exception) -> str:

@@ -78,6 +78,17 @@ def test_misspelled_key_names_the_key(tmp_path):
         compose("train", [f"data.path={tmp_path}", "trainer.max_stepz=5"])
 
 
+def test_every_wrong_override_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        compose("train", [f"data.path={tmp_path}", "trainer.max_stepz=5", "model.attention=linear",
+                          "recipe=finetune_ranking", "recipe.init_fromm=x", "seed=1"])
+    message = str(err.value)
+    assert message.startswith("3 problems")
+    for wrong in ("trainer.max_stepz", "'linear', expected one of [softmax, pointwise]",
+                  "recipe.init_fromm"):
+        assert wrong in message
+
+
 def test_wrong_type_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer\.max_steps") as err:
         compose("train", [f"data.path={tmp_path}", "trainer.max_steps=abc"])
