@@ -92,7 +92,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
-    from foundation.export.exporter import ExportConfig
+    from foundation.export.config import ExportConfig
 
     store.store(name="export_schema", node=ExportConfig)
     for name, recipe in RECIPES.items():

@@ -53,7 +53,7 @@ def load_run(run_dir: Path, which: str, env: DistEnv) -> TrainedRun:
                                 f"run directory (the run_dir=... given to `foundation train`)")
     path = checkpoint.resolve(run_dir, which)
     train_cfg = read_run_config(run_dir)
-    from foundation.train.trainer import build_task
+    from foundation.recipes import build_task
 
     task = build_task(train_cfg)
     seed_everything(train_cfg.seed)

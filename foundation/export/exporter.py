@@ -18,14 +18,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 from safetensors.numpy import save_file
 from torch import Tensor, nn
 
@@ -59,22 +58,6 @@ for _name in ("torch.onnx._internal.exporter._registration", "torch.fx._symbolic
 
 class ExportError(RuntimeError):
     """An export that must not produce a bundle (the parity gate failed, ...)."""
-
-
-@dataclass
-class ExportConfig:
-    run_dir: str = MISSING
-    checkpoint: str = "auto"  # auto (best with early stopping, else latest) | latest | best | step-N
-    output: str = MISSING
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
-    ann: bool = True  # a faiss HNSW index over the item vectors (ann/items.faiss)
-    member_embeddings: str | None = None  # a split: its members' embeddings for a store
-    parity_split: str = "val"
-    parity_batches: int = 2  # per rank
-    batch_size: int = 256
-    max_abs_diff: float = 1e-4  # parity: largest score difference allowed (fp32)
-    min_top10_agreement: float = 0.99  # parity: share of members with identical top-10
-    overwrite: bool = False
 
 
 class MemberEncoderProgram(nn.Module):

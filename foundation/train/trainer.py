@@ -18,10 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from foundation.config import config_changes, config_hash
 from foundation.data.batch import SequenceBatch
-from foundation.data.writer import load_manifest
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
-from foundation.recipes import RECIPES
-from foundation.tasks import Task
+from foundation.recipes import build_task
 from foundation.train import checkpoint
 from foundation.train.ledger import SampleLedger
 from foundation.train.logging import RunLogger
@@ -31,12 +29,6 @@ from foundation.train.preemption import PreemptionFlag
 from foundation.train.stream import EpochStream
 
 log = logging.getLogger(__name__)
-
-
-def build_task(cfg: DictConfig) -> Task:
-    manifest = load_manifest(cfg.data.path)
-    counts = np.load(Path(cfg.data.path) / "item_counts.npy", allow_pickle=False)
-    return RECIPES[cfg.recipe.name](cfg, manifest, counts)
 
 
 class Trainer:
