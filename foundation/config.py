@@ -121,10 +121,14 @@ def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Di
 
 
 def _compose(config_name: str, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    from foundation.recipes import recipe_dirs
+
+    dirs = [f"file://{d.resolve()}" for d in recipe_dirs()]  # the user's recipe YAMLs
+    search = [f"hydra.searchpath=[{','.join(dirs)}]"] if dirs else []
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("foundation.configs", version_base="1.3"):
-            return hydra_compose(config_name, overrides=list(overrides))
+            return hydra_compose(config_name, overrides=[*search, *overrides])
     finally:
         GlobalHydra.instance().clear()
 

@@ -31,6 +31,20 @@ from foundation.models.content import (
 from foundation.models.member import SparseArch, sharded_items, sparse_features
 from foundation.models.towers import MiniLMTextTower, Modality
 
+# Every recipe, by name: a Task subclass decorated with ``register_recipe`` (recipes/).
+RECIPES: dict[str, type[Task]] = {}
+
+
+def register_recipe(task: type[Task]) -> type[Task]:
+    """Class decorator making ``task`` the recipe ``task.name``: ``recipe=NAME`` composes
+    ``configs/recipe/NAME.yaml`` over ``task.config_class`` and trains this task."""
+    known = RECIPES.get(task.name)
+    if known is not None and known.__qualname__ != task.__qualname__:
+        raise ValueError(f"recipe {task.name!r} is registered twice: {known.__module__}."
+                         f"{known.__qualname__} and {task.__module__}.{task.__qualname__}")
+    RECIPES[task.name] = task
+    return task
+
 
 class Task:
     name: ClassVar[str]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from foundation.eval.metrics import auc, calibration_error, log_loss
 from foundation.models.member import EventEncoder, MemberModelConfig, last_states
-from foundation.tasks import Task, all_concat, synchronised
+from foundation.tasks import Task, all_concat, register_recipe, synchronised
 
 
 @dataclass
@@ -49,6 +49,7 @@ class TargetAwareRanker(nn.Module):
             return F.binary_cross_entropy_with_logits(logits, batch.labels.float())
         return logits
 
+@register_recipe
 class FinetuneRanking(Task):
     name = "finetune_ranking"
     config_class = RankingConfig

@@ -32,9 +32,10 @@ from foundation.models.encoders import (
     train_tokenizer,
 )
 from foundation.models.member import SparseArch, sparse_features
-from foundation.tasks import Task, all_concat, synchronised
+from foundation.tasks import Task, all_concat, register_recipe, synchronised
 
 
+@register_recipe
 class PretrainItemEncoder(Task):
     name = "pretrain_item_encoder"
     config_class = ItemEncoderConfig

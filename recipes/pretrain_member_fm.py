@@ -34,7 +34,14 @@ from foundation.models.member import (
     sharded_items,
     sparse_features,
 )
-from foundation.tasks import Task, all_concat, all_max, split_last_event, synchronised
+from foundation.tasks import (
+    Task,
+    all_concat,
+    all_max,
+    register_recipe,
+    split_last_event,
+    synchronised,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +209,7 @@ class NextItemModel(nn.Module):
 COLD_GROUP = "group_cold"  # in the ranks: whether each user's target is a cold item
 
 
+@register_recipe
 class PretrainMemberFM(Task):
     name = "pretrain_member_fm"
     config_class = PretrainConfig
