@@ -64,15 +64,15 @@ def run_demo(directory: str, nproc: int = 2) -> int:
     minutes = (time.perf_counter() - start) / 60
     log.info("\n== demo summary ==")
     log.info(f"pretrain  test hr@10 {pre['metrics']['hr@10']:.4f} ndcg@10 {pre['metrics']['ndcg@10']:.4f}"
-          f" | most-popular hr@10 {pre['baselines']['most_popular']['hr@10']:.4f} | {pretrain}")
+             f" | most-popular hr@10 {pre['baselines']['most_popular']['hr@10']:.4f} | {pretrain}")
     log.info(f"finetune  test auc {fine['metrics']['auc']:.4f} log_loss {fine['metrics']['log_loss']:.4f}"
-          f" | from scratch auc {cold['metrics']['auc']:.4f}"
-          f" | most-popular auc {fine['baselines']['most_popular']['auc']:.4f} | {finetune}")
+             f" | from scratch auc {cold['metrics']['auc']:.4f}"
+             f" | most-popular auc {fine['baselines']['most_popular']['auc']:.4f} | {finetune}")
     cold_users = pre["groups"]["cold"]
     log.info(f"cold      users whose next title never appeared in training "
-          f"({int(cold_users['metrics']['users'])}): ndcg@10 {cold_users['metrics']['ndcg@10']:.4f}"
-          f" | content-knn {cold_users['baselines']['content_knn']['ndcg@10']:.4f}"
-          f" | most-popular {cold_users['baselines']['most_popular']['ndcg@10']:.4f}")
+             f"({int(cold_users['metrics']['users'])}): ndcg@10 {cold_users['metrics']['ndcg@10']:.4f}"
+             f" | content-knn {cold_users['baselines']['content_knn']['ndcg@10']:.4f}"
+             f" | most-popular {cold_users['baselines']['most_popular']['ndcg@10']:.4f}")
     log.info(f"plots: {pretrain}/training.png {finetune}/training.png")
     _serve_from(bundle, shards)
     log.info(f"demo finished in {minutes:.1f} min; shards in {shards}")
@@ -89,7 +89,7 @@ def _serve_from(bundle: Path, shards: Path, members: int = 3) -> None:
     predictor = load_bundle(bundle)
     parity = predictor.manifest["parity"]["backends"]
     log.info(f"bundle    {bundle}: parity max|Δ| torch {parity['torch']['max_abs_diff']:.1e} "
-          f"onnx {parity['onnx']['max_abs_diff']:.1e}")
+             f"onnx {parity['onnx']['max_abs_diff']:.1e}")
     raw_ids = np.load(shards / "item_ids.npy", allow_pickle=False)
     batch = next(iter(build_loader(str(shards), "test", batch_size=members, max_len=50,
                                    num_workers=0)))
@@ -103,7 +103,7 @@ def _serve_from(bundle: Path, shards: Path, members: int = 3) -> None:
         top = predictor.recommend(history, k=5)
         hit = "hit" if items[-1] in top else "miss"
         log.info(f"member {int(batch.sample_ids[row])}: last played {items[-4:-1].tolist()} → "
-              f"recommended {top} (next played: {items[-1]}, {hit})")
+                 f"recommended {top} (next played: {items[-1]}, {hit})")
     _add_a_title(predictor, history, shards)
 
 
@@ -117,4 +117,4 @@ def _add_a_title(predictor, history, shards: Path) -> None:
     top = predictor.recommend(history, k=20)
     place = f"#{top.index(new_id) + 1} of 20" if new_id in top else "outside the top 20"
     log.info(f"new title {new_id} {text!r}, added to the bundle after export → {place} for the "
-          f"last member, whose newest title was {history.items[-1]}")
+             f"last member, whose newest title was {history.items[-1]}")

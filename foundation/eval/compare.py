@@ -117,8 +117,8 @@ def run_compare(spec_a: str, spec_b: str, *, resamples: int = 2000, seed: int = 
     print(markdown(a, b, result, len(a.ranks)), end="")
     headline = result["ndcg@10"]
     log.info(f"compare: ndcg@10 {headline['a']:.4f} → {headline['b']:.4f} "
-          f"({headline['diff']:+.4f}, 95% CI [{headline['ci_low']:+.4f}, "
-          f"{headline['ci_high']:+.4f}]): {headline['verdict']}")
+             f"({headline['diff']:+.4f}, 95% CI [{headline['ci_low']:+.4f}, "
+             f"{headline['ci_high']:+.4f}]): {headline['verdict']}")
     if output:
         Path(output).write_text(json.dumps({"a": spec_a, "b": spec_b, "split": a.split,
                                             "users": len(a.ranks), "metrics": result}, indent=2))

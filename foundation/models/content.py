@@ -33,6 +33,7 @@ from foundation.models.towers import (
     TextTowerConfig,
     VectorTower,
     encode_texts,
+    length_batches,
     pool_tokens,
 )
 from foundation.train.checkpoint import resolve
@@ -246,15 +247,10 @@ def lower_token_states(tower: MiniLMTextTower, ids: np.ndarray, texts: list[str]
                        num_items: int) -> tuple[Tensor, Tensor]:
     """The frozen layers' token states of the texts of items ``ids``, concatenated
     ``[tokens, d]``, and the ``[num_items + 1]`` offsets of each item's (none without text)."""
-    from tqdm import tqdm
-
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batched
     states: dict[int, Tensor] = {}
-    size = tower.cfg.batch_size
     with torch.no_grad():
-        for start in tqdm(range(0, len(order), size), desc="text tower, frozen layers",
-                          unit="batch", disable=_world()[0] != 0):
-            chunk = order[start:start + size]
+        for chunk in length_batches(texts, tower.cfg.batch_size, "text tower, frozen layers",
+                                    progress=_world()[0] == 0):
             tokens, keep = tower.tokenize([texts[i] for i in chunk])
             lower = tower.lower(tokens, keep)
             for row, i in enumerate(chunk):

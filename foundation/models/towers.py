@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
@@ -250,13 +251,18 @@ def pool_tokens(layers: nn.ModuleList, x: Tensor, keep: Tensor) -> Tensor:
 @torch.no_grad()
 def encode_texts(tower: MiniLMTextTower, texts: list[str], progress: bool = False) -> Tensor:
     """A whole list of texts, in batches of similar length (little padding), in input order."""
+    out = torch.zeros(len(texts), tower.out_dim)
+    for rows in length_batches(texts, tower.cfg.batch_size, "text tower", progress):
+        out[rows] = tower([texts[i] for i in rows])
+    return out
+
+
+def length_batches(texts: list[str], size: int, desc: str, progress: bool) -> Iterator[list[int]]:
+    """Indices of ``texts`` in batches of ``size`` texts of similar length (little padding),
+    with a progress bar."""
     from tqdm import tqdm
 
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.zeros(len(texts), tower.out_dim)
-    size = tower.cfg.batch_size
     for start in tqdm(range(0, len(order), size), total=math.ceil(len(order) / size),
-                      desc="text tower", unit="batch", disable=not progress):
-        rows = order[start:start + size]
-        out[rows] = tower([texts[i] for i in rows])
-    return out
+                      desc=desc, unit="batch", disable=not progress):
+        yield order[start:start + size]

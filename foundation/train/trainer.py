@@ -72,7 +72,7 @@ class Trainer:
         if self.start_step >= cfg.max_steps or self.stopped_early:
             if self.env.is_main:
                 log.info(f"{self.task.name}: nothing to do, {self.run_dir} is at step "
-                      f"{self.start_step} ≥ trainer.max_steps={cfg.max_steps}")
+                         f"{self.start_step} ≥ trainer.max_steps={cfg.max_steps}")
             self.logger.close()
             return {"recipe": self.task.name, "steps": 0, "run_dir": str(self.run_dir)}
         if self.resharded_from is not None:  # show that the reloaded model is the saved one
@@ -133,8 +133,8 @@ class Trainer:
         self.logger.close()
         if self.env.is_main:
             log.info(f"{self.task.name}: stopped early at step {step}: no better validation "
-                  f"{self.task.eval_metric} in {self.stale} evaluations; the best, "
-                  f"{self.best['value']:.4f} at step {self.best['step']}, is checkpoint=best")
+                     f"{self.task.eval_metric} in {self.stale} evaluations; the best, "
+                     f"{self.best['value']:.4f} at step {self.best['step']}, is checkpoint=best")
         return self.summarise(losses, events, seconds, result)
 
     def stop_preempted(self, step: int) -> dict[str, Any]:
@@ -142,7 +142,7 @@ class Trainer:
         self.logger.close()
         if self.env.is_main:
             log.info(f"{self.task.name}: preempted, checkpoint committed at {path}; run the same "
-                  f"command again to resume")
+                     f"command again to resume")
         return {"recipe": self.task.name, "preempted": True, "step": step,
                 "run_dir": str(self.run_dir)}
 
@@ -201,7 +201,7 @@ class Trainer:
         self.resharded_from = layout[0]
         if self.env.is_main:
             log.info(f"resharded {path}: {layout[0]} ranks × {layout[1]} workers → {here[0]} × "
-                  f"{here[1]}; the data stream restarts epoch {epoch}")
+                     f"{here[1]}; the data stream restarts epoch {epoch}")
 
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
         """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
@@ -308,7 +308,7 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             plot_run(self.run_dir, metric)
             log.info(f"{self.task.name}: {len(losses)} steps in {seconds:.0f}s | loss "
-                  f"{losses[0]:.3f} → {summary['last_loss']:.3f} | {summary['events_per_s']:,.0f} "
-                  f"events/s | val {metric} {value:.4f} ({name.replace('_', '-')} {baseline:.4f}) | "
-                  f"run {self.run_dir}")
+                     f"{losses[0]:.3f} → {summary['last_loss']:.3f} | {summary['events_per_s']:,.0f} "
+                     f"events/s | val {metric} {value:.4f} ({name.replace('_', '-')} {baseline:.4f}) | "
+                     f"run {self.run_dir}")
         return summary
