@@ -123,7 +123,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "recipes":
         from foundation.recipes import RECIPES
 
-        for name, task in RECIPES.items():
+        for name, task in sorted(RECIPES.items()):
             print(f"{name:24s} {task.summary}")
         return 0
     if args.command == "demo":

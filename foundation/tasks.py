@@ -28,8 +28,13 @@ from foundation.models.content import (
     content_vectors,
     lower_token_states,
 )
+from foundation.models.finetune import FinetuneConfig
 from foundation.models.member import SparseArch, sharded_items, sparse_features
 from foundation.models.towers import MiniLMTextTower, Modality
+
+# What a pretrain run's dense state holds besides its event encoder (the next-item model's
+# item-side parts): a downstream recipe that keeps only the encoder leaves these.
+PRETRAIN_ONLY_KEYS = ("fallback", "item_table.", "attributes.", "content.", "match.", "history.")
 
 # Every recipe, by name: a Task subclass decorated with ``register_recipe`` (recipes/).
 RECIPES: dict[str, type[Task]] = {}
@@ -203,10 +208,18 @@ class Task:
 
     def init_from(self) -> str | None:
         """A run (or checkpoint) to warm-start from, if the recipe has one."""
-        return None
+        settings = self.finetune()
+        return settings.init_from if settings is not None else None
 
-    # Dense weights a warm start takes from the source run (prefixes of state-dict keys).
-    transfer_prefixes: ClassVar[tuple[str, ...]] = ("encoder.",)
+    # A warm start's allow-lists (prefixes of dense state-dict keys): the keys this recipe's
+    # model adds (its head: initialised fresh, trained in every fine-tune mode) and the
+    # source's keys it leaves. Any other key missing on either side fails, naming it.
+    new_keys: ClassVar[tuple[str, ...]] = ()
+    unused_keys: ClassVar[tuple[str, ...]] = ()
+
+    def finetune(self) -> FinetuneConfig | None:
+        """The recipe's fine-tune settings (``recipe.mode``, ...), if it is a fine-tune."""
+        return self.recipe if "mode" in self.recipe else None
 
     # -- a training step -------------------------------------------------------------
     def features(self, batch: SequenceBatch) -> tuple[KeyedJaggedTensor, dict[str, Tensor]]:
@@ -242,6 +255,20 @@ def split_last_event(batch: SequenceBatch) -> tuple[SequenceBatch, Tensor]:
     keep = torch.ones_like(batch.item, dtype=torch.bool)
     keep[ends] = False
     return take_events(batch, keep), batch.item[ends]
+
+
+def split_at_last(batch: SequenceBatch, marked: Tensor) -> tuple[SequenceBatch, Tensor]:
+    """(each row's events before its newest ``marked`` event, that event's item), for the
+    rows that have a marked event with history before it (the others are dropped)."""
+    rows = torch.repeat_interleave(torch.arange(len(batch)), batch.lengths)
+    position = torch.arange(batch.item.numel())
+    last = torch.full((len(batch),), -1, dtype=torch.int64).scatter_reduce(
+        0, rows[marked], position[marked], reduce="amax")
+    kept = last > batch.offsets()[:-1]  # a marked event after the row's first
+    history = take_events(batch, (position < last[rows]) & kept[rows])
+    history = dataclasses.replace(history, sample_ids=history.sample_ids[kept],
+                                  lengths=history.lengths[kept])
+    return history, batch.item[last[kept]]
 
 
 def synchronised(batches: Iterable[SequenceBatch], world_size: int

@@ -10,15 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from foundation.eval.metrics import auc, calibration_error, log_loss
+from foundation.models.finetune import FinetuneConfig
 from foundation.models.member import EventEncoder, MemberModelConfig, last_states
-from foundation.tasks import Task, all_concat, register_recipe, synchronised
+from foundation.tasks import PRETRAIN_ONLY_KEYS, Task, all_concat, register_recipe, synchronised
 
 
 @dataclass
-class RankingConfig:
+class RankingConfig(FinetuneConfig):
     name: str = "finetune_ranking"
-    init_from: str | None = None  # a pretrain run dir (its newest checkpoint) or a checkpoint dir
     mlp_hidden: int = 128
+
 
 class TargetAwareRanker(nn.Module):
     """Candidate-aware attention over the encoded history (DIN-style), then an MLP."""
@@ -56,6 +57,8 @@ class FinetuneRanking(Task):
     summary = "ranking fine-tune: target-aware engagement classifier, warm-started from pretraining"
     data_mode = "ranking"
     eval_metric = "auc"
+    new_keys = ("head.",)  # the ranker's MLP; the event encoder comes from the pretrain run
+    unused_keys = PRETRAIN_ONLY_KEYS
 
     def __init__(self, cfg, manifest, item_counts):
         super().__init__(cfg, manifest, item_counts)
@@ -65,9 +68,6 @@ class FinetuneRanking(Task):
 
     def build_dense(self) -> nn.Module:
         return TargetAwareRanker(self.cfg.model, self.recipe, self.token_features)
-
-    def init_from(self) -> str | None:
-        return self.recipe.init_from
 
     @torch.no_grad()
     def evaluate(self, model, batches, split=None, calibrate=False):

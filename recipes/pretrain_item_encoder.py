@@ -42,7 +42,7 @@ class PretrainItemEncoder(Task):
     summary = "item encoders: towers per modality aligned by CLIP-style InfoNCE"
     data_mode = "items"
     eval_metric = "recall@1"
-    transfer_prefixes = ()  # a warm start (behaviour_from) brings the item table only
+    new_keys = unused_keys = ("",)  # a warm start (behaviour_from) brings the item table only
 
     def __init__(self, cfg, manifest, item_counts):
         super().__init__(cfg, manifest, item_counts)

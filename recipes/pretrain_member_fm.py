@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
+from foundation.eval.ann import ann_target_ranks, hnsw_index
 from foundation.eval.calibration import (
     CALIBRATION_K,
     COLD_SCALES,
@@ -74,6 +76,9 @@ class PretrainConfig:
     sampled_negatives: int = 0  # also rank among N seeded random items (0: off), as some papers
     similarity: Similarity = Similarity.dot
     temperature: float = 0.07  # cosine only: logits are cosines / temperature
+    # Also rank through the HNSW index the export ships: each member's top N by the index,
+    # rescored exactly (0: off); reported as ann_hr@K, ann_ndcg@K next to the exact ranking.
+    ann_candidates: int = 0
 
 
 class NextItemModel(nn.Module):
@@ -180,7 +185,7 @@ class NextItemModel(nn.Module):
         queries = self.queries(states, batch.item, batch.lengths, mask, temperature)
         if mode == "encode":
             return last_states(queries, mask)
-        query_index, target_index = next_item_pairs(states, mask, batch.lengths)
+        query_index, target_index = self.training_pairs(states, mask, batch)
         offsets = None if self.history is None else self.history.pairs(
             pad_jagged(batch.item, batch.lengths)[0], mask,
             query_index // mask.shape[1], query_index % mask.shape[1])
@@ -199,6 +204,10 @@ class NextItemModel(nn.Module):
             log_item_prob=self.log_item_prob if self.recipe.logq_correction else None,
             in_batch=self.recipe.in_batch_negatives, absent=absent, offsets=offsets)
 
+    def training_pairs(self, states: Tensor, mask: Tensor, batch) -> tuple[Tensor, Tensor]:
+        """(query, target) indices of the pairs trained on: every state and the next event."""
+        return next_item_pairs(states, mask, batch.lengths)
+
     def history_offsets(self, history) -> tuple[Tensor, Tensor, Tensor] | None:
         """The history bias of each history's newest state (None without one)."""
         if self.history is None:
@@ -215,6 +224,7 @@ class PretrainMemberFM(Task):
     config_class = PretrainConfig
     summary = "member foundation model: causal transformer, next-item sampled softmax"
     eval_metric = "hr@10"
+    model_class: ClassVar[type[NextItemModel]] = NextItemModel
 
     def build_dense(self) -> nn.Module:
         if self.cfg.model.cold_reference:  # a wrong run fails now, not at the first validation
@@ -223,8 +233,12 @@ class PretrainMemberFM(Task):
                      self.cfg.model.cold_reference, self.reference_warm_ndcg)
         found = self.item_attributes() if self.cfg.model.side_features else None
         attributes = ItemAttributes(*found, dim=self.cfg.model.embedding_dim) if found else None
-        return NextItemModel(self.cfg.model, self.recipe, self.item_counts, attributes,
-                             self.item_content(), self.token_features)
+        return self.model_class(self.cfg.model, self.recipe, self.item_counts, attributes,
+                                self.item_content(), self.token_features, **self.model_options())
+
+    def model_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``model_class`` beyond the next-item model's."""
+        return {}
 
     def features(self, batch):
         if Loss(self.recipe.loss) == Loss.full_softmax:
@@ -268,9 +282,12 @@ class PretrainMemberFM(Task):
             parts["model_sampled"] = []
         if cold is not None:
             parts[COLD_GROUP] = []
+        index = hnsw_index(catalogue.numpy()) if self.recipe.ann_candidates else None
+        if index is not None:
+            parts["model_ann"] = []
         covered = torch.zeros(len(scales), self.num_items, dtype=torch.bool)
         for batch, real in synchronised(batches, model.world_size):
-            history, targets = split_last_event(batch)
+            history, targets = self.eval_targets(batch)
             members = self.member_vectors(model, history)
             scores = members @ catalogue.T
             offsets = model.dense_module.history_offsets(history)
@@ -282,7 +299,7 @@ class PretrainMemberFM(Task):
             cold_scores = None if cold_part is None else members[:, -width:] @ cold_part.T
             variants = [scores] if cold_part is None else [  # each candidate cold weight
                 scores + (scale - 1) * cold_scores for scale in scales]
-            parts["sample_id"].append(batch.sample_ids.numpy())
+            parts["sample_id"].append(history.sample_ids.numpy())
             parts["model"].append(np.stack(
                 [target_ranks(v, targets, exclude).numpy() for v in variants], 1))
             for name, scorer in baselines.items():
@@ -290,10 +307,13 @@ class PretrainMemberFM(Task):
                                                 exclude).numpy())
             if self.recipe.sampled_negatives:
                 parts["model_sampled"].append(np.stack([sampled_ranks(
-                    v, targets, exclude, batch.sample_ids, self.recipe.sampled_negatives,
+                    v, targets, exclude, history.sample_ids, self.recipe.sampled_negatives,
                     self.cfg.seed).numpy() for v in variants], 1))
             if cold is not None:
                 parts[COLD_GROUP].append(cold[targets].numpy())
+            if index is not None:
+                parts["model_ann"].append(ann_target_ranks(
+                    index, members, scores, targets, exclude, self.recipe.ann_candidates).numpy())
             covered |= torch.stack([top_k_items(v, exclude, max(ks)) for v in variants])
         ranks = {name: all_concat(arrays, model.world_size) for name, arrays in parts.items()}
         chosen = 0 if len(scales) == 1 else self._fit_cold_scale(
@@ -309,6 +329,8 @@ class PretrainMemberFM(Task):
         if self.recipe.sampled_negatives:
             sampled = rank_metrics(ranks["model_sampled"], ks)
             metrics.update({f"sampled_{k}": v for k, v in sampled.items()})
+        if index is not None:  # ranked through the index serving ships
+            metrics.update({f"ann_{k}": v for k, v in rank_metrics(ranks["model_ann"], ks).items()})
         result = {"metrics": metrics,
                   "baselines": {name: rank_metrics(ranks[name], ks) for name in baselines},
                   "ranks": ranks}
@@ -320,6 +342,10 @@ class PretrainMemberFM(Task):
                 for group, users in (("cold", is_cold), ("warm", ~is_cold))
                 if users.any()}  # validation holds no cold targets unless built with them
         return result
+
+    def eval_targets(self, batch: SequenceBatch) -> tuple[SequenceBatch, Tensor]:
+        """Each evaluated member's history and held-out target: leave-last-out."""
+        return split_last_event(batch)
 
     def _cold_scales(self, model, calibrate: bool) -> tuple[np.ndarray, int | None]:
         """The cold-item weight multiples to try, and the width of the content part of the

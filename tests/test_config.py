@@ -128,7 +128,7 @@ def test_train_help_lists_groups_and_options():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "sharding   auto, column_wise, table_wise" in result.stdout
-    assert "recipe     finetune_ranking, pretrain_item_encoder, pretrain_member_fm" in result.stdout
+    assert "recipe     finetune_ranking, finetune_retrieval, pretrain_item_encoder, pretrain_member_fm" in result.stdout
 
 
 def test_config_changes_name_each_changed_leaf():

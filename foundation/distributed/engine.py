@@ -130,7 +130,7 @@ class DeepSpeedDenseEngine:
         collective under ZeRO >= 1: every rank calls it)."""
         self._init_adam_state()  # before the first step AdamW has no state yet
         state = {"step": torch.tensor(self._adam_step(), dtype=torch.int64)}
-        for name, param in self.module.named_parameters():
+        for name, param in self._trained_parameters():
             for key in ADAM_MOMENTS:
                 state[f"{name}.{key}"] = self._full_moment(param, key).detach().float().cpu().clone()
         return state
@@ -147,7 +147,7 @@ class DeepSpeedDenseEngine:
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
                                                enabled=self.zero_stage == 3):
             self.module.load_state_dict(weights)  # the weights the forward pass uses
-        for name, param in params.items():
+        for name, param in self._trained_parameters():
             self._set_full(param, weights[name])  # ZeRO's fp32 master partition
             for key in ADAM_MOMENTS:
                 self._set_full(param, optimizer[f"{name}.{key}"], key)
@@ -156,6 +156,10 @@ class DeepSpeedDenseEngine:
         self._set_schedule(step)
         self.engine.global_steps = step
         self.engine.micro_steps = step * self.engine.gradient_accumulation_steps()
+
+    def _trained_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters the optimizer holds (a fine-tune freezes the others)."""
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     def _set_full(self, param: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
         """Give this rank its part of a full fp32 master weight (``key`` None) or AdamW moment."""

@@ -1,7 +1,8 @@
 """``foundation eval run_dir=RUN [split=test]``: evaluate a run's checkpoint on a split.
 
 Works on any world size (alone, or under torchrun): the sharded tables are resharded on load.
-Rank 0 writes ``RUN/eval.json`` (``{"split", "metrics", "baselines"}``), ``RUN/eval.md`` and,
+Rank 0 writes ``RUN/eval.json`` (``{"split", "headline", "metrics", "baselines"}``: the
+headline is the recipe's main metric), ``RUN/eval.md`` and,
 for ranking-by-catalogue recipes, ``RUN/eval-ranks.npz`` (each user's target rank under the
 model and each baseline, by sample id) for ``foundation eval compare``.
 """
@@ -90,7 +91,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         result = task.evaluate(run.model, run.batches(cfg.split, cfg.batch_size), split=cfg.split)
         ranks = result.pop("ranks", None)
         report = {"split": cfg.split, "run_dir": str(run_dir), "checkpoint": path.name,
-                  "recipe": task.name, **result}
+                  "recipe": task.name, "headline": task.eval_metric, **result}
         if env.is_main:
             (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
             if ranks is not None:  # every user's target rank: `foundation eval compare`

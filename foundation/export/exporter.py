@@ -33,6 +33,7 @@ from foundation.config import config_hash
 from foundation.console import setup_logging
 from foundation.data.loader import build_loader
 from foundation.distributed.env import init_distributed
+from foundation.eval.ann import EF_SEARCH, HNSW_NEIGHBOURS, hnsw_index
 from foundation.eval.run import TrainedRun, load_run
 from foundation.export.bundle import (
     BUNDLE_FORMAT,
@@ -44,6 +45,7 @@ from foundation.export.bundle import (
 )
 from foundation.export.content import write_content, write_content_parity_inputs
 from foundation.export.programs import export_program
+from foundation.models.finetune import merge_adapters
 from foundation.models.member import last_states
 from foundation.tasks import all_concat, keep_last, split_last_event, synchronised
 from foundation.train import checkpoint
@@ -66,16 +68,18 @@ class MemberEncoderProgram(nn.Module):
     member embeddings ``[B, D]`` (unit length with ``normalise``, for cosine scoring).
     Scores are ``member · item_vectors`` (item vectors unit length for cosine)."""
 
-    def __init__(self, encoder: nn.Module, normalise: bool = False):
+    def __init__(self, encoder: nn.Module, normalise: bool = False,
+                 head: nn.Module | None = None):
         super().__init__()
         self.encoder, self.normalise = encoder, normalise
+        self.head = head if head is not None else nn.Identity()  # a retrieval member tower's
 
     def forward(self, tokens: Tensor, lengths: Tensor, timestamps: Tensor | None = None
                 ) -> Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
-        member = last_states(self.encoder.encode_padded(tokens, mask, timestamps=timestamps),
-                             mask)
+        member = self.head(last_states(
+            self.encoder.encode_padded(tokens, mask, timestamps=timestamps), mask))
         return torch.nn.functional.normalize(member, dim=-1) if self.normalise else member
 
     @property
@@ -96,6 +100,7 @@ def export_run(cfg: DictConfig) -> Path:
     parity_dir = output.with_name(f".{output.name}.parity")
     try:
         run = load_run(Path(cfg.run_dir), cfg.checkpoint, env)
+        merge_adapters(run.model.dense_module)  # a LoRA run serves plain, merged weights
         if not hasattr(run.task, "catalogue_vectors"):
             raise ValueError(f"export serves member models; recipe {run.task.name} has no "
                              f"catalogue to score (export its pretraining run instead)")
@@ -249,7 +254,9 @@ def write_history_bias(dense: nn.Module, root: Path) -> dict[str, Any] | None:
 def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
             tables: dict[str, Any], scoring: np.ndarray, output: Path) -> dict[str, Any]:
     cosine = run.cfg.recipe.get("similarity", "dot") == "cosine"
-    program = MemberEncoderProgram(run.model.dense_module.encoder, normalise=cosine).eval()
+    dense = run.model.dense_module
+    program = MemberEncoderProgram(dense.encoder, normalise=cosine,
+                                   head=getattr(dense, "member_head", None)).eval()
     write_programs(program, run.cfg.model.embedding_dim, run.cfg.model.max_len, staging)
     ann = write_ann_index(staging, scoring) if cfg.ann else None
     manifest = _manifest(run, tables, ann)
@@ -292,22 +299,18 @@ def write_programs(program: nn.Module, dim: int, max_len: int, root: Path) -> No
 
 
 def write_ann_index(root: Path, vectors: np.ndarray) -> dict[str, Any]:
-    """An HNSW inner-product index over the items' scoring ``vectors`` (the model's own:
-    unit length under cosine similarity, with the content part under content_match);
-    faiss id = internal item id - 1."""
+    """The HNSW index over the items' scoring ``vectors`` (the model's own: unit length under
+    cosine similarity, with the content part under content_match), as evaluation measures it."""
     try:
         import faiss
     except ImportError as err:
         raise ExportError("ann=true needs faiss (pip install faiss-cpu), or export with "
                           "ann=false") from err
 
-    index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction, index.hnsw.efSearch = 200, 128
-    index.add(np.ascontiguousarray(vectors[1:]))  # row 0 is padding: faiss id = item id - 1
     (root / "ann").mkdir(exist_ok=True)
-    faiss.write_index(index, str(root / "ann" / "items.faiss"))
-    return {"file": "ann/items.faiss", "kind": "faiss HNSW32, inner product",
-            "id_offset": 1, "ef_search": 128}
+    faiss.write_index(hnsw_index(vectors), str(root / "ann" / "items.faiss"))
+    return {"file": "ann/items.faiss", "kind": f"faiss HNSW{HNSW_NEIGHBOURS}, inner product",
+            "id_offset": 1, "ef_search": EF_SEARCH}
 
 
 def run_parity_gate(bundle: Path, parity_dir: Path) -> dict[str, Any]:

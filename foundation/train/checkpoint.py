@@ -234,11 +234,30 @@ def _sparse_state(sparse: nn.Module) -> dict[str, Any]:
     return {"model": sparse.state_dict(), "optim": sparse.fused_optimizer.state_dict()}
 
 
-def load_sparse(path: Path, sparse: nn.Module) -> None:
-    """Load the sharded tables into ``sparse`` (resharding to this world size as needed)."""
+def load_sparse(path: Path, sparse: nn.Module, optimizer: bool = False) -> None:
+    """Load the sharded tables into ``sparse`` (resharding to this world size as needed);
+    with ``optimizer``, also their fused optimizer's state where the checkpoint's optimizer
+    is the same kind (a warm start then continues the tables' adaptive step sizes instead of
+    taking the large first steps of a fresh Adagrad)."""
+    if optimizer and _same_sparse_optimizer(path, sparse):
+        _load_sparse_and_optimizer(path, sparse)
+        return
     state = {"model": sparse.state_dict()}
     _check_sparse_fits(path, state)
     dcp.load(state, storage_reader=SafeReader(path / "sparse"))
+
+
+def _same_sparse_optimizer(path: Path, sparse: nn.Module) -> bool:
+    saved = SafeReader(path / "sparse").read_metadata().state_dict_metadata
+    wanted = _flat_keys("optim.state", sparse.fused_optimizer.state_dict()["state"])
+    return bool(wanted) and all(key in saved for key in wanted)
+
+
+def _flat_keys(prefix: str, value: Any) -> list[str]:
+    """DCP's flattened keys of a nested dict of tensors."""
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in _flat_keys(f"{prefix}.{key}", v)]
+    return [prefix]
 
 
 def _check_sparse_fits(path: Path, state: dict[str, Any]) -> None:
@@ -255,20 +274,27 @@ def _check_sparse_fits(path: Path, state: dict[str, Any]) -> None:
             f"(a checkpoint of a different model or config?)")
 
 
-def load_dense(path: Path, module: nn.Module, prefixes: tuple[str, ...] | None = None) -> None:
-    """Load consolidated dense weights; with ``prefixes``, only those sub-modules (warm start)."""
+def load_dense(path: Path, module: nn.Module, new: tuple[str, ...] = (),
+               unused: tuple[str, ...] = ()) -> None:
+    """Load consolidated dense weights. A warm start names its allow-lists: ``new``, prefixes
+    of the model's keys the checkpoint does not provide (initialised fresh), and ``unused``,
+    prefixes of the checkpoint's keys the model leaves; any other key missing on either side,
+    or of another shape, fails naming it."""
     weights = load_file(str(path / "dense.safetensors"))
     own = module.state_dict()
-    wanted = {k for k in own if prefixes is None or k.startswith(prefixes)}
+    wanted = {k for k in own if not k.startswith(new)}
     missing = sorted(wanted - weights.keys())
-    mismatched = sorted(k for k in wanted & weights.keys() if weights[k].shape != own[k].shape)
-    unexpected = sorted(weights.keys() - own.keys()) if prefixes is None else []
+    mismatched = sorted(f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+                        for k in wanted & weights.keys() if weights[k].shape != own[k].shape)
+    unexpected = sorted(k for k in weights.keys() - own.keys() if not k.startswith(unused))
     if missing or mismatched or unexpected:
+        allowed = (f"; the recipe allows new keys under {list(new)} and unused ones under "
+                   f"{list(unused)}" if new or unused else "")
         raise CheckpointMismatch(
             f"checkpoint {path} does not fit this model: missing {missing[:8]}, "
-            f"shape-mismatched {mismatched[:8]}, unexpected {unexpected[:8]} "
-            f"(a checkpoint of a different model or config?)")
-    module.load_state_dict({k: weights[k] for k in wanted}, strict=prefixes is None)
+            f"shape-mismatched (saved vs model) {mismatched[:8]}, unexpected {unexpected[:8]}"
+            f"{allowed} (a checkpoint of a different model or config?)")
+    module.load_state_dict({k: weights[k] for k in wanted}, strict=not new)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

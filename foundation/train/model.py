@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from foundation.distributed.engine import DeepSpeedDenseEngine
 from foundation.distributed.env import DistEnv
 from foundation.distributed.sharding import shard_sparse_arch
+from foundation.models.finetune import Tuning, apply_finetune
 from foundation.models.member import sparse_features
 from foundation.tasks import Task
 from foundation.train import checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class ShardedModel:
     def __init__(self, task: Task, cfg: DictConfig, env: DistEnv, *, train: bool,
                  total_steps: int = 1, warm_start: Path | None = None):
         self.task, self.env, self.world_size = task, env, env.world_size
+        settings = task.finetune()
+        sharding = cfg.sharding if warm_start is None or settings is None else OmegaConf.merge(
+            cfg.sharding, {"lr": settings.table_lr})
         self.sparse, self.plan = shard_sparse_arch(task.build_sparse(torch.device("meta")),
-                                                   cfg.sharding, env)
+                                                   sharding, env)
         dense = task.build_dense()
         if warm_start is not None:
             # Before the engine wraps the module: ZeRO then partitions the loaded weights.
-            checkpoint.load_sparse(warm_start, self.sparse)
-            checkpoint.load_dense(warm_start, dense, prefixes=task.transfer_prefixes)
+            checkpoint.load_sparse(warm_start, self.sparse, optimizer=True)
+            checkpoint.load_dense(warm_start, dense, new=task.new_keys, unused=task.unused_keys)
+        self.tuning = self._finetune(task, dense, train)
         self.engine = None
         if train:
             self.engine = DeepSpeedDenseEngine(
@@ -36,12 +45,31 @@ class ShardedModel:
         else:
             self.dense = dense.to(env.device).eval()
 
+    def _finetune(self, task: Task, dense: torch.nn.Module, train: bool) -> Tuning | None:
+        """Apply the recipe's fine-tune mode (after the warm start: LoRA adapts the loaded
+        weights; evaluation rebuilds the same modules before loading a checkpoint)."""
+        settings = task.finetune()
+        if settings is None:
+            return None
+        tables = sum(math.prod(v.size()) for v in self.sparse.state_dict().values())
+        tuning = apply_finetune(dense, settings, task.new_keys, tables)
+        if train and self.env.is_main:
+            log.info(tuning.describe())
+        return tuning
+
+    @property
+    def tables_frozen(self) -> bool:
+        return self.tuning is not None and not self.tuning.tables_train
+
     @property
     def dense_module(self) -> torch.nn.Module:
         return self.engine.module if self.engine is not None else self.dense
 
     def embed(self, features) -> dict[str, Tensor]:
-        return self.sparse(features.to(self.env.device))
+        looked_up = self.sparse(features.to(self.env.device))
+        if self.tables_frozen:  # no gradient reaches the tables: their fused optimizer idles
+            return {key: value.detach() for key, value in looked_up.items()}
+        return looked_up
 
     def train(self, mode: bool = True) -> None:
         self.sparse.train(mode)

@@ -304,6 +304,10 @@ class Trainer:
         summary = {"recipe": self.task.name, "steps": len(losses), "seconds": round(seconds, 1),
                    "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
                    "events_per_s": events / seconds, "val": final, "run_dir": str(self.run_dir)}
+        if self.model.tuning is not None:  # a fine-tune: what its mode trained
+            tuning = self.model.tuning
+            summary["parameters"] = {"mode": tuning.mode.value, "trainable": tuning.trainable,
+                                     "total": tuning.total, "tables_train": tuning.tables_train}
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             plot_run(self.run_dir, metric)
