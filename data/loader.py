@@ -13,6 +13,7 @@ import io
 import json
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path, PurePosixPath
@@ -24,12 +25,28 @@ import webdataset as wds
 from foundation.data.batch import SequenceBatch
 from foundation.data.schema import EventSchema
 from foundation.data.writer import load_manifest
+from omegaconf import MISSING
 from torch.utils.data import DataLoader, get_worker_info
 
 from foundation.choices import RAISE, OnError, choice
 
 MODES = ("sequence", "ranking")
 ENTRIES = frozenset({"seq.npz", "imp.npz", "meta.json"})  # everything else is rejected
+
+
+@dataclass
+class DataConfig:
+    """``data.*`` of a training run: where the shards are and how they are streamed."""
+
+    path: str = MISSING
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    max_len: int = 50
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    on_error: OnError = RAISE
+    train_split: str = "train"
+    val_split: str = "val"
 
 
 class ErrorPolicy:

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from foundation.config import ConfigError, compose
+from foundation.compose import ConfigError, compose
 from foundation.console import setup_logging
 
 log = logging.getLogger(__name__)

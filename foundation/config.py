@@ -1,9 +1,8 @@
-"""Hydra composition with typed, validated configs.
+"""The typed schemas of the commands (train, eval, export), and config identity.
 
-Every command composes a primary config from ``foundation.configs`` with the user's
-overrides. Structured dataclass schemas (one next to each component) are registered in
-Hydra's ConfigStore, so a misspelled key or a wrong type fails at start with a message that
-names the key, before any process group, model or data exists.
+A leaf: the components' own schemas are imported from next to the classes they configure;
+nothing here imports the trainer, evaluation, export or the recipes. ``foundation.compose``
+registers these with Hydra and composes them with the user's overrides.
 """
 
 from __future__ import annotations
@@ -12,19 +11,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_module
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from foundation.data.loader import DataConfig
 from foundation.distributed.engine import EngineConfig, OptimConfig
 from foundation.distributed.sharding import ShardingConfig
 from foundation.models.member import MemberModelConfig
-from foundation.train.logging import LoggerConfig
-from foundation.train.stream import DataConfig
+from foundation.tracking import LoggerConfig
 
 
 class OnNan(str, Enum):
@@ -85,81 +78,20 @@ class EvalConfig:
     batch_size: int = 256
 
 
-def register_configs() -> None:
-    from foundation.data.configs import register_configs as register_data_configs
-    from foundation.recipes import RECIPES
-
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="eval_schema", node=EvalConfig)
-    from foundation.export.config import ExportConfig
-
-    store.store(name="export_schema", node=ExportConfig)
-    for name, recipe in RECIPES.items():
-        store.store(group="recipe", name=f"{name}_schema", node=recipe.config_class)
-    register_data_configs()
-
-
-def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose ``config_name`` with ``overrides``; raise ConfigError naming what is wrong
-    (every override that is wrong, not only the first Hydra meets)."""
-    register_configs()
-    try:
-        cfg = _compose(config_name, overrides)
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise ConfigError(f"missing required value(s): {', '.join(missing)} "
-                              f"(pass them as overrides, e.g. {missing[0]}=...)")
-        OmegaConf.resolve(cfg)
-        return cfg
-    except (HydraException, OmegaConfBaseException) as err:
-        problems = _wrong_overrides(config_name, overrides) or [_explain(err)]
-        if len(problems) == 1:
-            raise ConfigError(problems[0]) from None
-        raise ConfigError(f"{len(problems)} problems:\n" + "\n".join(
-            "- " + problem.replace("\n", "\n  ") for problem in problems)) from None
-
-
-def _compose(config_name: str, overrides: list[str] | tuple[str, ...]) -> DictConfig:
-    from foundation.recipes import recipe_dirs
-
-    dirs = [f"file://{d.resolve()}" for d in recipe_dirs()]  # the user's recipe YAMLs
-    search = [f"hydra.searchpath=[{','.join(dirs)}]"] if dirs else []
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module("foundation.configs", version_base="1.3"):
-            return hydra_compose(config_name, overrides=[*search, *overrides])
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _wrong_overrides(config_name: str, overrides: list[str] | tuple[str, ...]) -> list[str]:
-    """Each override that fails on its own (with the config-group choices, which decide what
-    keys exist), explained. Hydra stops at the first; a user wants them all at once."""
-    groups = [o for o in overrides if "." not in o.split("=")[0]]
-    problems = []
-    for override in overrides:
-        try:
-            _compose(config_name, [*groups, override] if override not in groups else groups)
-        except (HydraException, OmegaConfBaseException) as err:
-            if (problem := _explain(err)) not in problems:
-                problems.append(problem)
-    return problems
-
-
-def _explain(err: Exception) -> str:
-    """Hydra's message, shortened to the lines that name the key and the problem."""
-    text = str(err)
-    cause = err.__cause__
-    while cause is not None:  # the innermost cause carries full_key
-        text = f"{text}\n{cause}"
-        cause = cause.__cause__
-    seen, lines = set(), []
-    for line in (ln.strip() for ln in text.splitlines()):
-        if line and line not in seen and not line.startswith(("object_type", "reference_type")):
-            seen.add(line)
-            lines.append(line)
-    return "\n".join(lines)
+@dataclass
+class ExportConfig:
+    run_dir: str = MISSING
+    checkpoint: str = "auto"  # auto (best with early stopping, else latest) | latest | best | step-N
+    output: str = MISSING
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    ann: bool = True  # a faiss HNSW index over the item vectors (ann/items.faiss)
+    member_embeddings: str | None = None  # a split: its members' embeddings for a store
+    parity_split: str = "val"
+    parity_batches: int = 2  # per rank
+    batch_size: int = 256
+    max_abs_diff: float = 1e-4  # parity: largest score difference allowed (fp32)
+    min_top10_agreement: float = 0.99  # parity: share of members with identical top-10
+    overwrite: bool = False
 
 
 def config_hash(cfg: DictConfig) -> str:

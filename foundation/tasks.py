@@ -13,10 +13,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
+from foundation.config import TrainConfig
 from foundation.data.batch import SequenceBatch
 from foundation.data.items import load_item_content
 from foundation.data.schema import EventSchema
@@ -49,6 +50,20 @@ def register_recipe(task: type[Task]) -> type[Task]:
                          f"{known.__qualname__} and {task.__module__}.{task.__qualname__}")
     RECIPES[task.name] = task
     return task
+
+
+def read_run_config(run_dir: Path) -> DictConfig:
+    """A run's resolved config over the current schemas: keys added to the framework since
+    the run was trained take their defaults (which keep the old behaviour)."""
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    recipe = RECIPES.get(saved.recipe.name)
+    if recipe is None:
+        raise ValueError(f"{run_dir} was trained with recipe {saved.recipe.name!r}, which this "
+                         f"version does not have (recipes: {sorted(RECIPES)})")
+    schema = OmegaConf.structured(TrainConfig)
+    schema.recipe = OmegaConf.structured(recipe.config_class)
+    merged = OmegaConf.merge(schema, saved)
+    return OmegaConf.create(OmegaConf.to_container(merged, resolve=True))
 
 
 class Task:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from foundation.eval.metrics import auc, calibration_error, log_loss
+from foundation.metrics import auc, calibration_error, log_loss
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.member import EventEncoder, MemberModelConfig, last_states
 from foundation.tasks import PRETRAIN_ONLY_KEYS, Task, all_concat, register_recipe, synchronised

@@ -32,7 +32,7 @@ from foundation.models.encoders import (
     train_tokenizer,
 )
 from foundation.models.member import SparseArch, sparse_features
-from foundation.tasks import Task, all_concat, register_recipe, synchronised
+from foundation.tasks import Task, all_concat, read_run_config, register_recipe, synchronised
 
 
 @register_recipe
@@ -70,8 +70,6 @@ class PretrainItemEncoder(Task):
         """The member model's embedding size (its item table's width)."""
         if not self.behaviour:
             return None
-        from foundation.eval.run import read_run_config
-
         member = read_run_config(Path(self.recipe.behaviour_from))
         if member.model.item_table != "sharded":
             raise ValueError(f"recipe.behaviour_from={self.recipe.behaviour_from} keeps its "

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
-from foundation.eval.ann import ann_target_ranks, hnsw_index
-from foundation.eval.calibration import (
+from foundation.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
+from foundation.metrics.ann import ann_target_ranks, hnsw_index
+from foundation.metrics.calibration import (
     CALIBRATION_K,
     COLD_SCALES,
     choose_cold_scale,
     reference_warm_ndcg,
 )
-from foundation.eval.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.models.content import ContentMatch, ItemContent
 from foundation.models.history import HistoryBias, add_pairs
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss

@@ -23,7 +23,7 @@ FAST = ["logger=jsonl", "logger.progress=false", "data.num_workers=0"]
 def synth_shards(tmp_path_factory) -> Path:
     from foundation.data.commands import run_synth
 
-    from foundation.config import compose
+    from foundation.compose import compose
 
     out = tmp_path_factory.mktemp("synth")
     run_synth(compose("data_synth", [f"output={out}", *TEST_WORLD]))

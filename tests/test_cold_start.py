@@ -73,8 +73,8 @@ def test_a_content_model_recommends_cold_items_from_their_text(runs):
 def test_validation_calibrates_the_weight_of_cold_items(runs):
     """Validation's cold targets (cold_val_items) fit how much the content-match score of
     items without an ID counts; the checkpoint keeps it, so test and serving use it."""
-    from foundation.eval.calibration import COLD_SCALES
-    from foundation.train.logging import best_validation
+    from foundation.metrics.calibration import COLD_SCALES
+    from foundation.tracking import best_validation
 
     rows = [json.loads(line) for line in (runs / "text" / "metrics.jsonl").read_text().splitlines()]
     final = [row for row in rows if row.get("split") == "val"][-1]

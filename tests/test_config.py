@@ -9,7 +9,8 @@ import torch
 from foundation.recipes import RECIPES
 from omegaconf import OmegaConf
 
-from foundation.config import ConfigError, TrainConfig, compose
+from foundation.compose import ConfigError, compose
+from foundation.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))

@@ -16,7 +16,7 @@ from foundation.data.schema import ACTIONS
 from foundation.data.sources import SourceConfig, read_table
 from foundation.data.writer import BuildConfig, build_shards
 
-from foundation.config import ConfigError, compose
+from foundation.compose import ConfigError, compose
 
 SASREC = "7 30 10 20 40\n5 20 10\n\n9 30 10 20\n"  # member 5 has 2 events: too short for LOO
 

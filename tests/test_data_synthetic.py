@@ -12,7 +12,7 @@ import pytest
 from foundation.data.commands import run_synth
 from foundation.data.synthetic import SynthConfig, generate, synthesize
 
-from foundation.config import ConfigError, compose
+from foundation.compose import ConfigError, compose
 
 SMALL = {"members": 300, "items": 200, "shards_per_split": 4}
 

@@ -20,7 +20,7 @@ from foundation.data.sources import SourceConfig
 from foundation.data.synthetic import SynthConfig, generate
 from foundation.data.writer import BuildConfig, build_shards, choose_cold_items, load_manifest
 
-from foundation.config import ConfigError, compose
+from foundation.compose import ConfigError, compose
 
 RENAMED = {"member_id": "user", "item_id": "movie", "timestamp": "ts"}
 

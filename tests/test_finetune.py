@@ -3,6 +3,9 @@ held-out targets: the pieces, on real modules. The trained recipes are in test_t
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from foundation.data.batch import SequenceBatch
@@ -127,3 +130,24 @@ def test_retrieval_holds_out_each_members_newest_label_event():
     assert history.sample_ids.tolist() == [7, 9] and targets.tolist() == [2, 8]
     assert history.lengths.tolist() == [1, 2] and history.item.tolist() == [1, 6, 7]
     assert history.events["action"].tolist() == [1, 1, 2]
+
+
+def test_a_partial_checkpoint_refuses_a_missing_or_replaced_base(tmp_path):
+    def committed(path, config_hash, **state):
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text(json.dumps(
+            {"step": 3, "config_hash": config_hash, **state}))
+        (path / checkpoint.COMMIT_MARKER).write_text("{}")
+        return path
+
+    base = committed(tmp_path / "pre/checkpoints/step-3", "aaa")
+    tuned = committed(tmp_path / "lora/checkpoints/step-3", "bbb",
+                      base=checkpoint.base_pointer(base))
+    assert checkpoint.base_of(tuned) == base.resolve()
+    assert checkpoint.base_of(base) is None
+    (base / "trainer_state.json").write_text(json.dumps({"step": 3, "config_hash": "ccc"}))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="overwritten by a different run"):
+        checkpoint.base_of(tuned)
+    shutil.rmtree(tmp_path / "pre")
+    with pytest.raises(FileNotFoundError, match=r"base checkpoint .*pre/checkpoints/step-3.* gone"):
+        checkpoint.base_of(tuned)

@@ -333,7 +333,7 @@ def test_content_match_scores_items_by_the_recency_weighted_content_of_the_histo
 
 
 def test_the_cold_item_scale_serves_cold_users_within_the_warm_users_budget():
-    from foundation.eval.calibration import COLD_SCALES, choose_cold_scale
+    from foundation.metrics.calibration import COLD_SCALES, choose_cold_scale
 
     scales = np.array([0.5, 1.0, 2.0, 4.0])
     is_cold = np.array([False, False, False, True])
@@ -349,7 +349,7 @@ def test_the_cold_item_scale_serves_cold_users_within_the_warm_users_budget():
 
 
 def test_a_runs_best_validation_is_read_from_its_log(tmp_path):
-    from foundation.train.logging import best_validation
+    from foundation.tracking import best_validation
 
     with pytest.raises(FileNotFoundError, match="finished training run"):
         best_validation(tmp_path)

@@ -15,7 +15,7 @@ from foundation.data.items import iter_items
 from foundation.data.media import MediaError
 from foundation.data.writer import BuildConfig, build_shards
 
-from foundation.config import compose
+from foundation.compose import compose
 from foundation.models.encoders import (
     AudioTower,
     AudioTowerConfig,

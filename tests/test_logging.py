@@ -2,7 +2,7 @@
 
 import json
 
-from foundation.train.logging import LoggerConfig, RunLogger
+from foundation.tracking import LoggerConfig, RunLogger
 
 
 def test_metrics_jsonl_and_offline_wandb(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from foundation.eval.metrics import (
+from foundation.metrics import (
     auc,
     calibration_error,
     log_loss,

@@ -155,7 +155,7 @@ def test_the_last_training_query_is_encoded_exactly_as_when_serving(attention):
 def test_a_replicated_item_table_lives_in_the_dense_model_not_the_sharded_arch():
     from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
 
-    from foundation.config import compose
+    from foundation.compose import compose
 
     cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, item_table="replicated")
     model = NextItemModel(cfg, PretrainConfig(loss="full_softmax"), torch.zeros(50))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, REPO, run_torchrun, spawn, wait_for_step, worker_pids
 
-from foundation.config import compose
+from foundation.compose import compose
 from foundation.train import checkpoint
 from foundation.train.stream import EpochStream
 

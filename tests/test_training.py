@@ -13,8 +13,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import FAST, REPO, foundation
+from conftest import FAST, REPO, foundation, read_reports, run_torchrun
 
 from foundation.train import checkpoint
 
@@ -63,11 +62,10 @@ RETRIEVAL = ["recipe=finetune_retrieval", "recipe.labels.action=[complete]",
 
 @pytest.fixture(scope="module")
 def retrieval_runs(pretrain_run, synth_shards, tmp_path_factory):
-    """The retrieval recipe from scratch and warm-started in three modes, equal steps."""
+    """The retrieval recipe from scratch and warm-started in two modes, equal steps."""
     root, warm = tmp_path_factory.mktemp("retrieval"), f"recipe.init_from={pretrain_run}"
     runs = {}
-    for name, extra in (("scratch", []), ("full", [warm]), ("lora", [warm, "recipe.mode=lora"]),
-                        ("freeze", [warm, "recipe.mode=freeze"])):
+    for name, extra in (("scratch", []), ("full", [warm]), ("lora", [warm, "recipe.mode=lora"])):
         runs[name] = root / name
         foundation("train", "--nproc=2", *RETRIEVAL, f"data.path={synth_shards}",
                    f"run_dir={runs[name]}", *FAST, *extra)
@@ -105,26 +103,38 @@ def test_lora_trains_under_5_percent_of_the_parameters_and_keeps_the_gain(retrie
     assert hr["lora"] - hr["scratch"] >= 0.8 * (hr["full"] - hr["scratch"]) > 0, hr
 
 
-def test_freeze_leaves_every_pretrained_weight_bit_identical(retrieval_runs, pretrain_run,
+def test_freeze_leaves_every_pretrained_weight_bit_identical(pretrain_run, synth_shards,
                                                              tmp_path):
+    """Measured inside the 2-rank run: each rank's table shards and frozen dense weights
+    before and after training."""
+    run_torchrun(["tests/workers/finetune_frozen.py", str(tmp_path / "reports"), *RETRIEVAL,
+                  "trainer.max_steps=5", f"data.path={synth_shards}", f"run_dir={tmp_path / 'run'}",
+                  f"recipe.init_from={pretrain_run}", "recipe.mode=freeze", *FAST])
+    reports = read_reports(tmp_path / "reports")
+    assert len(reports) == 2
+    for report in reports:
+        assert report["tables"] >= 1 and report["frozen"] >= 10, report
+        assert report["tables_changed"] == [] and report["frozen_changed"] == [], report
+        assert sorted(report["trained_changed"]) == ["member_head.bias", "member_head.weight"]
+
+
+def test_a_lora_checkpoint_holds_its_adapters_and_head_and_points_at_its_base(
+        retrieval_runs, pretrain_run):
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    def weights(run):
-        step = checkpoint.committed_checkpoints(run)[-1]
-        dcp_to_torch_save(step / "sparse", tmp_path / f"{run.name}.pt")
-        tables = torch.load(tmp_path / f"{run.name}.pt", weights_only=True)["model"]
-        return tables, load_file(step / "dense.safetensors")
-
-    (tables, dense), (frozen_tables, frozen_dense) = weights(pretrain_run), weights(
-        retrieval_runs["freeze"])
-    assert tables.keys() == frozen_tables.keys() and len(tables) >= 2
-    for key, value in tables.items():
-        assert torch.equal(value, frozen_tables[key]), key
-    encoder = [k for k in dense if k.startswith("encoder.")]
-    assert encoder and all(torch.equal(dense[k], frozen_dense[k]) for k in encoder)
-    head = frozen_dense["member_head.weight"]
-    assert not torch.equal(head, torch.eye(head.shape[0]))  # the head did train
+    saved = checkpoint.committed_checkpoints(retrieval_runs["lora"])[-1]
+    state = checkpoint.read_state(saved)
+    base = checkpoint.committed_checkpoints(pretrain_run)[-1]
+    assert state["base"]["checkpoint"] == str(base.resolve())
+    assert state["base"]["config_hash"] == checkpoint.read_state(base)["config_hash"]
+    assert not (saved / "sparse").exists()  # the frozen tables live in the base only
+    keys = load_file(saved / "dense.safetensors").keys()
+    assert keys and all(k.endswith((".up", ".down")) or k == "member_head.bias" for k in keys)
+    full = load_file(checkpoint.committed_checkpoints(retrieval_runs["full"])[-1]
+                     / "dense.safetensors")
+    assert sum(v.numel() for v in load_file(saved / "dense.safetensors").values()) < 0.1 * sum(
+        v.numel() for v in full.values())
+    assert evaluation(retrieval_runs["lora"])["metrics"]["users"] > 0  # base + adapters load
 
 
 def test_warm_start_from_another_model_names_the_mismatch(pretrain_run, synth_shards, tmp_path):

@@ -114,13 +114,17 @@ class DeepSpeedDenseEngine:
         return sum(t.numel() for state in inner.state.values() for t in state.values()
                    if torch.is_tensor(t) and t.dim() > 0)
 
-    def save(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, tag="engine", save_latest=False)
+    def save(self, directory: str, trained_only: bool = False) -> None:
+        """The engine's state; ``trained_only``: without frozen parameters (a fine-tune's)."""
+        self.engine.save_checkpoint(directory, tag="engine", save_latest=False,
+                                    exclude_frozen_parameters=trained_only)
 
-    def load(self, directory: str) -> None:
-        """Restore weights, ZeRO optimizer partitions and LR schedule from ``save``."""
+    def load(self, directory: str, trained_only: bool = False) -> None:
+        """Restore weights, ZeRO optimizer partitions and LR schedule from ``save`` (with
+        ``trained_only``, over a module already holding the frozen weights)."""
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
-        path, _ = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=True)
+        path, _ = self.engine.load_checkpoint(directory, tag="engine",
+                                              load_module_strict=not trained_only)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed engine state in {directory}")
 
@@ -146,7 +150,11 @@ class DeepSpeedDenseEngine:
         params = dict(self.module.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
                                                enabled=self.zero_stage == 3):
-            self.module.load_state_dict(weights)  # the weights the forward pass uses
+            missing, unexpected = self.module.load_state_dict(weights, strict=False)
+            trained = {name for name, _ in self._trained_parameters()}
+            if unexpected or trained & set(missing):  # frozen weights may come from a base
+                raise KeyError(f"dense state does not fit: missing {sorted(trained & set(missing))}"
+                               f", unexpected {sorted(unexpected)}")
         for name, param in self._trained_parameters():
             self._set_full(param, weights[name])  # ZeRO's fp32 master partition
             for key in ADAM_MOMENTS:

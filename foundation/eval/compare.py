@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from foundation.eval.metrics import per_user
 from foundation.eval.run import RANKS_FILE
+from foundation.metrics import per_user
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
-from foundation.tasks import Task
+from foundation.recipes import build_task
+from foundation.tasks import Task, read_run_config
 from foundation.train import checkpoint
 from foundation.train.model import ShardedModel
 from foundation.train.stream import EpochStream
@@ -54,32 +55,18 @@ def load_run(run_dir: Path, which: str, env: DistEnv) -> TrainedRun:
                                 f"run directory (the run_dir=... given to `foundation train`)")
     path = checkpoint.resolve(run_dir, which)
     train_cfg = read_run_config(run_dir)
-    from foundation.recipes import build_task
-
     task = build_task(train_cfg)
     seed_everything(train_cfg.seed)
-    model = ShardedModel(task, train_cfg, env, train=False)
-    checkpoint.load_sparse(path, model.sparse)
-    checkpoint.load_dense(path, model.dense_module)
+    base = checkpoint.base_of(path)  # a fine-tune's checkpoint may hold only what it trained
+    model = ShardedModel(task, train_cfg, env, train=False, warm_start=base)
+    if (path / "sparse").exists():  # absent: the tables were frozen, the base's are loaded
+        checkpoint.load_sparse(path, model.sparse)
+    if base is None:
+        checkpoint.load_dense(path, model.dense_module)
+    else:
+        checkpoint.load_trained(path, model.dense_module)
     model.train(False)
     return TrainedRun(train_cfg, task, model, path, env)
-
-
-def read_run_config(run_dir: Path) -> DictConfig:
-    """A run's resolved config over the current schemas: keys added to the framework since
-    the run was trained take their defaults (which keep the old behaviour)."""
-    from foundation.config import TrainConfig
-    from foundation.recipes import RECIPES
-
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    recipe = RECIPES.get(saved.recipe.name)
-    if recipe is None:
-        raise ValueError(f"{run_dir} was trained with recipe {saved.recipe.name!r}, which this "
-                         f"version does not have (recipes: {sorted(RECIPES)})")
-    schema = OmegaConf.structured(TrainConfig)
-    schema.recipe = OmegaConf.structured(recipe.config_class)
-    merged = OmegaConf.merge(schema, saved)
-    return OmegaConf.create(OmegaConf.to_container(merged, resolve=True))
 
 
 def evaluate_run(cfg: DictConfig) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from foundation.config import config_hash
 from foundation.console import setup_logging
 from foundation.data.loader import build_loader
 from foundation.distributed.env import init_distributed
-from foundation.eval.ann import EF_SEARCH, HNSW_NEIGHBOURS, hnsw_index
 from foundation.eval.run import TrainedRun, load_run
 from foundation.export.bundle import (
     BUNDLE_FORMAT,
@@ -45,6 +44,7 @@ from foundation.export.bundle import (
 )
 from foundation.export.content import write_content, write_content_parity_inputs
 from foundation.export.programs import export_program
+from foundation.metrics.ann import EF_SEARCH, HNSW_NEIGHBOURS, hnsw_index
 from foundation.models.finetune import merge_adapters
 from foundation.models.member import last_states
 from foundation.tasks import all_concat, keep_last, split_last_event, synchronised
@@ -386,7 +386,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from foundation.config import ConfigError, compose
+    from foundation.compose import ConfigError, compose
 
     setup_logging()
     try:

@@ -9,7 +9,7 @@ import sys
 
 import torch.distributed as dist
 
-from foundation.config import ConfigError, compose
+from foundation.compose import ConfigError, compose
 from foundation.console import setup_logging
 
 log = logging.getLogger(__name__)

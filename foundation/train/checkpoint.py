@@ -6,7 +6,10 @@
 * ``dense.safetensors`` — the dense weights consolidated in fp32, for warm starts and export;
 * ``dense_optim.safetensors`` — AdamW's moments consolidated likewise, and its step: with the
   weights, a layout-free copy of the dense state for resuming on another world size;
-* ``trainer_state.json`` — step, config hash, world size;
+* ``trainer_state.json`` — step, config hash, world size and, for a fine-tune that trains
+  only part of its model (``recipe.mode`` freeze / partial / lora), ``base``: the pretrain
+  checkpoint (and its config hash) holding everything this one leaves out — its frozen
+  weights, and its tables when they are frozen (``sparse/`` is then absent);
 * ``rank{r}.json`` and ``rng-rank{r}.safetensors`` — each rank's data-stream position and RNG;
 * ``COMMITTED`` — written last, by rank 0, after every rank finished. A directory without it
   is never loaded.
@@ -31,6 +34,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 COMMIT_MARKER = "COMMITTED"
 BEST = "best.json"  # in the run dir: the step of the best validation so far
+BASE = "base"  # trainer_state key: the checkpoint a fine-tune's partial checkpoint builds on
 
 
 class CheckpointError(RuntimeError):
@@ -123,23 +127,29 @@ def resolve(source: str | Path, which: str = "latest") -> Path:
     return found[-1]
 
 
-def save(path: Path, *, sparse: nn.Module, engine, state: dict[str, Any],
-         rank_state: dict[str, Any], rank: int, barrier, background=None) -> Future | None:
-    """Every rank writes its part; rank 0 commits once all ranks are done.
+def save(path: Path, *, sparse: nn.Module | None, engine, state: dict[str, Any],
+         rank_state: dict[str, Any], rank: int, barrier, background=None,
+         trained_only: bool = False) -> Future | None:
+    """Every rank writes its part; rank 0 commits once all ranks are done. ``sparse`` None:
+    the tables are frozen and not written; ``trained_only``: the dense state holds only what
+    trains (and buffers) — ``state["base"]`` must name the checkpoint with the rest.
 
     With ``background`` (a gloo process group), the tables are copied to memory and written
     by a background thread: the returned future finishes the write, and ``commit`` must follow
     on every rank once all futures are done. Until then the checkpoint is invisible."""
     path.mkdir(parents=True, exist_ok=True)
     pending = None
-    if background is None:
+    if sparse is not None and background is None:
         dcp.save(_sparse_state(sparse), checkpoint_id=str(path / "sparse"))
-    else:
+    elif sparse is not None:
         pending = _background_writer().submit(  # from a copy: training updates the tables on
             dcp.save, _snapshot(_sparse_state(sparse)), checkpoint_id=str(path / "sparse"),
             process_group=background)
-    engine.save(str(path / "engine"))
+    engine.save(str(path / "engine"), trained_only=trained_only)
     dense = engine.consolidated_state_dict()  # collectives under ZeRO: every rank calls them
+    if trained_only:
+        frozen = {n for n, p in engine.module.named_parameters() if not p.requires_grad}
+        dense = {k: v for k, v in dense.items() if k not in frozen}
     dense_optim = engine.full_optimizer_state()
     save_file({"torch": torch.get_rng_state()}, str(path / f"rng-rank{rank}.safetensors"))
     _write_json(path / f"rank{rank}.json", rank_state)
@@ -183,11 +193,12 @@ def commit(path: Path, *, rank: int, barrier) -> None:
 
 
 def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> dict[str, Any]:
-    """Load everything ``save`` wrote back into a freshly built model; returns this rank's
-    state (data position)."""
-    _load_sparse_and_optimizer(path, sparse)
+    """Load everything ``save`` wrote back into a freshly built model (warm-started from the
+    checkpoint's ``base``, if it has one); returns this rank's state (data position)."""
+    if (path / "sparse").exists():
+        _load_sparse_and_optimizer(path, sparse)
     try:
-        engine.load(str(path / "engine"))
+        engine.load(str(path / "engine"), trained_only=BASE in read_state(path))
     except pickle.UnpicklingError as err:  # weights_only refused a global: name file and class
         raise UnsafeCheckpoint(f"refused to load DeepSpeed state of {path}: {err}") from None
     torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
@@ -198,7 +209,8 @@ def restore_resharded(path: Path, *, sparse: nn.Module, engine) -> None:
     """Load a checkpoint saved on another layout: DCP reshards the tables and their optimizer
     state; every rank takes its partition of the consolidated dense weights and moments.
     RNG and data positions belong to the old layout and are not restored."""
-    _load_sparse_and_optimizer(path, sparse)
+    if (path / "sparse").exists():
+        _load_sparse_and_optimizer(path, sparse)
     if not (path / "dense_optim.safetensors").exists():
         raise CheckpointMismatch(f"{path} has no dense_optim.safetensors (written by an older "
                                  f"version): resume it on its own layout")
@@ -295,6 +307,48 @@ def load_dense(path: Path, module: nn.Module, new: tuple[str, ...] = (),
             f"shape-mismatched (saved vs model) {mismatched[:8]}, unexpected {unexpected[:8]}"
             f"{allowed} (a checkpoint of a different model or config?)")
     module.load_state_dict({k: weights[k] for k in wanted}, strict=not new)
+
+
+def load_trained(path: Path, module: nn.Module) -> None:
+    """Load a ``trained_only`` checkpoint's dense weights over ``module`` (which holds its
+    base's): every trained parameter must be in it, and nothing the module lacks."""
+    weights = load_file(str(path / "dense.safetensors"))
+    own = module.state_dict()
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(trained - weights.keys()), sorted(weights.keys() - own.keys())
+    if missing or unexpected:
+        raise CheckpointMismatch(f"checkpoint {path} does not fit this model: trained weights "
+                                 f"missing {missing[:8]}, unexpected {unexpected[:8]} (a "
+                                 f"checkpoint of another recipe.mode or model?)")
+    module.load_state_dict(weights, strict=False)
+
+
+def base_pointer(base: Path) -> dict[str, Any]:
+    """What a ``trained_only`` checkpoint records of the checkpoint holding the rest."""
+    saved = read_state(base)
+    return {"checkpoint": str(base.resolve()), "step": saved["step"],
+            "config_hash": saved.get("config_hash")}
+
+
+def base_of(path: Path | None) -> Path | None:
+    """The base checkpoint a ``trained_only`` checkpoint needs (None for a whole one),
+    checked to be the one it was trained from."""
+    if path is None:
+        return None
+    pointer = read_state(path).get(BASE)
+    if pointer is None:
+        return None
+    base = Path(pointer["checkpoint"])
+    if not (base / COMMIT_MARKER).exists():
+        raise FileNotFoundError(f"{path} holds only what its fine-tune trained; the rest is "
+                                f"in its base checkpoint {base}, which is gone: restore it "
+                                f"(retention in the pretrain run: trainer.keep_last) or "
+                                f"retrain the fine-tune")
+    if read_state(base).get("config_hash") != pointer["config_hash"]:
+        raise CheckpointMismatch(f"{path} was fine-tuned from {base} with config hash "
+                                 f"{pointer['config_hash']}, but that checkpoint now has "
+                                 f"another config: it was overwritten by a different run")
+    return base
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

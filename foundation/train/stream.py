@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import MISSING
-
-from foundation.choices import RAISE, OnError
 from foundation.data.batch import SequenceBatch
 from foundation.data.item_loader import build_item_loader
-from foundation.data.loader import build_loader
-
-
-@dataclass
-class DataConfig:
-    path: str = MISSING
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    max_len: int = 50
-    num_workers: int = 1
-    shuffle_buffer: int = 1000
-    on_error: OnError = RAISE
-    train_split: str = "train"
-    val_split: str = "val"
+from foundation.data.loader import DataConfig, build_loader
 
 
 class EpochStream:

@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from foundation.config import config_changes, config_hash
 from foundation.data.batch import SequenceBatch
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
 from foundation.recipes import build_task
+from foundation.tracking import RunLogger
 from foundation.train import checkpoint
+from foundation.train.checkpointer import Checkpointer
 from foundation.train.ledger import SampleLedger
-from foundation.train.logging import RunLogger
 from foundation.train.model import ShardedModel
 from foundation.train.plots import plot_run
 from foundation.train.preemption import PreemptionFlag
@@ -42,13 +41,12 @@ class Trainer:
         # validations since it; ``stopped_early`` marks a run that is finished.
         self.best: dict[str, float] | None = None
         self.stale, self.stopped_early = 0, False
-        self.pending: tuple[Path, Future] | None = None  # an async checkpoint being written
-        self.last_saved: int | None = None  # the step of the newest checkpoint this run wrote
         self.run_dir = Path(cfg.run_dir)
+        self.checkpoints = Checkpointer(cfg, self.env)
         self.task = build_task(cfg)
         seed_everything(cfg.seed)  # the same initial weights on every rank
-        source = self.task.init_from()
-        self.warm_start = checkpoint.resolve(source) if source else None
+        resume_path = self.checkpoints.resume_path()
+        self.warm_start = self.checkpoints.warm_start(self.task.init_from(), resume_path)
         self.model = ShardedModel(self.task, cfg, self.env, train=True,
                                   total_steps=cfg.trainer.max_steps, warm_start=self.warm_start)
         seed_everything(cfg.seed, self.env.rank)  # from here ranks differ: dropout, negatives
@@ -56,9 +54,8 @@ class Trainer:
                                   rank=self.env.rank, world_size=self.env.world_size,
                                   options=self.task.loader_options())
         self.ledger = SampleLedger(self.run_dir, self.env.rank) if cfg.trainer.sample_ledger else None
-        self.start_step = self.resume(self.resume_from())
-        # Background writes get their own gloo group: their collectives run beside training's.
-        self.writer_group = dist.new_group(backend="gloo") if cfg.trainer.async_checkpoint else None
+        self.start_step = self.resume(resume_path)
+        self.checkpoints.start_background_writes()
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -93,15 +90,15 @@ class Trainer:
                 result = self.validate(step)
                 if self.patience_exhausted(step, result):
                     return self.stop_early(step, losses, events, time.perf_counter() - start, result)
-            self.commit_pending(wait=False)
+            self.checkpoints.commit_pending(wait=False, keep_step=self.best_step)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps
-                    and self.last_saved != step):  # not again after a new best was saved
-                self.save(step, background=self.writer_group)
+                    and self.checkpoints.last_saved != step):  # not again after a new best
+                self.save(step, background=True)
             if step < cfg.max_steps and self.preemption.requested(self.env.world_size):
                 return self.stop_preempted(step)
         final = self.validate(cfg.max_steps)
         self.track_best(cfg.max_steps, final)  # the last validation may be the best
-        if self.last_saved != cfg.max_steps:
+        if self.checkpoints.last_saved != cfg.max_steps:
             self.save(cfg.max_steps)
         self.logger.close()
         return self.summarise(losses, events, time.perf_counter() - start, final)
@@ -115,8 +112,7 @@ class Trainer:
         self.best, self.stale = {"step": step, "value": value}, 0
         if self.cfg.trainer.patience:
             self.save(step)
-            if self.env.is_main:
-                checkpoint.mark_best(self.run_dir, step, self.task.eval_metric, value)
+            self.checkpoints.mark_best(step, self.task.eval_metric, value)
         return True
 
     def patience_exhausted(self, step: int, result: dict[str, Any]) -> bool:
@@ -146,62 +142,19 @@ class Trainer:
         return {"recipe": self.task.name, "preempted": True, "step": step,
                 "run_dir": str(self.run_dir)}
 
-    def resume_from(self) -> Path | None:
-        """``trainer.resume``: auto (newest committed checkpoint of the run, if any) | never |
-        a checkpoint path."""
-        choice = self.cfg.trainer.resume
-        if choice == "never":
-            return None
-        if choice == "auto":
-            found = checkpoint.committed_checkpoints(self.run_dir)
-            return found[-1] if found else None
-        return checkpoint.resolve(choice)
-
     def resume(self, path: Path | None) -> int:
+        """Continue from ``path`` (None: a fresh run); returns the step to continue after."""
         if self.ledger is not None:
             self.ledger.truncate(0 if path is None else checkpoint.step_of(path))
         if path is None:
             return 0
-        saved = checkpoint.read_state(path)
+        saved = self.checkpoints.restore(path, self.model, self.stream)
         self.skipped_steps = saved.get("skipped_steps", 0)
         self.skipped_data = saved.get("skipped_data", 0)
         self.best, self.stale = saved.get("best"), saved.get("stale", 0)
         self.stopped_early = saved.get("stopped_early", False)
-        layout = (saved["world_size"], saved.get("num_workers"))
-        if layout == (self.env.world_size, self.cfg.data.num_workers):
-            rank_state = checkpoint.restore(path, sparse=self.model.sparse,
-                                            engine=self.model.engine, rank=self.env.rank)
-            self.stream.load_state(rank_state["stream"])
-        else:
-            self.resume_resharded(path, layout, int(saved["step"]))
-        if self.env.is_main:
-            log.info(f"resumed from {path} at step {saved['step']}")
-            if saved.get("config_hash", config_hash(self.cfg)) != config_hash(self.cfg):
-                changes = config_changes(saved.get("config", {}),
-                                         OmegaConf.to_container(self.cfg, resolve=True))
-                log.info(f"note: the config differs from the checkpoint's: {'; '.join(changes)}")
+        self.resharded_from = saved.get("resharded_from")
         return int(saved["step"])
-
-    def resume_resharded(self, path: Path, layout: tuple[int, int], step: int) -> None:
-        """A checkpoint of another layout: tables and dense state reshard exactly; the data
-        position cannot (it belongs to the old ranks × workers), so the epoch restarts."""
-        here = (self.env.world_size, self.cfg.data.num_workers)
-        epoch = json.loads((path / "rank0.json").read_text())["stream"]["epoch"]
-        if self.cfg.trainer.reshard != "restart_epoch":
-            raise checkpoint.CheckpointMismatch(
-                f"{path} was saved by {layout[0]} ranks × {layout[1]} loader workers; this run "
-                f"has {here[0]} × {here[1]}. The tables and dense state reshard, but the data "
-                f"position belongs to the old layout. Rerun with the same --nproc and "
-                f"data.num_workers to continue exactly, or add trainer.reshard=restart_epoch to "
-                f"continue on this layout from the start of epoch {epoch} (its samples consumed "
-                f"so far are seen again)")
-        checkpoint.restore_resharded(path, sparse=self.model.sparse, engine=self.model.engine)
-        self.stream.load_state({"epoch": epoch, "consumed": 0})
-        seed_everything(self.cfg.seed + step, self.env.rank)  # the saved RNGs were per old rank
-        self.resharded_from = layout[0]
-        if self.env.is_main:
-            log.info(f"resharded {path}: {layout[0]} ranks × {layout[1]} workers → {here[0]} × "
-                     f"{here[1]}; the data stream restarts epoch {epoch}")
 
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
         """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
@@ -255,45 +208,17 @@ class Trainer:
         self.logger.log(row)
         return result
 
-    def save(self, step: int, background: dist.ProcessGroup | None = None) -> Path:
-        """Checkpoint ``step``; with ``background``, commit later (``commit_pending``)."""
-        self.commit_pending(wait=True)  # one checkpoint in flight at a time
-        path, self.last_saved = checkpoint.checkpoint_dir(self.run_dir, step), step
-        state = {"step": step, "recipe": self.task.name, "config_hash": config_hash(self.cfg),
-                 "config": OmegaConf.to_container(self.cfg, resolve=True),
-                 "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers,
-                 "skipped_steps": self.skipped_steps, "skipped_data": self.skipped_data,
-                 "best": self.best, "stale": self.stale, "stopped_early": self.stopped_early}
-        future = checkpoint.save(path, sparse=self.model.sparse, engine=self.model.engine,
-                                 state=state, rank_state={"stream": self.stream.state()},
-                                 rank=self.env.rank, barrier=self.env.barrier,
-                                 background=background)
-        if future is None:
-            self.committed()
-        else:
-            self.pending = (path, future)
-        return path
+    @property
+    def best_step(self) -> int | None:
+        return self.best["step"] if self.best else None
 
-    def commit_pending(self, wait: bool) -> None:
-        """Commit the checkpoint written in the background once every rank has finished it
-        (``wait``: block until then). Ranks agree first, so all commit at the same step."""
-        if self.pending is None:
-            return
-        path, future = self.pending
-        done = torch.tensor([int(wait or future.done())], dtype=torch.int32)
-        if self.env.world_size > 1:
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        if not done.item():
-            return
-        future.result()  # re-raises a failed write: the checkpoint then stays invisible
-        checkpoint.commit(path, rank=self.env.rank, barrier=self.env.barrier)
-        self.pending = None
-        self.committed()
-
-    def committed(self) -> None:
-        if self.env.is_main:
-            checkpoint.prune(self.run_dir, keep_last=self.cfg.trainer.keep_last,
-                             keep_step=self.best["step"] if self.best else None)
+    def save(self, step: int, background: bool = False) -> Path:
+        """Checkpoint ``step`` with the trainer's counters (``background``: commit later)."""
+        counters = {"skipped_steps": self.skipped_steps, "skipped_data": self.skipped_data,
+                    "best": self.best, "stale": self.stale, "stopped_early": self.stopped_early}
+        return self.checkpoints.save(step, self.model, self.stream, counters,
+                                     recipe=self.task.name, warm_start=self.warm_start,
+                                     background=background, keep_step=self.best_step)
 
     def summarise(self, losses: list[float], events: int, seconds: float,
                   final: dict[str, Any]) -> dict[str, Any]:

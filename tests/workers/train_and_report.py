@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from foundation.config import compose
+from foundation.compose import compose
 from foundation.distributed.sharding import local_shard_shapes
 from foundation.train.trainer import Trainer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from foundation.train.logging import best_validation
+from foundation.tracking import best_validation
 
 COLD_SCALES = 2.0 ** (np.arange(-4, 17) / 8)  # 0.71 … 4 × the learned cold-item weight
 CALIBRATION_K = 10  # the cold-item weight is fitted on NDCG@10
