@@ -21,6 +21,10 @@ class SequenceBatch:
     candidates: Tensor | None = None  # ranking mode: [sum(candidate_lengths)] impression items
     candidate_lengths: Tensor | None = None  # [B]
     labels: Tensor | None = None  # [sum(candidate_lengths)] float32 0/1
+    # search mode: each row's searches after its history, in time order
+    queries: list[str] | None = None  # [sum(query_lengths)] query texts
+    query_items: Tensor | None = None  # [sum(query_lengths)] the title engaged after each query
+    query_lengths: Tensor | None = None  # [B]
     # data.on_error=skip: corrupt samples/shards the producing process (loader worker or main)
     # skipped since its previous batch, one per exception its ErrorPolicy saw. Summed over
     # batches it is the epoch's skip count. A plain int: moving the batch leaves it alone.

@@ -40,7 +40,8 @@ def _summary(verb: str, output: str, manifest: dict[str, Any]) -> str:
         f"; {cold} cold items held out of train/val" if cold else "") + (
         f"; {val_cold} held out of train only" if val_cold else "")
     return (f"{verb} {totals['members']} members, {totals['events']} events, "
-            f"{totals['items']} items, {totals['impressions']} impressions → {output} "
+            f"{totals['items']} items, {totals['impressions']} impressions, "
+            f"{totals.get('searches', 0)} searches → {output} "
             f"({splits}{extra})")
 
 

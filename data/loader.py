@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from foundation.choices import RAISE, OnError, choice
 
-MODES = ("sequence", "ranking")
-ENTRIES = frozenset({"seq.npz", "imp.npz", "meta.json"})  # everything else is rejected
+MODES = ("sequence", "ranking", "search")
+# everything else is rejected
+ENTRIES = frozenset({"seq.npz", "imp.npz", "search.npz", "meta.json"})
 
 
 @dataclass
@@ -95,7 +96,12 @@ def decode_sample(sample: dict[str, Any], max_len: int, mode: str, schema: Event
             return None
         imp = _load_npz(sample["imp.npz"])
         row["candidates"], row["labels"] = imp["item"], imp["label"]
-    return row if mode == "ranking" or len(row["item"]) >= 2 else None
+    if mode == "search":
+        if "search.npz" not in sample:
+            return None
+        searches = _load_npz(sample["search.npz"])
+        row["queries"], row["query_items"] = searches["query"].tolist(), searches["item"]
+    return row if mode != "sequence" or len(row["item"]) >= 2 else None
 
 
 def _decode(src: Iterable[dict[str, Any]], *, max_len: int, mode: str, schema: EventSchema,
@@ -155,14 +161,17 @@ def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
     def lens(key: str) -> torch.Tensor:
         return torch.tensor([len(r[key]) for r in rows], dtype=torch.int64)
 
-    ranking = "candidates" in rows[0]
+    ranking, search = "candidates" in rows[0], "queries" in rows[0]
     return SequenceBatch(
         sample_ids=torch.tensor([r["sample_id"] for r in rows], dtype=torch.int64),
         lengths=lens("item"), item=cat("item"), timestamp=cat("timestamp"),
         events={key: cat(key, of=lambda r: r["events"]) for key in rows[0]["events"]},
         candidates=cat("candidates") if ranking else None,
         candidate_lengths=lens("candidates") if ranking else None,
-        labels=cat("labels", torch.float32) if ranking else None)
+        labels=cat("labels", torch.float32) if ranking else None,
+        queries=[q for r in rows for q in r["queries"]] if search else None,
+        query_items=cat("query_items") if search else None,
+        query_lengths=lens("queries") if search else None)
 
 
 def _batch(src: Iterable[dict[str, Any]], *, batch_size: int, handler: ErrorPolicy,

@@ -19,7 +19,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from foundation.data.schema import EVENT_COLUMNS, IMPRESSION_COLUMNS, EventSchema
+from foundation.data.schema import (
+    EVENT_COLUMNS,
+    IMPRESSION_COLUMNS,
+    SEARCH_COLUMNS,
+    EventSchema,
+)
 from omegaconf import MISSING
 
 
@@ -31,6 +36,7 @@ class SourceConfig:
     # the file when the names differ, e.g. source.columns.member_id=user (read_events checks)
     columns: dict[str, str] = field(default_factory=dict)
     impressions_path: str | None = None  # member_id, item_id, timestamp, label (canonical names)
+    searches_path: str | None = None  # member_id, item_id (engaged), timestamp, query (text)
     catalogue_path: str | None = None  # item_id, genres, series_id, episode, release_time
     item_attributes_path: str | None = None  # JSON {"raw item id": [attribute id, ...]}
     # Item content, keyed by the same raw item ids as the events (data/items.py):
@@ -242,6 +248,15 @@ def read_impressions(path: str | Path) -> dict[str, np.ndarray]:
     """Impressions as int64 columns member_id, item_id, timestamp, label (0/1)."""
     table = read_table(path)
     return {name: _int_column(table, name, name, Path(path)) for name in IMPRESSION_COLUMNS}
+
+
+def read_searches(path: str | Path) -> dict[str, np.ndarray]:
+    """Search sessions: int64 member_id, item_id (the engaged title), timestamp, and the
+    query text."""
+    table, path = read_table(path), Path(path)
+    columns = {name: _int_column(table, name, name, path) for name in SEARCH_COLUMNS[:3]}
+    columns["query"] = np.asarray(_column(table, "query", "query", path), dtype=str)
+    return columns
 
 
 def read_item_attributes(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -42,6 +42,7 @@ class SynthConfig:
     max_history: int = 200
     taste_drift: float = 0.05  # per-session mix-in of a fresh taste sample
     impressions_per_member: int = 20
+    searches_per_member: int = 3  # search sessions after each history (0: none)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     shards_per_split: int = 8
@@ -216,7 +217,11 @@ def generate(cfg: SynthConfig) -> dict[str, Any]:
               "timestamp": ev["timestamp"][order],
               "action": np.asarray(ACTIONS, dtype=object)[ev["action"][order]],
               "device": np.asarray(DEVICES, dtype=object)[ev["device"][order]]}
-    return {"events": events, "impressions": world.impressions(), "catalogue": cat}
+    titles = item_titles(cat, cfg.seed)
+    searches = search_sessions(world.taste, world.pending, cat, titles, cfg.searches_per_member,
+                               world.time, np.random.default_rng([cfg.seed, 11]))  # events stay
+    return {"events": events, "impressions": world.impressions(), "catalogue": cat,
+            "titles": titles, "searches": searches}
 
 
 # Words of each latent genre: an item's title draws from its genres, so text carries the
@@ -248,6 +253,76 @@ def item_titles(cat: Catalogue, seed: int) -> list[str]:
     first = cat.first_episode
     return [f"{titles[first[i]]}, part {cat.episode[i]}" if cat.episode[i] else titles[i]
             for i in range(len(titles))]
+
+
+# A query is a genre's word, a broad word that titles of every genre hold ("night", "new"),
+# or words of one title; one word in five has a typo.
+P_GENRE_QUERY, P_BROAD_QUERY, P_TYPO = 0.3, 0.3, 0.2
+P_SERIES_SEARCH = 0.5  # a member midway through a series searches for it, for the next part
+STOPWORDS = frozenset({"the", "of", "a", "in", "part"})
+BROAD_WORDS = tuple(w for w in TITLE_FILLERS if w not in STOPWORDS)
+
+
+def title_words(title: str) -> list[str]:
+    """A title's searchable words (no stopwords, no part numbers)."""
+    words = title.lower().replace(",", " ").split()
+    return [w for w in words if w not in STOPWORDS and not w.isdigit()]
+
+
+def search_sessions(taste: np.ndarray, pending: np.ndarray, cat: Catalogue, titles: list[str],
+                    per_member: int, after: np.ndarray, rng: np.random.Generator
+                    ) -> dict[str, np.ndarray]:
+    """``per_member`` searches per member after its history: a genre of the member's current
+    taste; a query of that genre's word or of a title's words (a typo now and then); the
+    engaged title among those the query's words match, chosen by the member's affinity and
+    popularity — so the query narrows the catalogue and the member's taste picks within it
+    (most of all for broad words, which match titles of every genre). A member midway through
+    a series (``pending``: its next episode) often searches for the series by its title's
+    words, which every part shares, and plays the next part."""
+    words = [set(title_words(t)) for t in titles]
+    index: dict[str, list[int]] = {}
+    for item, found in enumerate(words):
+        for word in found:
+            index.setdefault(word, []).append(item)
+    columns: dict[str, list] = {"member_id": [], "item_id": [], "timestamp": [], "query": []}
+    sampler = _ItemSampler(cat, taste.shape[1])
+    for member in range(len(taste)) if per_member else ():
+        genres = _categorical(np.repeat(taste[member:member + 1], per_member, 0), rng)
+        for k, genre in enumerate(genres):
+            kind = rng.random()
+            if pending[member] >= 0 and rng.random() < P_SERIES_SEARCH:
+                words_of = sorted(words[pending[member]])
+                query = list(rng.choice(words_of, min(len(words_of), 2), replace=False))
+            elif kind < P_GENRE_QUERY:
+                query = [str(rng.choice(GENRE_WORDS[genre % len(GENRE_WORDS)]))]
+            elif kind < P_GENRE_QUERY + P_BROAD_QUERY:
+                query = [str(rng.choice(BROAD_WORDS))]
+            else:
+                seed_item = int(sampler.in_genre(np.array([genre]), rng)[0])
+                query = list(rng.choice(sorted(words[seed_item]),
+                                        min(len(words[seed_item]), int(rng.integers(1, 3))),
+                                        replace=False))
+            matches = np.array(sorted(set.intersection(*(set(index.get(w, [])) for w in query)))
+                               or np.flatnonzero(cat.genre == genre).tolist() or [0])
+            weight = affinity(np.repeat(taste[member:member + 1], len(matches), 0), cat,
+                              matches) ** 2 * cat.popularity[matches] ** 0.5
+            weight[matches == pending[member]] = weight.sum() * 4  # the part they are on: 80%
+            engaged = int(rng.choice(matches, p=weight / weight.sum()))
+            columns["member_id"].append(member + 1)
+            columns["item_id"].append(engaged + 1)
+            columns["timestamp"].append(int(after[member]) + 3600 * (k + 1))
+            columns["query"].append(" ".join(_typo(w, rng) if rng.random() < P_TYPO else w
+                                             for w in query))
+    return {name: np.asarray(values, dtype=object if name == "query" else np.int64)
+            for name, values in columns.items()}
+
+
+def _typo(word: str, rng: np.random.Generator) -> str:
+    """The word with two neighbouring letters swapped."""
+    if len(word) < 3:
+        return word
+    i = int(rng.integers(len(word) - 1))
+    return word[:i] + word[i + 1] + word[i] + word[i + 2:]
 
 
 IMAGE_SIZE, AUDIO_RATE, AUDIO_SECONDS = 32, 8000, 0.5
@@ -311,14 +386,16 @@ def synthesize(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
     world = generate(cfg)
     pq.write_table(pa.table(world["events"]), raw / "events.parquet")
     pq.write_table(pa.table(world["impressions"]), raw / "impressions.parquet")
+    pq.write_table(pa.table(world["searches"]), raw / "searches.parquet")
     pq.write_table(_catalogue_table(world["catalogue"]), raw / "catalogue.parquet")
-    titles = item_titles(world["catalogue"], cfg.seed)
+    titles = world["titles"]
     (raw / "item_text.tsv").write_text("item_id\ttitle\n" + "".join(
         f"{i}\t{t}\n" for i, t in enumerate(titles, 1)))
     if cfg.media:
         write_media(world["catalogue"], raw / "media", cfg.seed)
     source = SourceConfig(format="parquet", path=str(raw / "events.parquet"),
                           impressions_path=str(raw / "impressions.parquet"),
+                          searches_path=str(raw / "searches.parquet"),
                           catalogue_path=str(raw / "catalogue.parquet"),
                           item_text_path=str(raw / "item_text.tsv"),
                           item_media_dir=str(raw / "media") if cfg.media else None)

@@ -96,6 +96,16 @@ def test_ranking_mode_carries_impressions(shards):
     assert sum(len(b) for b in batches) == len(_split_ids(shards, "test"))
 
 
+def test_search_mode_carries_each_members_queries_and_engaged_titles(shards):
+    batches = list(build_loader(shards, "test", batch_size=16, max_len=20, mode="search",
+                                shuffle=False, num_workers=0))
+    batch = batches[0]
+    assert len(batch.queries) == batch.query_items.numel() == int(batch.query_lengths.sum())
+    assert batch.query_lengths.min() == 3 and all(isinstance(q, str) and q for q in batch.queries)
+    assert batch.query_items.min() >= 1
+    assert sum(len(b) for b in batches) == len(_split_ids(shards, "test"))
+
+
 def _corrupt_copy(shards: Path, tmp_path: Path) -> tuple[Path, Path]:
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)

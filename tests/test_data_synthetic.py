@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from foundation.data.commands import run_synth
-from foundation.data.synthetic import SynthConfig, generate, synthesize
+from foundation.data.synthetic import SynthConfig, generate, synthesize, title_words
 
 from foundation.compose import ConfigError, compose
 
@@ -68,6 +68,26 @@ def test_series_continue_with_the_next_episode(world):
     continued = (cat.next_episode[prev] == nxt)[pending].mean()
     assert continued > 0.7  # P_CONTINUE, far above chance (1 / items)
     assert (cat.episode[nxt][cat.next_episode[prev] == nxt] > 1).all()
+
+
+def test_searches_name_their_title_and_follow_the_members_taste(world):
+    cfg, w = world
+    searches, cat, ev = w["searches"], w["catalogue"], w["events"]
+    assert len(searches["query"]) == cfg.members * cfg.searches_per_member
+    last_event = np.maximum.reduceat(ev["timestamp"], np.r_[0, np.flatnonzero(
+        np.diff(ev["member_id"])) + 1])
+    assert (searches["timestamp"] > last_event[searches["member_id"] - 1]).all()
+    titles = [set(title_words(t)) for t in w["titles"]]
+    words = [query.split() for query in searches["query"]]
+    named = np.mean([set(q) <= titles[i - 1] for q, i in zip(words, searches["item_id"])])
+    assert named > 0.7  # typos and the rare unmatched genre word aside
+    # What a member searches for comes from their taste: its genre is one their history
+    # holds far more than its share of the catalogue.
+    genre_of = cat.genre[searches["item_id"] - 1]
+    histories = np.split(cat.genre[ev["item_id"] - 1], np.flatnonzero(np.diff(ev["member_id"])) + 1)
+    own = np.mean([np.mean(histories[m - 1] == g)
+                   for m, g in zip(searches["member_id"], genre_of)])
+    assert own > 2 / cfg.genres, own  # twice the genre's share of the catalogue
 
 
 def test_history_beats_popularity_for_next_item_and_engagement(world):

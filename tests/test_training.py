@@ -137,6 +137,37 @@ def test_a_lora_checkpoint_holds_its_adapters_and_head_and_points_at_its_base(
     assert evaluation(retrieval_runs["lora"])["metrics"]["users"] > 0  # base + adapters load
 
 
+# The n-gram table is learnt from scratch in either case: a higher dense lr for both.
+SEARCH = ["recipe=finetune_search", "trainer.max_steps=100", "trainer.eval_every=0",
+          "trainer.eval_batches=1", "trainer.optim.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def search_runs(pretrain_run, synth_shards, tmp_path_factory):
+    """The search recipe warm-started, from scratch, and without the member state."""
+    root, warm = tmp_path_factory.mktemp("search"), f"recipe.init_from={pretrain_run}"
+    runs = {}
+    for name, extra in (("warm", [warm]), ("scratch", []),
+                        ("no_member", [warm, "recipe.member_state=false"])):
+        runs[name] = root / name
+        foundation("train", "--nproc=2", *SEARCH, f"data.path={synth_shards}",
+                   f"run_dir={runs[name]}", *FAST, *extra)
+        foundation("eval", f"run_dir={runs[name]}", "split=test")
+    return runs
+
+
+def test_warm_started_search_beats_scratch_bm25_and_the_model_without_the_member(search_runs):
+    warm = search_runs["warm"]
+    report = evaluation(warm)
+    assert report["headline"] == "ndcg@10" and report["metrics"]["queries"] >= 500
+    for name, against in (("bm25", f"{warm}@bm25"), ("scratch", str(search_runs["scratch"])),
+                          ("no_member", str(search_runs["no_member"]))):
+        out = warm / f"vs_{name}.json"
+        foundation("eval", "compare", against, str(warm), "--output", str(out))
+        verdict = json.loads(out.read_text())["metrics"]["ndcg@10"]
+        assert verdict["ci_low"] > 0, (name, verdict)
+
+
 def test_warm_start_from_another_model_names_the_mismatch(pretrain_run, synth_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

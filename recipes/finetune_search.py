@@ -1,0 +1,216 @@
+"""Fine-tune for search: a query and the member who typed it → the title they engage with.
+
+The query is encoded by hashed word and character-trigram embeddings (robust to typos),
+shared with the titles' text on the item side; the member's pretrained state adds their
+taste. Scores are one dot product (query and member parts concatenated), so the catalogue
+can be served from an index."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from foundation.data.items import load_item_content
+from torch import Tensor, nn
+
+from foundation.metrics import rank_metrics, target_ranks
+from foundation.models.finetune import FinetuneConfig
+from foundation.models.losses import sampled_softmax_loss
+from foundation.models.member import EventEncoder, last_states, sparse_features
+from foundation.tasks import PRETRAIN_ONLY_KEYS, Task, all_concat, register_recipe, synchronised
+
+QUERY_SLOTS = 1 << 10  # a query's evaluation id: sample_id * QUERY_SLOTS + its index
+
+
+@dataclass
+class SearchConfig(FinetuneConfig):
+    name: str = "finetune_search"
+    member_state: bool = True  # false: the same model without the member (a baseline)
+    ngram_buckets: int = 1 << 15  # rows of the hashed word / character-trigram table
+    num_negatives: int = 256
+    logq_correction: bool = True
+    ks: list[int] = field(default_factory=lambda: [10])
+
+
+def text_tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def hashed_ngrams(texts: list[str], buckets: int) -> Tensor:
+    """Each text's words and character trigrams (of ``<word>``), hashed to rows 1..buckets-1
+    of the n-gram table: ``[len(texts), longest]``, padded with row 0 (which
+    ``nn.EmbeddingBag(padding_idx=0)`` leaves out of the mean)."""
+    rows = []
+    for text in texts:
+        grams = []
+        for word in text_tokens(text):
+            marked = f"<{word}>"
+            grams += [f"w:{word}"] + [marked[i:i + 3] for i in range(len(marked) - 2)]
+        rows.append([1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams])
+    padded = torch.zeros(len(rows), max([len(r) for r in rows] + [1]), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+    return padded
+
+
+class TasteWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))  # 1-d: ZeRO flattens no 0-d tensors
+
+    def forward(self, states: Tensor) -> Tensor:
+        return self.weight * states
+
+
+class PersonalisedSearch(nn.Module):
+    """A query's hashed n-grams, scored against each item's table row plus its title's
+    n-grams (same table as the queries, so words match words), plus a learned weight times
+    the member's pretrained next-item score. Trained with in-batch + sampled negatives, logQ."""
+
+    def __init__(self, model, recipe: SearchConfig, item_counts: Tensor,
+                 title_grams: Tensor | None, token_features: tuple[str, ...]):
+        super().__init__()
+        dim = model.embedding_dim
+        self.recipe = recipe
+        self.encoder = EventEncoder(model, token_features)
+        self.text = nn.EmbeddingBag(recipe.ngram_buckets, dim, mode="mean", padding_idx=0)
+        nn.init.normal_(self.text.weight, std=dim ** -0.5)
+        # The weight of the member's taste: one scale on the pretrained next-item score
+        # (state · item row), from zero, so training starts as the query-only model.
+        self.member_head = TasteWeight() if recipe.member_state else None
+        self.register_buffer("title_grams", title_grams, persistent=False)  # [V, L] or None
+        counts = item_counts + 1.0
+        counts[0] = 0.0
+        self.register_buffer("log_item_prob", (counts / counts.sum()).clamp_min(1e-12).log(),
+                             persistent=False)
+
+    def item_vectors(self, items: Tensor, rows: Tensor) -> Tensor:
+        """Items' scoring vectors from their table ``rows``: what queries match (the row plus
+        the title's n-grams) and, with the member state, the row again for the taste part."""
+        matched = rows if self.title_grams is None else rows + self.text(self.title_grams[items])
+        return matched if self.member_head is None else torch.cat([matched, rows], -1)
+
+    def queries(self, batch, emb: dict[str, Tensor], query_grams: Tensor) -> Tensor:
+        """Each query's vector: its n-grams and, with the member state, the member's taste
+        (which meets only the items' table rows: through the titles' n-grams, a taste would
+        memorise the training members' titles instead of generalising)."""
+        query = self.text(query_grams)
+        if self.member_head is None:
+            return query
+        states, mask = self.encoder(emb, batch.lengths, timestamps=batch.timestamp)
+        rows = torch.repeat_interleave(torch.arange(len(batch), device=query.device),
+                                       batch.query_lengths)
+        return torch.cat([query, self.member_head(last_states(states, mask))[rows]], -1)
+
+    def forward(self, batch, emb: dict[str, Tensor], query_grams: Tensor | None = None,
+                negatives: Tensor | None = None, mode: str = "train") -> Tensor:
+        """``train``: the loss; ``queries``: the query vectors; ``items``: the scoring
+        vectors of ``negatives`` (the catalogue)."""
+        if mode == "items":
+            return self.item_vectors(negatives, emb["negative"])
+        queries = self.queries(batch, emb, query_grams)
+        if mode == "queries":
+            return queries
+        targets = batch.query_items
+        return sampled_softmax_loss(
+            queries, targets, self.item_vectors(targets, emb["candidate"]), negatives,
+            self.item_vectors(negatives, emb["negative"]),
+            log_item_prob=self.log_item_prob if self.recipe.logq_correction else None)
+
+
+@register_recipe
+class FinetuneSearch(Task):
+    name = "finetune_search"
+    config_class = SearchConfig
+    summary = ("search fine-tune: query n-grams + the pretrained member state → title, "
+               "against BM25")
+    data_mode = "search"
+    eval_metric = "ndcg@10"
+    new_keys = ("text.", "member_head.")
+    unused_keys = PRETRAIN_ONLY_KEYS
+
+    def __init__(self, cfg, manifest, item_counts):
+        super().__init__(cfg, manifest, item_counts)
+        if not self.sharded_items:
+            raise ValueError("finetune_search scores titles through the sharded item table: "
+                             "use model.item_table=sharded (and pretrain with it)")
+        if not manifest.get("totals", {}).get("searches"):
+            raise ValueError(f"{cfg.data.path} has no search sessions: build it with "
+                             f"source.searches_path=... (columns member_id, item_id, "
+                             f"timestamp, query); the synthetic world writes them")
+        self.titles = self._title_texts()
+
+    def _title_texts(self) -> list[str] | None:
+        """Each item's text by internal id (None where the data has no item text)."""
+        if "text" not in (self.manifest.get("items") or {}).get("content", {}):
+            return None
+        ids, texts = load_item_content(self.cfg.data.path, self.manifest, "text")
+        titles = [""] * self.num_items
+        for item, text in zip(ids.tolist(), texts):
+            titles[item] = text or ""
+        return titles
+
+    def build_dense(self) -> nn.Module:
+        grams = None if self.titles is None else hashed_ngrams(self.titles,
+                                                               self.recipe.ngram_buckets)
+        return PersonalisedSearch(self.cfg.model, self.recipe, self.item_counts, grams,
+                                  self.token_features)
+
+    def features(self, batch):
+        negatives = torch.randint(1, self.num_items, (self.recipe.num_negatives,))
+        kjt = sparse_features(batch, candidates=batch.query_items,
+                              candidate_lengths=batch.query_lengths, negatives=negatives)
+        return kjt, {"negatives": negatives,
+                     "query_grams": hashed_ngrams(batch.queries, self.recipe.ngram_buckets)}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, split=None, calibrate=False):
+        """Each search of the split ranked over the whole catalogue by the model, by BM25 over
+        the titles and by popularity: NDCG@K, HR@K, MRR of the engaged title."""
+        ks = list(self.recipe.ks)
+        everything = torch.arange(self.num_items)
+        catalogue = model.dense(None, {"negative": model.catalogue()}, None, everything,
+                                mode="items")
+        bm25 = self._bm25()
+        parts: dict[str, list] = {"sample_id": [], "model": [], "most_popular": []}
+        if bm25 is not None:
+            parts["bm25"] = []
+        for batch, real in synchronised(batches, model.world_size):
+            kjt = sparse_features(batch)
+            grams = hashed_ngrams(batch.queries, self.recipe.ngram_buckets)
+            queries = model.dense(batch, model.embed(kjt), grams, mode="queries")
+            if not real:
+                continue
+            scores, targets = queries @ catalogue.T, batch.query_items
+            padding = torch.zeros_like(scores, dtype=torch.bool)
+            padding[:, 0] = True
+            parts["model"].append(target_ranks(scores, targets, padding).numpy())
+            parts["most_popular"].append(target_ranks(
+                self.item_counts.expand(scores.shape), targets, padding).numpy())
+            if bm25 is not None:
+                lexical = torch.as_tensor(np.stack([bm25(q) for q in batch.queries]))
+                parts["bm25"].append(target_ranks(lexical, targets, padding).numpy())
+            rows = torch.repeat_interleave(batch.sample_ids, batch.query_lengths)
+            index = torch.cat([torch.arange(n) for n in batch.query_lengths.tolist()])
+            parts["sample_id"].append((rows * QUERY_SLOTS + index).numpy())
+        ranks = {name: all_concat(arrays, model.world_size) for name, arrays in parts.items()}
+        baselines = {name: rank_metrics(ranks[name], ks) for name in ranks
+                     if name not in ("sample_id", "model")}
+        return {"metrics": {**rank_metrics(ranks["model"], ks),
+                            "queries": float(len(ranks["model"]))},
+                "baselines": baselines, "ranks": ranks}
+
+    def _bm25(self):
+        """Query → BM25 score of every item's text ``[V]`` (None without item text)."""
+        if self.titles is None:
+            return None
+        from rank_bm25 import BM25Okapi
+
+        index = BM25Okapi([text_tokens(t) or ["<none>"] for t in self.titles[1:]])
+
+        def scores(query: str) -> np.ndarray:
+            return np.concatenate([[-np.inf], index.get_scores(text_tokens(query))])
+        return scores
