@@ -37,6 +37,10 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
 
     monkeypatch.setattr(PretrainItemEncoder, "tokenizer",
                         lambda self: train_tokenizer(["a tiny catalogue of titles"], 50))
+    # Search reads the titles from the item shards too.
+    from foundation.recipes.finetune_search import FinetuneSearch
+
+    monkeypatch.setattr(FinetuneSearch, "_title_texts", lambda self: ["a title"] * 101)
     overrides = [f"data.path={tmp_path}", f"run_dir={tmp_path}/run"]
     if group == "experiment":
         overrides.append(f"+experiment={option}")
@@ -47,7 +51,8 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
     assert cfg.recipe.name in RECIPES
     # Build the recipe's dense arch on the meta device: shapes come from the config alone.
     task_cls = RECIPES[cfg.recipe.name]
-    manifest = {"vocab": {"item": 101}, "items": {"content": {"text": {}, "image": {}, "audio": {}}}}
+    manifest = {"vocab": {"item": 101}, "items": {"content": {"text": {}, "image": {}, "audio": {}}},
+                "totals": {"searches": 300}}
     task = task_cls(cfg, manifest, torch.ones(101))
     with torch.device("meta"):
         dense = task.build_dense()
@@ -129,7 +134,8 @@ def test_train_help_lists_groups_and_options():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "sharding   auto, column_wise, table_wise" in result.stdout
-    assert "recipe     finetune_ranking, finetune_retrieval, pretrain_item_encoder, pretrain_member_fm" in result.stdout
+    assert ("recipe     finetune_ranking, finetune_retrieval, finetune_search, "
+            "pretrain_item_encoder, pretrain_member_fm") in result.stdout
 
 
 def test_config_changes_name_each_changed_leaf():

@@ -74,7 +74,7 @@ def test_leave_one_out_gives_every_member_train_val_and_test(tmp_path):
     assert m["split"] == "leave_one_out" and m["split_info"] == {"short_members": 1}
     assert {k: (s["samples"], s["events"]) for k, s in m["splits"].items()} == {
         "train": (3, 5), "val": (2, 5), "test": (2, 7)}
-    assert m["totals"] == {"members": 3, "events": 9, "items": 4, "impressions": 0}
+    assert m["totals"] == {"members": 3, "events": 9, "items": 4, "impressions": 0, "searches": 0}
     # item ids 1..4 are the raw 10, 20, 30, 40; train counts = the train samples
     assert np.load(root / "item_counts.npy").tolist() == [0, 2, 1, 2, 0]
     assert np.load(root / "item_counts_all.npy").tolist() == [0, 3, 3, 2, 1]
