@@ -25,15 +25,16 @@ log = logging.getLogger(__name__)
 WORLD = ["world.members=3000", "world.items=1000", "world.seed=0", "world.cold_items=0.2",
          "world.cold_val_items=0.1"]
 COMMON = ["logger.log_every=20", "data.num_workers=1"]
+MODEL = ["model.item_content=[text]", "model.id_dropout=0.3", "model.content_match=true"]
 PRETRAIN = ["recipe=pretrain_member_fm", "trainer.max_steps=300", "trainer.eval_every=100",
-            "trainer.eval_batches=4", "model.item_content=[text]", "model.id_dropout=0.3",
-            "model.content_match=true"]
+            "trainer.eval_batches=4", *MODEL]
 # Pretrained tables want a gentler sparse learning rate than tables learned from scratch.
 FINETUNE = ["recipe=finetune_ranking", "trainer.max_steps=150", "trainer.eval_every=0",
             "trainer.optim.lr=0.0005", "sharding.lr=0.01"]
 # The "what to watch next" row of a surface that counts completions on TV.
+# Retrieval keeps the whole pretrained model, content included: the same model settings.
 RETRIEVAL = ["recipe=finetune_retrieval", "trainer.max_steps=40", "trainer.eval_every=0",
-             "recipe.labels.action=[complete]", "+recipe.labels.device=[tv]"]
+             "recipe.labels.action=[complete]", "+recipe.labels.device=[tv]", *MODEL]
 
 
 def run_demo(directory: str, nproc: int = 2) -> int:

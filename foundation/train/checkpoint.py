@@ -301,7 +301,8 @@ def load_dense(path: Path, module: nn.Module, new: tuple[str, ...] = (),
     unexpected = sorted(k for k in weights.keys() - own.keys() if not k.startswith(unused))
     if missing or mismatched or unexpected:
         allowed = (f"; the recipe allows new keys under {list(new)} and unused ones under "
-                   f"{list(unused)}" if new or unused else "")
+                   f"{list(unused)}: fine-tune with the source run's model.* settings (its "
+                   f"config.yaml)" if new or unused else "")
         raise CheckpointMismatch(
             f"checkpoint {path} does not fit this model: missing {missing[:8]}, "
             f"shape-mismatched (saved vs model) {mismatched[:8]}, unexpected {unexpected[:8]}"
