@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from foundation.metrics import rank_metrics, target_ranks
 from foundation.models.finetune import FinetuneConfig
-from foundation.models.losses import sampled_softmax_loss
+from foundation.models.losses import log_item_probability, sampled_softmax_loss
 from foundation.models.member import EventEncoder, last_states, sparse_features
 from foundation.tasks import PRETRAIN_ONLY_KEYS, Task, all_concat, register_recipe, synchronised
 
@@ -82,9 +82,7 @@ class PersonalisedSearch(nn.Module):
         # (state · item row), from zero, so training starts as the query-only model.
         self.member_head = TasteWeight() if recipe.member_state else None
         self.register_buffer("title_grams", title_grams, persistent=False)  # [V, L] or None
-        counts = item_counts + 1.0
-        counts[0] = 0.0
-        self.register_buffer("log_item_prob", (counts / counts.sum()).clamp_min(1e-12).log(),
+        self.register_buffer("log_item_prob", log_item_probability(item_counts),
                              persistent=False)
 
     def item_vectors(self, items: Tensor, rows: Tensor) -> Tensor:

@@ -26,7 +26,12 @@ from foundation.metrics.calibration import (
 )
 from foundation.models.content import ContentMatch, ItemContent
 from foundation.models.history import HistoryBias, add_pairs
-from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
+from foundation.models.losses import (
+    full_softmax_loss,
+    log_item_probability,
+    next_item_pairs,
+    sampled_softmax_loss,
+)
 from foundation.models.member import (
     EventEncoder,
     ItemAttributes,
@@ -107,9 +112,7 @@ class NextItemModel(nn.Module):
             item_counts.numel(), model.embedding_dim, padding_idx=0)
         if self.item_table is not None:
             nn.init.normal_(self.item_table.weight, std=model.embedding_dim ** -0.5)
-        counts = item_counts + 1.0  # add-one: unseen items still have a proposal rate
-        counts[0] = 0.0
-        self.register_buffer("log_item_prob", (counts / counts.sum()).clamp_min(1e-12).log(),
+        self.register_buffer("log_item_prob", log_item_probability(item_counts),
                              persistent=False)
 
     def uses_id(self, items: Tensor) -> Tensor | None:

@@ -27,6 +27,14 @@ def next_item_pairs(states: Tensor, mask: Tensor, lengths: Tensor) -> tuple[Tens
     return query_index, target_index
 
 
+def log_item_probability(item_counts: Tensor) -> Tensor:
+    """Log popularity of each item, add-one smoothed (unseen items still have a proposal
+    rate), padding id 0 excluded: the ``log_item_prob`` of ``sampled_softmax_loss``."""
+    counts = item_counts + 1.0
+    counts[0] = 0.0
+    return (counts / counts.sum()).clamp_min(1e-12).log()
+
+
 def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor,
                          negative_ids: Tensor, negative_emb: Tensor,
                          log_item_prob: Tensor | None, in_batch: bool = True,

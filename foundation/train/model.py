@@ -13,7 +13,7 @@ from torch import Tensor
 from foundation.distributed.engine import DeepSpeedDenseEngine
 from foundation.distributed.env import DistEnv
 from foundation.distributed.sharding import shard_sparse_arch
-from foundation.models.finetune import Tuning, apply_finetune
+from foundation.models.finetune import FinetuneConfig, Tuning, apply_finetune
 from foundation.models.member import sparse_features
 from foundation.tasks import Task
 from foundation.train import checkpoint
@@ -35,7 +35,7 @@ class ShardedModel:
             # Before the engine wraps the module: ZeRO then partitions the loaded weights.
             checkpoint.load_sparse(warm_start, self.sparse, optimizer=True)
             checkpoint.load_dense(warm_start, dense, new=task.new_keys, unused=task.unused_keys)
-        self.tuning = self._finetune(task, dense, train)
+        self.tuning = self._finetune(task, settings, dense, train)
         self.engine = None
         if train:
             self.engine = DeepSpeedDenseEngine(
@@ -45,10 +45,10 @@ class ShardedModel:
         else:
             self.dense = dense.to(env.device).eval()
 
-    def _finetune(self, task: Task, dense: torch.nn.Module, train: bool) -> Tuning | None:
+    def _finetune(self, task: Task, settings: FinetuneConfig | None, dense: torch.nn.Module,
+                  train: bool) -> Tuning | None:
         """Apply the recipe's fine-tune mode (after the warm start: LoRA adapts the loaded
         weights; evaluation rebuilds the same modules before loading a checkpoint)."""
-        settings = task.finetune()
         if settings is None:
             return None
         tables = sum(math.prod(v.size()) for v in self.sparse.state_dict().values())
