@@ -25,6 +25,10 @@ class SequenceBatch:
     queries: list[str] | None = None  # [sum(query_lengths)] query texts
     query_items: Tensor | None = None  # [sum(query_lengths)] the title engaged after each query
     query_lengths: Tensor | None = None  # [B]
+    # notification mode: candidates/labels are each row's candidate messages and their
+    # outcomes; ``sent`` is the randomised arm (False: held out)
+    sent: Tensor | None = None  # [sum(candidate_lengths)] bool
+    true_uplift: Tensor | None = None  # [sum(candidate_lengths)] a simulator's, where known
     # data.on_error=skip: corrupt samples/shards the producing process (loader worker or main)
     # skipped since its previous batch, one per exception its ErrorPolicy saw. Summed over
     # batches it is the epoch's skip count. A plain int: moving the batch leaves it alone.

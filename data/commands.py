@@ -41,7 +41,7 @@ def _summary(verb: str, output: str, manifest: dict[str, Any]) -> str:
         f"; {val_cold} held out of train only" if val_cold else "")
     return (f"{verb} {totals['members']} members, {totals['events']} events, "
             f"{totals['items']} items, {totals['impressions']} impressions, "
-            f"{totals.get('searches', 0)} searches → {output} "
+            f"{totals.get('searches', 0)} searches, {totals.get('sends', 0)} sends → {output} "
             f"({splits}{extra})")
 
 

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from foundation.choices import RAISE, OnError, choice
 
-MODES = ("sequence", "ranking", "search")
+MODES = ("sequence", "ranking", "search", "notification")
 # everything else is rejected
-ENTRIES = frozenset({"seq.npz", "imp.npz", "search.npz", "meta.json"})
+ENTRIES = frozenset({"seq.npz", "imp.npz", "search.npz", "sends.npz", "meta.json"})
 
 
 @dataclass
@@ -101,6 +101,13 @@ def decode_sample(sample: dict[str, Any], max_len: int, mode: str, schema: Event
             return None
         searches = _load_npz(sample["search.npz"])
         row["queries"], row["query_items"] = searches["query"].tolist(), searches["item"]
+    if mode == "notification":
+        if "sends.npz" not in sample:
+            return None
+        sends = _load_npz(sample["sends.npz"])
+        row["candidates"], row["labels"], row["sent"] = sends["item"], sends["outcome"], sends["sent"]
+        if "uplift" in sends:
+            row["uplift"] = sends["uplift"]
     return row if mode != "sequence" or len(row["item"]) >= 2 else None
 
 
@@ -162,6 +169,7 @@ def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
         return torch.tensor([len(r[key]) for r in rows], dtype=torch.int64)
 
     ranking, search = "candidates" in rows[0], "queries" in rows[0]
+    sends, uplift = "sent" in rows[0], "uplift" in rows[0]
     return SequenceBatch(
         sample_ids=torch.tensor([r["sample_id"] for r in rows], dtype=torch.int64),
         lengths=lens("item"), item=cat("item"), timestamp=cat("timestamp"),
@@ -171,7 +179,10 @@ def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
         labels=cat("labels", torch.float32) if ranking else None,
         queries=[q for r in rows for q in r["queries"]] if search else None,
         query_items=cat("query_items") if search else None,
-        query_lengths=lens("queries") if search else None)
+        query_lengths=lens("queries") if search else None,
+        sent=cat("sent", torch.bool) if sends else None,
+        true_uplift=torch.from_numpy(np.concatenate([r["uplift"] for r in rows])).float()
+        if uplift else None)
 
 
 def _batch(src: Iterable[dict[str, Any]], *, batch_size: int, handler: ErrorPolicy,

@@ -36,6 +36,9 @@ NUM_HOURS = 25  # 0 = pad, 1..24 = hour of day + 1
 EVENT_COLUMNS: tuple[str, ...] = ("member_id", "item_id", "timestamp")  # + categorical features
 IMPRESSION_COLUMNS: tuple[str, ...] = ("member_id", "item_id", "timestamp", "label")
 SEARCH_COLUMNS: tuple[str, ...] = ("member_id", "item_id", "timestamp", "query")
+# Randomised messages: sent 1 / held out 0, outcome 1 = the title was played in the window;
+# an optional float ``uplift`` column holds a simulator's true uplift (for checking only).
+SEND_COLUMNS: tuple[str, ...] = ("member_id", "item_id", "timestamp", "sent", "outcome")
 CATALOGUE_COLUMNS: tuple[str, ...] = ("item_id", "genres", "series_id", "episode", "release_time")
 # Names the model and the batches use for other things.
 RESERVED_NAMES = frozenset({"item", "candidate", "negative", "timestamp", "lengths",

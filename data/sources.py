@@ -23,6 +23,7 @@ from foundation.data.schema import (
     EVENT_COLUMNS,
     IMPRESSION_COLUMNS,
     SEARCH_COLUMNS,
+    SEND_COLUMNS,
     EventSchema,
 )
 from omegaconf import MISSING
@@ -37,6 +38,7 @@ class SourceConfig:
     columns: dict[str, str] = field(default_factory=dict)
     impressions_path: str | None = None  # member_id, item_id, timestamp, label (canonical names)
     searches_path: str | None = None  # member_id, item_id (engaged), timestamp, query (text)
+    sends_path: str | None = None  # member_id, item_id, timestamp, sent, outcome [, uplift]
     catalogue_path: str | None = None  # item_id, genres, series_id, episode, release_time
     item_attributes_path: str | None = None  # JSON {"raw item id": [attribute id, ...]}
     # Item content, keyed by the same raw item ids as the events (data/items.py):
@@ -256,6 +258,19 @@ def read_searches(path: str | Path) -> dict[str, np.ndarray]:
     table, path = read_table(path), Path(path)
     columns = {name: _int_column(table, name, name, path) for name in SEARCH_COLUMNS[:3]}
     columns["query"] = np.asarray(_column(table, "query", "query", path), dtype=str)
+    return columns
+
+
+def read_sends(path: str | Path) -> dict[str, np.ndarray]:
+    """Randomised messages: int64 member_id, item_id, timestamp, sent and outcome (0/1), and
+    float ``uplift`` where a simulator wrote its true uplift."""
+    table, path = read_table(path), Path(path)
+    columns = {name: _int_column(table, name, name, path) for name in SEND_COLUMNS}
+    for flag in ("sent", "outcome"):
+        if not np.isin(columns[flag], (0, 1)).all():
+            raise ValueError(f"{path}: column {flag!r} must hold 0 or 1")
+    if "uplift" in table.column_names:
+        columns["uplift"] = table.column("uplift").to_numpy().astype(np.float64)
     return columns
 
 

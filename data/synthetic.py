@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from foundation.data.schema import ACTIONS, DEVICES
+from foundation.data.schema import ACTIONS, DEVICE_NAMES, DEVICES
 from foundation.data.sources import SourceConfig
 from foundation.data.writer import BuildConfig, build_shards
 from omegaconf import MISSING
@@ -43,6 +43,7 @@ class SynthConfig:
     taste_drift: float = 0.05  # per-session mix-in of a fresh taste sample
     impressions_per_member: int = 20
     searches_per_member: int = 3  # search sessions after each history (0: none)
+    sends_per_member: int = 20  # candidate messages after each history, half held out (0: none)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     shards_per_split: int = 8
@@ -220,8 +221,52 @@ def generate(cfg: SynthConfig) -> dict[str, Any]:
     titles = item_titles(cat, cfg.seed)
     searches = search_sessions(world.taste, world.pending, cat, titles, cfg.searches_per_member,
                                world.time, np.random.default_rng([cfg.seed, 11]))  # events stay
+    sends = message_sends(world, cfg.sends_per_member, np.random.default_rng([cfg.seed, 13]))
     return {"events": events, "impressions": world.impressions(), "catalogue": cat,
-            "titles": titles, "searches": searches}
+            "titles": titles, "searches": searches, "sends": sends}
+
+
+P_SEND = 0.5  # each candidate message is sent or held out at random (the randomised test)
+P_TASTE_SEND = 0.5  # a candidate is a title of the member's taste, else a popular one
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def message_sends(world: _World, per_member: int, rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+    """``per_member`` candidate messages per member after its history, each about one title
+    and sent or held out at random; the outcome is a play of the title within the window.
+
+    A message's true uplift (P(play | sent) − P(play | held out), kept as ``uplift`` for
+    checking policies; real data has none) depends on the member and the title: a title the
+    member likes but plays rarely unprompted gains most; the series they are on is played
+    anyway (a sure thing, no uplift); a title outside their taste loses a little (an unwanted
+    message); members who watch on mobile, where messages arrive, react most. So ranking by
+    response (P(play | sent)) picks the sure things, and only an uplift model finds the
+    persuadable."""
+    cat, members = world.cat, len(world.taste)
+    if per_member == 0:
+        return {name: np.zeros(0, np.float64 if name == "uplift" else np.int64)
+                for name in ("member_id", "item_id", "timestamp", "sent", "outcome", "uplift")}
+    member = np.repeat(np.arange(members), per_member)
+    genre = _categorical(world.taste[member], rng)
+    items = np.where(rng.random(len(member)) < P_TASTE_SEND, world.sampler.in_genre(genre, rng),
+                     world.sampler.popular(len(member), rng))
+    pending = world.pending[member]
+    items = np.where((pending >= 0) & (rng.random(len(member)) < 0.25), pending, items)
+    aff, on_it = affinity(world.taste[member], cat, items), items == pending
+    organic = -2.5 + 1.2 * np.log(aff + 0.1) + 3.0 * on_it
+    reach = 0.5 + 1.5 * world.device_pref[member, DEVICE_NAMES.index("mobile")]
+    lift = (2.0 * aff / (aff + 1) - 0.6) * reach * np.where(on_it, 0.2, 1.0)  # news to them?
+    p_held, p_sent = _sigmoid(organic), _sigmoid(organic + lift)
+    sent = rng.random(len(member)) < P_SEND
+    outcome = rng.random(len(member)) < np.where(sent, p_sent, p_held)
+    ts = world.time[member] + 2 * DAY + np.tile(np.arange(per_member) * 3600, members)
+    return {"member_id": member + 1, "item_id": items + 1, "timestamp": ts,
+            "sent": sent.astype(np.int64), "outcome": outcome.astype(np.int64),
+            "uplift": p_sent - p_held}
 
 
 # Words of each latent genre: an item's title draws from its genres, so text carries the
@@ -387,6 +432,7 @@ def synthesize(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
     pq.write_table(pa.table(world["events"]), raw / "events.parquet")
     pq.write_table(pa.table(world["impressions"]), raw / "impressions.parquet")
     pq.write_table(pa.table(world["searches"]), raw / "searches.parquet")
+    pq.write_table(pa.table(world["sends"]), raw / "sends.parquet")
     pq.write_table(_catalogue_table(world["catalogue"]), raw / "catalogue.parquet")
     titles = world["titles"]
     (raw / "item_text.tsv").write_text("item_id\ttitle\n" + "".join(
@@ -396,6 +442,7 @@ def synthesize(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
     source = SourceConfig(format="parquet", path=str(raw / "events.parquet"),
                           impressions_path=str(raw / "impressions.parquet"),
                           searches_path=str(raw / "searches.parquet"),
+                          sends_path=str(raw / "sends.parquet"),
                           catalogue_path=str(raw / "catalogue.parquet"),
                           item_text_path=str(raw / "item_text.tsv"),
                           item_media_dir=str(raw / "media") if cfg.media else None)

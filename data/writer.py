@@ -43,6 +43,7 @@ from foundation.data.sources import (
     read_impressions,
     read_item_attributes,
     read_searches,
+    read_sends,
     read_table,
 )
 from omegaconf import MISSING
@@ -242,11 +243,12 @@ class _Tables:
         ev = read_events(cfg.source, schema)
         imp = read_impressions(cfg.source.impressions_path) if cfg.source.impressions_path else None
         searches = read_searches(cfg.source.searches_path) if cfg.source.searches_path else None
+        sends = read_sends(cfg.source.sends_path) if cfg.source.sends_path else None
         cat = read_table(cfg.source.catalogue_path) if cfg.source.catalogue_path else None
         self.content, self.skipped_media = read_item_content(cfg.source, cfg.on_error)
         # Items with content but no events stay in the catalogue: they can be recommended.
         raw = [ev["item_id"], content_items(self.content)] + ([imp["item_id"]] if imp else [])
-        raw += [searches["item_id"]] if searches else []
+        raw += [table["item_id"] for table in (searches, sends) if table]
         if cat is not None:
             raw.append(cat.column("item_id").to_numpy().astype(np.int64))
         self.raw_items = np.unique(np.concatenate(raw))  # sorted raw ids: order-independent vocab
@@ -254,21 +256,22 @@ class _Tables:
         order, self.members, self.bounds = _group(ev["member_id"], ev["timestamp"])
         self.events = {k: v[order] for k, v in ev.items() if k != "member_id"}
         self.events["item"] = self.remap(self.events.pop("item_id"))
-        self.impressions = self._per_member(imp, "label") if imp else {}
-        self.searches = self._per_member(searches, "query") if searches else {}
+        self.impressions = self._per_member(imp, ("label",)) if imp else {}
+        self.searches = self._per_member(searches, ("query",)) if searches else {}
+        self.sends = self._per_member(sends, tuple(set(sends) - {"member_id", "item_id",
+                                                                  "timestamp"})) if sends else {}
 
     def remap(self, raw_ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.raw_items, raw_ids).astype(np.int64) + 1
 
-    def _per_member(self, table: dict[str, np.ndarray], column: str
+    def _per_member(self, table: dict[str, np.ndarray], columns: tuple[str, ...]
                     ) -> dict[int, dict[str, np.ndarray]]:
-        """Impressions (``column`` label) or searches (query) of each member, in time order,
-        items remapped."""
+        """Impressions (label), searches (query) or sends (sent, outcome[, uplift]) of each
+        member, in time order, items remapped."""
         order, members, bounds = _group(table["member_id"], table["timestamp"])
-        item, ts, value = (self.remap(table["item_id"][order]), table["timestamp"][order],
-                           table[column][order])
-        return {member: {"item": item[bounds[i]:bounds[i + 1]], column: value[bounds[i]:bounds[i + 1]],
-                         "timestamp": ts[bounds[i]:bounds[i + 1]]}
+        values = {"item": self.remap(table["item_id"][order]), "timestamp": table["timestamp"][order],
+                  **{name: table[name][order] for name in sorted(columns)}}
+        return {member: {name: v[bounds[i]:bounds[i + 1]] for name, v in values.items()}
                 for i, member in enumerate(members.tolist())}
 
     def sample(self, index: int, end: int, max_history: int | None,
@@ -289,6 +292,8 @@ class _Tables:
             out["imp.npz"] = encode_npz(self.impressions[member])
         if member in self.searches:
             out["search.npz"] = encode_npz(self.searches[member])
+        if member in self.sends:
+            out["sends.npz"] = encode_npz(self.sends[member])
         return out, len(rows)
 
     def held(self, samples: tuple[np.ndarray, np.ndarray], max_history: int | None) -> np.ndarray:
@@ -448,6 +453,7 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
                    "events": int((sum(held.values()) > 0).sum()),  # distinct events stored
                    "impressions": int(sum(len(v["item"]) for v in tables.impressions.values())),
                    "searches": int(sum(len(v["item"]) for v in tables.searches.values())),
+                   "sends": int(sum(len(v["item"]) for v in tables.sends.values())),
                    "items": num_items - 1},
         "files": {"item_ids": "item_ids.npy", "item_counts": "item_counts.npy",
                   "item_counts_all": "item_counts_all.npy",

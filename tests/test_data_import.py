@@ -74,7 +74,8 @@ def test_leave_one_out_gives_every_member_train_val_and_test(tmp_path):
     assert m["split"] == "leave_one_out" and m["split_info"] == {"short_members": 1}
     assert {k: (s["samples"], s["events"]) for k, s in m["splits"].items()} == {
         "train": (3, 5), "val": (2, 5), "test": (2, 7)}
-    assert m["totals"] == {"members": 3, "events": 9, "items": 4, "impressions": 0, "searches": 0}
+    assert m["totals"] == {"members": 3, "events": 9, "items": 4, "impressions": 0, "searches": 0,
+                           "sends": 0}
     # item ids 1..4 are the raw 10, 20, 30, 40; train counts = the train samples
     assert np.load(root / "item_counts.npy").tolist() == [0, 2, 1, 2, 0]
     assert np.load(root / "item_counts_all.npy").tolist() == [0, 3, 3, 2, 1]
@@ -189,3 +190,34 @@ def test_a_validation_sample_whose_target_is_cold_is_left_out(tmp_path):
         train = _items(root, "train")  # a sample left with no event is left out
         assert all(train.values()) and (9 in train) == (30 not in cold)
     assert dropped == {7, 9}  # both members' val targets were cold under some seed
+
+
+def test_sends_are_stored_per_member_and_bad_arms_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from foundation.data.sources import read_sends
+
+    events = {"member_id": [1, 1, 2, 2], "item_id": [10, 20, 10, 30],
+              "timestamp": [1, 2, 1, 2]}
+    pq.write_table(pa.table(events), tmp_path / "events.parquet")
+    sends = {"member_id": [2, 1, 1], "item_id": [40, 30, 10], "timestamp": [5, 9, 4],
+             "sent": [1, 0, 1], "outcome": [0, 0, 1]}
+    pq.write_table(pa.table(sends), tmp_path / "sends.parquet")
+    source = SourceConfig(path=str(tmp_path / "events.parquet"),
+                          sends_path=str(tmp_path / "sends.parquet"))
+    manifest = build_shards(BuildConfig(source=source, output=str(tmp_path / "out")))
+    assert manifest["totals"]["sends"] == 3 and manifest["totals"]["items"] == 4  # item 40 too
+    stored = {}
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            with tarfile.open(tmp_path / "out" / shard["path"]) as tar:
+                stored |= {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    ids = np.load(tmp_path / "out" / "item_ids.npy")
+    first = np.load(io.BytesIO(stored[next(n for n in stored if "000000001" in n
+                                           and n.endswith("sends.npz"))]))
+    assert ids[first["item"]].tolist() == [10, 30]  # member 1's, in time order
+    assert first["sent"].tolist() == [1, 0] and first["outcome"].tolist() == [1, 0]
+    pq.write_table(pa.table({**sends, "sent": [1, 2, 0]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="'sent' must hold 0 or 1"):
+        read_sends(tmp_path / "bad.parquet")

@@ -106,6 +106,20 @@ def test_search_mode_carries_each_members_queries_and_engaged_titles(shards):
     assert sum(len(b) for b in batches) == len(_split_ids(shards, "test"))
 
 
+def test_notification_mode_carries_each_members_randomised_sends(shards):
+    batches = list(build_loader(shards, "test", batch_size=16, max_len=20, mode="notification",
+                                shuffle=False, num_workers=0))
+    batch = batches[0]
+    sends = int(batch.candidate_lengths.sum())
+    assert batch.candidate_lengths.min() == 20  # world.sends_per_member
+    assert batch.candidates.shape == batch.labels.shape == batch.sent.shape == (sends,)
+    assert batch.sent.dtype == torch.bool and 0.3 < batch.sent.float().mean() < 0.7
+    assert batch.true_uplift.dtype == torch.float32 and batch.true_uplift.abs().max() < 1
+    moved = batch.to("cpu")  # the new fields travel with the batch
+    assert torch.equal(moved.sent, batch.sent) and torch.equal(moved.true_uplift, batch.true_uplift)
+    assert sum(len(b) for b in batches) == len(_split_ids(shards, "test"))
+
+
 def _corrupt_copy(shards: Path, tmp_path: Path) -> tuple[Path, Path]:
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)

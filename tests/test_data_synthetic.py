@@ -90,6 +90,30 @@ def test_searches_name_their_title_and_follow_the_members_taste(world):
     assert own > 2 / cfg.genres, own  # twice the genre's share of the catalogue
 
 
+def test_sends_are_randomised_and_their_true_uplift_is_what_the_arms_measure(world):
+    cfg, w = world
+    sends = w["sends"]
+    sent, outcome, uplift = sends["sent"].astype(bool), sends["outcome"], sends["uplift"]
+    assert len(sent) == cfg.members * cfg.sends_per_member
+    # Randomised: as many sent among the most and the least persuadable.
+    high = uplift > np.median(uplift)
+    assert abs(sent[high].mean() - sent[~high].mean()) < 0.03
+    # The arms' difference estimates the mean true uplift, which is clearly above zero.
+    measured = outcome[sent].mean() - outcome[~sent].mean()
+    error = 3 * np.sqrt(outcome[sent].var() / sent.sum() + outcome[~sent].var() / (~sent).sum())
+    assert abs(measured - uplift.mean()) < error and uplift.mean() > error
+    # Responders are not the persuadable: messages about the next part of the series a
+    # member is on are played without any message, and gain least.
+    ev, cat = w["events"], w["catalogue"]
+    last_item = ev["item_id"][np.r_[np.flatnonzero(np.diff(ev["member_id"])), len(ev["item_id"]) - 1]]
+    pending = cat.next_episode[last_item - 1][sends["member_id"] - 1]
+    sure = sends["item_id"] - 1 == pending
+    assert sure.sum() > 100 and outcome[sure & ~sent].mean() > 3 * outcome[~sent].mean()
+    assert uplift[sure].mean() < 0.5 * uplift.mean()
+    top = uplift >= np.quantile(uplift, 0.8)
+    assert uplift[top].mean() > 2.5 * uplift.mean()
+
+
 def test_history_beats_popularity_for_next_item_and_engagement(world):
     cfg, w = world
     ev, cat, imp = w["events"], w["catalogue"], w["impressions"]
