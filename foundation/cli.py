@@ -76,8 +76,10 @@ def _compare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="foundation eval compare",
         description="Offline A/B test: per metric, the paired difference B − A over users with "
-                    "a 95%% bootstrap confidence interval and a verdict. Both runs must be "
-                    "evaluated (foundation eval) on the same split first.")
+                    "a 95%% bootstrap confidence interval and a verdict (recipes scoring given "
+                    "candidates, ranking and notification: metrics recomputed on resampled "
+                    "members). Both runs must be evaluated (foundation eval) on the same split "
+                    "first.")
     parser.add_argument("a", help="run dir A, or RUN@BASELINE (e.g. runs/x@most_popular)")
     parser.add_argument("b", help="run dir B, or RUN@BASELINE")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")

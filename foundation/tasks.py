@@ -30,7 +30,7 @@ from foundation.models.content import (
     lower_token_states,
 )
 from foundation.models.finetune import FinetuneConfig
-from foundation.models.member import SparseArch, sharded_items, sparse_features
+from foundation.models.member import ItemAttributes, SparseArch, sharded_items, sparse_features
 from foundation.models.towers import MiniLMTextTower, Modality
 
 # What a pretrain run's dense state holds besides its event encoder (the next-item model's
@@ -108,6 +108,13 @@ class Task:
                 adapters[modality.value] = ContentAdapter(vectors, has, model.embedding_dim,
                                                           model.dropout)
         return ItemContent(adapters)
+
+    def item_parts(self) -> tuple[ItemAttributes | None, ItemContent | None]:
+        """What a model adds to each item's table row: the dataset's side information (with
+        ``model.side_features``) and the content of ``model.item_content``."""
+        found = self.item_attributes() if self.cfg.model.side_features else None
+        attributes = ItemAttributes(*found, dim=self.cfg.model.embedding_dim) if found else None
+        return attributes, self.item_content()
 
     def _tuned_text(self, vectors: Tensor, has: Tensor) -> TunedTextAdapter:
         """The text tower with its top layers trained (every rank keeps the frozen layers'
@@ -284,6 +291,21 @@ def split_at_last(batch: SequenceBatch, marked: Tensor) -> tuple[SequenceBatch, 
     history = dataclasses.replace(history, sample_ids=history.sample_ids[kept],
                                   lengths=history.lengths[kept])
     return history, batch.item[last[kept]]
+
+
+ROW_SLOTS = 1 << 10  # a candidate's evaluation id: sample_id * ROW_SLOTS + its index in the row
+
+
+def candidate_row_ids(batch: SequenceBatch) -> Tensor:
+    """Each candidate's id, the same whatever the batch or rank: ``foundation eval compare``
+    pairs two runs' scores of the same candidate by it."""
+    lengths = batch.candidate_lengths
+    if len(lengths) and int(lengths.max()) > ROW_SLOTS:
+        raise ValueError(f"a row holds {int(lengths.max())} candidates; evaluation ids allow "
+                         f"{ROW_SLOTS} per member")
+    starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    within = torch.arange(len(starts)) - starts
+    return torch.repeat_interleave(batch.sample_ids, lengths) * ROW_SLOTS + within
 
 
 def synchronised(batches: Iterable[SequenceBatch], world_size: int

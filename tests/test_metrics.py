@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from foundation.metrics import (
@@ -13,6 +14,14 @@ from foundation.metrics import (
     sampled_ranks,
     target_ranks,
     top_k_items,
+)
+from foundation.metrics.uplift import (
+    auuc,
+    policy_value,
+    qini_coefficient,
+    qini_curve,
+    true_policy_value,
+    uplift_metrics,
 )
 
 
@@ -77,3 +86,25 @@ def test_top_k_items_marks_the_union_of_top_lists():
     exclude[:, 0] = True
     exclude[0, 1] = True
     assert top_k_items(scores, exclude, 1).tolist() == [False, False, True, True]
+
+
+def test_uplift_metrics_by_hand():
+    # Four candidates, two per arm; scores put the persuadable (sent, played) first.
+    scores = np.array([0.9, 0.8, 0.2, 0.1])
+    sent = np.array([1, 0, 1, 0])
+    outcome = np.array([1, 0, 0, 1])
+    # top 1: 1 played of 1 sent, no held out → 1; top 2: 1 − 0 × 1/1 = 1;
+    # top 3: 1 − 0 × 2/1 = 1; top 4: 1 − 1 × 2/2 = 0.
+    assert qini_curve(scores, sent, outcome).tolist() == [1, 1, 1, 0]
+    assert math.isclose(qini_coefficient(scores, sent, outcome), (1 + 1 + 1 + 0) / 4 / 4)
+    assert qini_coefficient(-scores, sent, outcome) < 0  # the reverse order is worse than random
+    # Rate differences at k = 1..4: 1, 1 − 0, 0.5 − 0, 0.5 − 0.5, weighted k/N.
+    assert math.isclose(auuc(scores, sent, outcome), (1 * .25 + 1 * .5 + .5 * .75 + 0) / 4)
+    assert math.isclose(policy_value(scores, sent, outcome, budget=0.5), 1 / 4)
+    truth = np.array([0.3, -0.1, 0.0, 0.2])
+    assert math.isclose(true_policy_value(scores, truth, 0.5), 0.2 / 4)
+    assert math.isclose(true_policy_value(truth, truth, 0.5), 0.5 / 4)  # the oracle
+    both = uplift_metrics(scores, sent, outcome, 0.5, truth)
+    assert math.isclose(both["oracle_share"], 0.4)
+    with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
+        policy_value(scores, sent, outcome, budget=20)

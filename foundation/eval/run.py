@@ -4,7 +4,9 @@ Works on any world size (alone, or under torchrun): the sharded tables are resha
 Rank 0 writes ``RUN/eval.json`` (``{"split", "headline", "metrics", "baselines"}``: the
 headline is the recipe's main metric), ``RUN/eval.md`` and,
 for ranking-by-catalogue recipes, ``RUN/eval-ranks.npz`` (each user's target rank under the
-model and each baseline, by sample id) for ``foundation eval compare``.
+model and each baseline, by sample id) and, for recipes scoring given candidates (ranking,
+notification), ``RUN/eval-scores.npz`` (each candidate's score under the model and each
+baseline, with its labels) for ``foundation eval compare``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from foundation.train.stream import EpochStream
 log = logging.getLogger(__name__)
 
 RANKS_FILE = "eval-ranks.npz"
+SCORES_FILE = "eval-scores.npz"
 
 
 @dataclass
@@ -76,7 +79,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         run = load_run(run_dir, cfg.checkpoint, env)
         task, path = run.task, run.checkpoint
         result = task.evaluate(run.model, run.batches(cfg.split, cfg.batch_size), split=cfg.split)
-        ranks = result.pop("ranks", None)
+        ranks, scores = result.pop("ranks", None), result.pop("scores", None)
         report = {"split": cfg.split, "run_dir": str(run_dir), "checkpoint": path.name,
                   "recipe": task.name, "headline": task.eval_metric, **result}
         if env.is_main:
@@ -84,6 +87,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
             if ranks is not None:  # every user's target rank: `foundation eval compare`
                 np.savez(run_dir / RANKS_FILE, split=np.array(cfg.split),
                          **{k: v.astype(np.int64) for k, v in ranks.items()})
+            if scores is not None:  # every candidate's score under each scorer: the same
+                np.savez(run_dir / SCORES_FILE, split=np.array(cfg.split),
+                         headline=np.array(task.eval_metric), **scores)
             (run_dir / "eval.md").write_text(markdown_report(report))
             log.info(one_line(report))
         return report
@@ -92,15 +98,19 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+SHOWN = ("hr@10", "ndcg@10", "mrr", "auc", "log_loss", "true_policy_value", "oracle_share")
+
+
 def one_line(report: dict[str, Any]) -> str:
-    metrics = " ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()
-                       if k in ("hr@10", "ndcg@10", "mrr", "auc", "log_loss"))
-    base = report["baselines"].get("most_popular", {})
-    base_text = " ".join(f"{k} {v:.4f}" for k, v in base.items() if k in ("hr@10", "ndcg@10", "auc"))
+    headline = report["headline"]
+    shown = [headline, *(k for k in SHOWN if k != headline)]
+    metrics = " ".join(f"{k} {report['metrics'][k]:.4f}" for k in shown if k in report["metrics"])
+    baselines = "".join(f" | {name} {headline} {b[headline]:.4f}"
+                        for name, b in report["baselines"].items() if headline in b)
     groups = "".join(f" | {name} users ndcg@10 {g['metrics']['ndcg@10']:.4f}"
                      for name, g in report.get("groups", {}).items())
-    return (f"eval {report['recipe']} [{report['split']}, {report['checkpoint']}]: {metrics} | "
-            f"most-popular {base_text}{groups} | {report['run_dir']}/eval.json")
+    return (f"eval {report['recipe']} [{report['split']}, {report['checkpoint']}]: {metrics}"
+            f"{baselines}{groups} | {report['run_dir']}/eval.json")
 
 
 def markdown_report(report: dict[str, Any]) -> str:

@@ -199,7 +199,8 @@ class Trainer:
         loader = self.stream.loader(self.cfg.data.val_split, batch_size=self.cfg.data.eval_batch_size)
         result = self.task.evaluate(self.model, itertools.islice(loader, limit),
                                     split=self.cfg.data.val_split, calibrate=True)
-        result.pop("ranks", None)  # per-user detail is for `foundation eval`, not the log
+        for detail in ("ranks", "scores"):  # per-user detail is for `foundation eval`, not the log
+            result.pop(detail, None)
         row = {"step": step, "split": self.cfg.data.val_split, **note, **result["metrics"]}
         for name, metrics in result["baselines"].items():
             row.update({f"{name}/{k}": v for k, v in metrics.items()})
