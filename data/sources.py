@@ -28,10 +28,22 @@ from foundation.data.schema import (
 )
 from omegaconf import MISSING
 
+from foundation.choices import Choice
+
+
+class SourceFormat(Choice):
+    """The readers of ``READERS``."""
+    parquet = "parquet"
+    csv = "csv"
+    jsonl = "jsonl"
+    sasrec_txt = "sasrec_txt"
+    movielens = "movielens"
+    unisrec = "unisrec"
+
 
 @dataclass
 class SourceConfig:
-    format: str = "parquet"  # one of READERS
+    format: SourceFormat = SourceFormat.parquet
     path: str = MISSING
     # Canonical field (member_id, item_id, timestamp, or an event feature) → its column in
     # the file when the names differ, e.g. source.columns.member_id=user (read_events checks)

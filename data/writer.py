@@ -50,7 +50,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from foundation.checksum import sha256
-from foundation.choices import RAISE, OnError, choice
+from foundation.choices import RAISE, Choice, OnError, choice
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -61,11 +61,18 @@ FORMAT_SPLITS = {"unisrec": "leave_one_out", "sasrec_txt": "leave_one_out"}
 LOO_MIN_EVENTS = 3  # leave_one_out: shorter members go to train only, whole (as SASRec does)
 
 
+class SplitKind(Choice):
+    auto = "auto"  # a format's own split where its files carry one (FORMAT_SPLITS), else member
+    member = "member"
+    leave_one_out = "leave_one_out"
+    time = "time"
+
+
 @dataclass
 class BuildConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     output: str = MISSING
-    split: str = "auto"  # one of SPLIT_KINDS (see plan_splits), or auto (see FORMAT_SPLITS)
+    split: SplitKind = SplitKind.auto  # see plan_splits
     seed: int = 0  # member split
     val_fraction: float = 0.1  # of the members (split=member) or of the events (split=time)
     test_fraction: float = 0.1

@@ -9,6 +9,17 @@ from typing import TypeVar
 E_ = TypeVar("E_", bound=Enum)
 
 
+class Choice(str, Enum):
+    """A choice whose ``str()`` and f-string form are its value (as 3.11's ``StrEnum``), so
+    messages, file names and manifests read ``fp16``, not ``Precision.fp16``."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
 # Unreadable data (a corrupt shard or sample, a bad media file): ``raise`` naming it, or
 # ``skip`` it, counted and reported (``data.on_error``, the build's ``on_error``). Configs
 # name members by name, and ``raise`` is a keyword: hence the functional form.

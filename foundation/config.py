@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from foundation.choices import Choice
 from foundation.data.loader import DataConfig
 from foundation.distributed.engine import EngineConfig, OptimConfig
 from foundation.distributed.sharding import ShardingConfig
@@ -78,12 +79,18 @@ class EvalConfig:
     batch_size: int = 256
 
 
+class Precision(Choice):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
 @dataclass
 class ExportConfig:
     run_dir: str = MISSING
     checkpoint: str = "auto"  # auto (best with early stopping, else latest) | latest | best | step-N
     output: str = MISSING
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    precisions: list[Precision] = field(default_factory=lambda: list(Precision))
     ann: bool = True  # a faiss HNSW index over the item vectors (ann/items.faiss)
     member_embeddings: str | None = None  # a split: its members' embeddings for a store
     parity_split: str = "val"

@@ -52,7 +52,7 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
     # Build the recipe's dense arch on the meta device: shapes come from the config alone.
     task_cls = RECIPES[cfg.recipe.name]
     manifest = {"vocab": {"item": 101}, "items": {"content": {"text": {}, "image": {}, "audio": {}}},
-                "totals": {"searches": 300}}
+                "totals": {"searches": 300, "sends": 300}}
     task = task_cls(cfg, manifest, torch.ones(101))
     with torch.device("meta"):
         dense = task.build_dense()
@@ -134,8 +134,8 @@ def test_train_help_lists_groups_and_options():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "sharding   auto, column_wise, table_wise" in result.stdout
-    assert ("recipe     finetune_ranking, finetune_retrieval, finetune_search, "
-            "pretrain_item_encoder, pretrain_member_fm") in result.stdout
+    assert ("recipe     finetune_notification, finetune_ranking, finetune_retrieval, "
+            "finetune_search, pretrain_item_encoder, pretrain_member_fm") in result.stdout
 
 
 def test_config_changes_name_each_changed_leaf():
@@ -145,3 +145,20 @@ def test_config_changes_name_each_changed_leaf():
     new = {"trainer": {"max_steps": 6, "optim": {"lr": 0.1}}, "seed": 0, "extra": 1}
     assert config_changes(old, new) == ["extra: None → 1", "trainer.max_steps: 4 → 6"]
     assert config_changes(old, old) == []
+
+
+@pytest.mark.parametrize(("command", "override", "allowed"), [
+    ("train", "sharding.optimizer=adagard", "rowwise_adagrad, adagrad, sgd, adam"),
+    ("train", "sharding.types=[row_wize]", "table_wise, column_wise, row_wise"),
+    ("train", "engine.bf16=yes", "auto, on, off"),
+    ("data_build", "source.format=parket", "parquet, csv, jsonl, sasrec_txt"),
+    ("data_build", "split=loo", "auto, member, leave_one_out, time"),
+    ("export", "precisions=[fp8]", "fp32, fp16, int8"),
+])
+def test_a_typo_in_a_choice_names_the_allowed_values(tmp_path, command, override, allowed):
+    required = {"train": [f"data.path={tmp_path}"],
+                "data_build": [f"output={tmp_path}", f"source.path={tmp_path}"],
+                "export": [f"run_dir={tmp_path}", f"output={tmp_path}/b"]}[command]
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")) as err:
+        compose(command, [*required, override])
+    assert allowed in str(err.value)

@@ -167,8 +167,8 @@ def test_build_command_split_and_attributes_keys(tmp_path, caplog, monkeypatch):
             f"output={tmp_path / 'out'}", "progress=false"]
     with pytest.raises(ConfigError, match="item_atributes_path"):
         compose("data_build", [*base, "source.item_atributes_path=a.json"])
-    with pytest.raises(ValueError, match=r"unknown split 'leave_1_out'.*'leave_one_out'"):
-        run_build(compose("data_build", [*base, "split=leave_1_out"]))
+    with pytest.raises(ConfigError, match=r"'leave_1_out', expected one of .*leave_one_out"):
+        compose("data_build", [*base, "split=leave_1_out"])  # before anything is read
     assert run_build(compose("data_build", base)) == 0  # split=auto: the files' protocol
     assert "built 3 members, 9 events, 4 items" in caplog.text
     assert json.loads((tmp_path / "out/manifest.json").read_text())["split"] == "leave_one_out"
@@ -195,7 +195,6 @@ def test_a_validation_sample_whose_target_is_cold_is_left_out(tmp_path):
 def test_sends_are_stored_per_member_and_bad_arms_are_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from foundation.data.sources import read_sends
 
     events = {"member_id": [1, 1, 2, 2], "item_id": [10, 20, 10, 30],

@@ -17,12 +17,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from foundation.choices import Choice
+
+
+class Bf16(Choice):
+    auto = "auto"  # bf16 on CUDA devices that support it, fp32 on CPU
+    on = "on"
+    off = "off"
+
+
+class EngineName(Choice):
+    deepspeed = "deepspeed"
+
 
 @dataclass
 class EngineConfig:
-    name: str = "deepspeed"
+    name: EngineName = EngineName.deepspeed
     zero_stage: int = 2
-    bf16: str = "auto"  # auto: bf16 on CUDA devices that support it, fp32 on CPU
+    bf16: Bf16 = Bf16.auto
     offload_optimizer: bool = False
 
 
@@ -57,8 +69,8 @@ class DeepSpeedDenseEngine:
         import deepspeed  # after DS_ACCELERATOR is set
 
         self.cfg = cfg
-        bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda"
-                                     and torch.cuda.is_bf16_supported())
+        bf16 = cfg.bf16 == Bf16.on or (cfg.bf16 == Bf16.auto and device.type == "cuda"
+                                        and torch.cuda.is_bf16_supported())
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": grad_accum,

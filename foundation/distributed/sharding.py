@@ -18,6 +18,7 @@ from torchrec.distributed.planner.types import Topology
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from foundation.choices import Choice, choice
 from foundation.distributed.env import DistEnv
 
 # Sharding types of EmbeddingCollection tables that work on each device type. On CPU,
@@ -28,6 +29,22 @@ logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
 logging.getLogger("torchrec.distributed.planner.storage_reservations").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*HeuristicalStorageReservation.*")
 warnings.filterwarnings("ignore", message=".*Please use DTensor instead.*")
+
+class ShardingType(Choice):
+    table_wise = "table_wise"
+    column_wise = "column_wise"
+    row_wise = "row_wise"
+    table_row_wise = "table_row_wise"
+    data_parallel = "data_parallel"
+
+
+class SparseOptimizer(Choice):
+    """Fused into the backward pass (fbgemm); adam only on GPU."""
+    rowwise_adagrad = "rowwise_adagrad"
+    adagrad = "adagrad"
+    sgd = "sgd"
+    adam = "adam"
+
 
 SUPPORTED_TYPES = {
     "cpu": ("table_wise", "column_wise"),
@@ -46,37 +63,42 @@ CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 @dataclass
 class ShardingConfig:
     # Sharding types the planner may choose from for the item table, best first.
-    types: list[str] = field(default_factory=lambda: ["table_wise"])
-    optimizer: str = "rowwise_adagrad"  # fused into backward: rowwise_adagrad | adagrad | sgd | adam (GPU)
+    types: list[ShardingType] = field(default_factory=lambda: [ShardingType.table_wise])
+    optimizer: SparseOptimizer = SparseOptimizer.rowwise_adagrad
     lr: float = 0.1
     eps: float = 1e-8
 
 
 def validate_sharding(cfg: ShardingConfig, device_type: str) -> None:
     supported = SUPPORTED_TYPES.get(device_type, SUPPORTED_TYPES["cpu"])
-    bad = [t for t in cfg.types if t not in supported]
-    if bad or not cfg.types:
+    types = sharding_types(cfg)
+    bad = [t for t in types if t not in supported]
+    if bad or not types:
         hint = " (fbgemm-gpu-cpu's data_parallel sequence kernel pools on CPU)" if "data_parallel" in bad else ""
-        raise ValueError(f"sharding.types={list(cfg.types)}: {bad or 'empty'} not supported on "
+        raise ValueError(f"sharding.types={types}: {bad or 'empty'} not supported on "
                          f"{device_type}{hint}; choose from {list(supported)}")
-    if cfg.optimizer not in SPARSE_OPTIMIZERS:
-        raise ValueError(f"sharding.optimizer={cfg.optimizer!r} is unknown; choose from "
-                         f"{sorted(SPARSE_OPTIMIZERS)}")
-    if device_type == "cpu" and cfg.optimizer not in CPU_OPTIMIZERS:
-        raise ValueError(f"sharding.optimizer={cfg.optimizer} has no fused CPU kernel in fbgemm; "
+    optimizer = choice(SparseOptimizer, cfg.optimizer, "sharding.optimizer").value
+    if device_type == "cpu" and optimizer not in CPU_OPTIMIZERS:
+        raise ValueError(f"sharding.optimizer={optimizer} has no fused CPU kernel in fbgemm; "
                          f"on CPU choose from {list(CPU_OPTIMIZERS)}")
+
+
+def sharding_types(cfg: ShardingConfig) -> list[str]:
+    """``cfg.types`` as the planner's strings."""
+    return [choice(ShardingType, t, "sharding.types").value for t in cfg.types]
 
 
 def shard_sparse_arch(module: nn.Module, cfg: ShardingConfig, env: DistEnv
                       ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan and shard ``module`` (built on the meta device); embeddings train in backward."""
     validate_sharding(cfg, env.device.type)
-    optimizer = SPARSE_OPTIMIZERS[cfg.optimizer]
-    kwargs = {"lr": cfg.lr} if cfg.optimizer == "sgd" else {"lr": cfg.lr, "eps": cfg.eps}
+    name = SparseOptimizer(cfg.optimizer).value
+    kwargs = {"lr": cfg.lr} if name == "sgd" else {"lr": cfg.lr, "eps": cfg.eps}
+    optimizer = SPARSE_OPTIMIZERS[name]
     apply_optimizer_in_backward(optimizer, module.parameters(), kwargs)
     sharders = [EmbeddingCollectionSharder()]
     constraints = {
-        name: ParameterConstraints(sharding_types=list(cfg.types),
+        name: ParameterConstraints(sharding_types=sharding_types(cfg),
                                    min_partition=max(4, param.shape[1] // env.world_size))
         for name, param in _tables(module)
     }
