@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -248,6 +248,24 @@ class Task:
         """Item lookups for one training step, and extra inputs of the dense forward."""
         return sparse_features(batch, candidates=batch.candidates,
                                candidate_lengths=batch.candidate_lengths), {}
+
+    @torch.no_grad()
+    def candidate_columns(self, model, batches: Iterable[SequenceBatch],
+                          columns: Callable[[SequenceBatch, Tensor], dict[str, Tensor]]
+                          ) -> dict[str, np.ndarray]:
+        """For recipes scoring given candidates: the model's output on every batch (in step
+        with the other ranks), and from every rank the per-candidate ``columns(batch,
+        output)`` (e.g. score and label) plus each candidate's ``row_id``."""
+        names, parts = None, {}
+        for batch, real in synchronised(batches, model.world_size):
+            kjt, _ = self.features(batch)
+            out = model.dense(batch, model.embed(kjt), mode="eval")
+            values = {**columns(batch, out), "row_id": candidate_row_ids(batch)}
+            names = names or sorted(values)  # the dummy batch of a finished rank names them too
+            if real:
+                for name in names:
+                    parts.setdefault(name, []).append(values[name].double().numpy())
+        return {name: all_concat(parts.get(name, []), model.world_size) for name in names or ()}
 
     def evaluate(self, model, batches: Iterable[SequenceBatch], split: str | None = None,
                  calibrate: bool = False) -> dict[str, Any]:

@@ -19,7 +19,12 @@ from torch import Tensor, nn
 from foundation.metrics import rank_metrics, target_ranks
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.losses import log_item_probability, sampled_softmax_loss
-from foundation.models.member import EventEncoder, last_states, sparse_features
+from foundation.models.member import (
+    EventEncoder,
+    ReadsItemsLikeThePretrain,
+    last_states,
+    sparse_features,
+)
 from foundation.tasks import PRETRAIN_ONLY_KEYS, Task, all_concat, register_recipe, synchronised
 
 QUERY_SLOTS = 1 << 10  # a query's evaluation id: sample_id * QUERY_SLOTS + its index
@@ -65,14 +70,17 @@ class TasteWeight(nn.Module):
         return self.weight * states
 
 
-class PersonalisedSearch(nn.Module):
-    """A query's hashed n-grams, scored against each item's table row plus its title's
-    n-grams (same table as the queries, so words match words), plus a learned weight times
-    the member's pretrained next-item score. Trained with in-batch + sampled negatives, logQ."""
+class PersonalisedSearch(ReadsItemsLikeThePretrain, nn.Module):
+    """A query's hashed n-grams, scored against each item's vector (table row, plus side
+    information and content where the pretrain has them) plus its title's n-grams (same table
+    as the queries, so words match words), plus a learned weight times the member's
+    pretrained next-item score. Trained with in-batch + sampled negatives, logQ."""
 
     def __init__(self, model, recipe: SearchConfig, item_counts: Tensor,
-                 title_grams: Tensor | None, token_features: tuple[str, ...]):
+                 title_grams: Tensor | None, token_features: tuple[str, ...],
+                 attributes: nn.Module | None = None, content: nn.Module | None = None):
         super().__init__()
+        self.attributes, self.content = attributes, content
         dim = model.embedding_dim
         self.recipe = recipe
         self.encoder = EventEncoder(model, token_features)
@@ -88,8 +96,10 @@ class PersonalisedSearch(nn.Module):
     def item_vectors(self, items: Tensor, rows: Tensor) -> Tensor:
         """Items' scoring vectors from their table ``rows``: what queries match (the row plus
         the title's n-grams) and, with the member state, the row again for the taste part."""
-        matched = rows if self.title_grams is None else rows + self.text(self.title_grams[items])
-        return matched if self.member_head is None else torch.cat([matched, rows], -1)
+        vectors = self.with_item_parts(items, rows)
+        matched = vectors if self.title_grams is None else vectors + self.text(
+            self.title_grams[items])
+        return matched if self.member_head is None else torch.cat([matched, vectors], -1)
 
     def queries(self, batch, emb: dict[str, Tensor], query_grams: Tensor) -> Tensor:
         """Each query's vector: its n-grams and, with the member state, the member's taste
@@ -98,6 +108,7 @@ class PersonalisedSearch(nn.Module):
         query = self.text(query_grams)
         if self.member_head is None:
             return query
+        emb = {**emb, "item": self.with_item_parts(batch.item, emb["item"])}
         states, mask = self.encoder(emb, batch.lengths, timestamps=batch.timestamp)
         rows = torch.repeat_interleave(torch.arange(len(batch), device=query.device),
                                        batch.query_lengths)
@@ -109,6 +120,8 @@ class PersonalisedSearch(nn.Module):
         vectors of ``negatives`` (the catalogue)."""
         if mode == "items":
             return self.item_vectors(negatives, emb["negative"])
+        if mode == "train":
+            self.begin_content_step(torch.cat([batch.item, batch.query_items]))
         queries = self.queries(batch, emb, query_grams)
         if mode == "queries":
             return queries
@@ -155,7 +168,7 @@ class FinetuneSearch(Task):
         grams = None if self.titles is None else hashed_ngrams(self.titles,
                                                                self.recipe.ngram_buckets)
         return PersonalisedSearch(self.cfg.model, self.recipe, self.item_counts, grams,
-                                  self.token_features)
+                                  self.token_features, *self.item_parts())
 
     def features(self, batch):
         negatives = torch.randint(1, self.num_items, (self.recipe.num_negatives,))

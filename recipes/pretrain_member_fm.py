@@ -234,10 +234,9 @@ class PretrainMemberFM(Task):
             log.info("the cold-item weight keeps warm validation NDCG@10 within %.0f%% of "
                      "%s's %.4f", 100 * self.cfg.model.cold_budget,
                      self.cfg.model.cold_reference, self.reference_warm_ndcg)
-        found = self.item_attributes() if self.cfg.model.side_features else None
-        attributes = ItemAttributes(*found, dim=self.cfg.model.embedding_dim) if found else None
+        attributes, content = self.item_parts()
         return self.model_class(self.cfg.model, self.recipe, self.item_counts, attributes,
-                                self.item_content(), self.token_features, **self.model_options())
+                                content, self.token_features, **self.model_options())
 
     def model_options(self) -> dict[str, Any]:
         """Keyword arguments of ``model_class`` beyond the next-item model's."""

@@ -296,3 +296,25 @@ def test_the_history_bias_learns_that_members_do_not_repeat():
         loss.backward()
         optimiser.step()
     assert (model.history.weight[:5] < -1.0).all()  # a seen item loses e-fold odds or more
+
+
+def test_a_candidate_scorer_reads_each_candidates_content_closeness_to_its_own_history():
+    from foundation.models.candidates import TargetAwareScorer
+    from foundation.models.content import ContentAdapter, ItemContent
+
+    torch.manual_seed(0)
+    vectors = torch.randn(50, 6)
+    content = ItemContent({"text": ContentAdapter(vectors, torch.ones(50).bool(), 8, 0.0)})
+    cfg = MemberModelConfig(embedding_dim=8, num_layers=1, num_heads=2, max_len=10)
+    scorer = TargetAwareScorer(cfg, hidden=16, outputs=2, content=content).eval()
+    batch = make_batch([3, 5])
+    batch.candidates, batch.candidate_lengths = torch.tensor([4, 9, 17]), torch.tensor([1, 2])
+    got = scorer.content_affinity(batch)
+    unit = F.normalize(vectors - vectors.mean(0), dim=-1)
+    for k, (row, start) in enumerate([(0, 0), (1, 3), (1, 3)]):
+        history = batch.item[start:start + int(batch.lengths[row])]
+        cosines = unit[history] @ unit[batch.candidates[k]]
+        assert torch.allclose(got[k], torch.stack([cosines.mean(), cosines.max()]), atol=1e-5)
+    emb = {"item": torch.randn(8, 8), "candidate": torch.randn(3, 8),
+           **{k: torch.randn(8, 8) for k in batch.events}}
+    assert scorer.logits(batch, emb).shape == (3, 2)

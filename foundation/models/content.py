@@ -277,6 +277,18 @@ class ItemContent(nn.Module):
             adapter.begin_step(items)
 
 
+def unit_content(content: ItemContent) -> tuple[Tensor, dict[str, Tensor]]:
+    """Every item's frozen content vectors, centred and unit length per modality (zeros where
+    an item lacks one), concatenated so that a dot product is the modalities' summed cosine
+    over √modalities (the range of one cosine); and each modality's centre."""
+    units, centers = [], {}
+    for name, adapter in content.adapters.items():
+        has = adapter.has
+        centers[name] = adapter.vectors[has].mean(0) if has.any() else adapter.vectors[0] * 0
+        units.append(F.normalize(adapter.vectors - centers[name], dim=-1) * has.unsqueeze(-1))
+    return torch.cat(units, -1) / len(units) ** 0.5, centers
+
+
 class ContentMatch(nn.Module):
     """A content-only score beside the learned one: how close an item's frozen content
     vectors are to those of the member's recent history, recency-weighted.
@@ -291,14 +303,8 @@ class ContentMatch(nn.Module):
 
     def __init__(self, content: ItemContent, max_len: int, decay: float = 0.6):
         super().__init__()
-        units, centers = [], {}
-        for name, adapter in content.adapters.items():
-            has = adapter.has
-            centers[name] = adapter.vectors[has].mean(0) if has.any() else adapter.vectors[0] * 0
-            units.append(F.normalize(adapter.vectors - centers[name], dim=-1) * has.unsqueeze(-1))
-        # each modality contributes one cosine; their sum keeps the score's range
-        self.register_buffer("unit", torch.cat(units, -1) / len(units) ** 0.5, persistent=False)
-        self.centers = centers  # export: new items' unit vectors
+        unit, self.centers = unit_content(content)  # centres: export's new items' unit vectors
+        self.register_buffer("unit", unit, persistent=False)
         # Positive weights learnt in log space, as CLIP's temperature: an optimiser step
         # moves them by a ratio, not by an amount (a few hundred steps span any scale).
         self.log_recency = nn.Parameter(torch.arange(max_len, dtype=torch.float32)

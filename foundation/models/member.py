@@ -301,6 +301,26 @@ class PointwiseAttention(nn.Module):
         return x + self.dropout(self.out(self.mix_norm(mixed) * u))
 
 
+class ReadsItemsLikeThePretrain:
+    """A downstream model that reads items as the pretrained member model does: the table row
+    plus ``self.attributes`` (side information) and ``self.content`` (content adapters),
+    under the next-item model's module names, so a warm start loads them."""
+
+    attributes: nn.Module | None
+    content: nn.Module | None
+
+    def with_item_parts(self, items: Tensor, rows: Tensor) -> Tensor:
+        """Items' vectors from their table ``rows``, plus side information and content."""
+        if self.attributes is not None:
+            rows = rows + self.attributes(items)
+        return rows if self.content is None else rows + self.content(items)
+
+    def begin_content_step(self, items: Tensor) -> None:
+        """Tuned content towers encode a training step's items (frozen ones do nothing)."""
+        if self.training and self.content is not None:
+            self.content.begin_step(items)
+
+
 class ItemAttributes(nn.Module):
     """Item side information: the mean embedding of each item's attribute ids (categories,
     brand, ...), added to the item's own embedding wherever the item appears. Items sharing
