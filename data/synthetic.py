@@ -43,7 +43,7 @@ class SynthConfig:
     taste_drift: float = 0.05  # per-session mix-in of a fresh taste sample
     impressions_per_member: int = 20
     searches_per_member: int = 3  # search sessions after each history (0: none)
-    sends_per_member: int = 20  # candidate messages after each history, half held out (0: none)
+    sends_per_member: int = 40  # candidate messages after each history, half held out (0: none)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     shards_per_split: int = 8

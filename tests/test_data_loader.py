@@ -111,7 +111,7 @@ def test_notification_mode_carries_each_members_randomised_sends(shards):
                                 shuffle=False, num_workers=0))
     batch = batches[0]
     sends = int(batch.candidate_lengths.sum())
-    assert batch.candidate_lengths.min() == 20  # world.sends_per_member
+    assert batch.candidate_lengths.min() == 40  # world.sends_per_member
     assert batch.candidates.shape == batch.labels.shape == batch.sent.shape == (sends,)
     assert batch.sent.dtype == torch.bool and 0.3 < batch.sent.float().mean() < 0.7
     assert batch.true_uplift.dtype == torch.float32 and batch.true_uplift.abs().max() < 1

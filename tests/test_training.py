@@ -20,12 +20,17 @@ from foundation.train import checkpoint
 pytestmark = pytest.mark.slow
 
 
+# The pretrain reads each title's text (frozen MiniLM + adapter), as the demo's does; every
+# fine-tune below reads items the same way (its model.* settings must match the pretrain's).
+MODEL = ["model.item_content=[text]"]
+
+
 @pytest.fixture(scope="module")
 def pretrain_run(synth_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("pretrain")
     out = foundation("train", "--nproc=2", "recipe=pretrain_member_fm", f"data.path={synth_shards}",
                      f"run_dir={run}", "trainer.max_steps=300", "trainer.eval_every=0",
-                     "trainer.eval_batches=2", *FAST)
+                     "trainer.eval_batches=2", *FAST, *MODEL)
     assert "pretrain_member_fm: 300 steps" in out  # the one-line summary
     return run
 
@@ -42,22 +47,30 @@ def test_pretrained_model_beats_popularity_on_held_out_members(pretrain_run):
     assert any("events_per_s" in m for m in metrics) and (pretrain_run / "config.yaml").exists()
 
 
-def test_warm_started_ranking_beats_scratch(pretrain_run, synth_shards, tmp_path):
-    aucs = {}
+def test_warm_started_ranking_beats_scratch_and_popularity(pretrain_run, synth_shards, tmp_path):
+    runs = {name: tmp_path / name for name in ("warm", "scratch")}
     for name, extra in (("warm", [f"recipe.init_from={pretrain_run}"]), ("scratch", [])):
-        run = tmp_path / name
         foundation("train", "--nproc=2", "recipe=finetune_ranking", f"data.path={synth_shards}",
-                   f"run_dir={run}", "trainer.max_steps=150", "trainer.eval_every=0",
-                   "trainer.eval_batches=1", "sharding.lr=0.01", *FAST, *extra)
-        foundation("eval", f"run_dir={run}", "split=test")
-        aucs[name] = json.loads((run / "eval.json").read_text())["metrics"]["auc"]
-    assert aucs["warm"] > aucs["scratch"] + 0.005, aucs
+                   f"run_dir={runs[name]}", "trainer.max_steps=150", "trainer.eval_every=0",
+                   "trainer.eval_batches=1", "sharding.lr=0.01", *FAST, *MODEL, *extra)
+        foundation("eval", f"run_dir={runs[name]}", "split=test")
+    warm = runs["warm"]
+    assert evaluation(warm)["headline"] == "auc"
+    verdicts = {}
+    for name, against in (("scratch", str(runs["scratch"])), ("popular", f"{warm}@most_popular")):
+        out = warm / f"vs_{name}.json"
+        foundation("eval", "compare", against, str(warm), "--output", str(out))
+        verdicts[name] = json.loads(out.read_text())["metrics"]["auc"]  # members resampled
+    assert verdicts["popular"]["ci_low"] > 0, verdicts
+    # Ahead of scratch, which the content cosine also serves well; on 6,000 test impressions
+    # the interval still spans zero (docs/recipes.md has the measured figures).
+    assert verdicts["scratch"]["diff"] > 0, verdicts
 
 
 # A surface that counts only completions on TV: few labels, where a pretrain pays off most.
 RETRIEVAL = ["recipe=finetune_retrieval", "recipe.labels.action=[complete]",
              "+recipe.labels.device=[tv]", "trainer.max_steps=20", "trainer.eval_every=0",
-             "trainer.eval_batches=1"]
+             "trainer.eval_batches=1", *MODEL]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +152,7 @@ def test_a_lora_checkpoint_holds_its_adapters_and_head_and_points_at_its_base(
 
 # The n-gram table is learnt from scratch in either case: a higher dense lr for both.
 SEARCH = ["recipe=finetune_search", "trainer.max_steps=100", "trainer.eval_every=0",
-          "trainer.eval_batches=1", "trainer.optim.lr=0.01"]
+          "trainer.eval_batches=1", "trainer.optim.lr=0.01", *MODEL]
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +181,45 @@ def test_warm_started_search_beats_scratch_bm25_and_the_model_without_the_member
         assert verdict["ci_low"] > 0, (name, verdict)
 
 
+NOTIFICATION = ["recipe=finetune_notification", "trainer.max_steps=100", "trainer.eval_every=0",
+                "trainer.eval_batches=1", "trainer.optim.lr=0.005", *MODEL]
+
+
+@pytest.fixture(scope="module")
+def notification_runs(pretrain_run, synth_shards, tmp_path_factory):
+    root, runs = tmp_path_factory.mktemp("notification"), {}
+    for name, extra in (("warm", [f"recipe.init_from={pretrain_run}"]), ("scratch", [])):
+        runs[name] = root / name
+        foundation("train", "--nproc=2", *NOTIFICATION, f"data.path={synth_shards}",
+                   f"run_dir={runs[name]}", *FAST, *extra)
+        foundation("eval", f"run_dir={runs[name]}", "split=test")
+    return runs
+
+
+def test_warm_started_uplift_policy_beats_scratch_response_only_and_random(notification_runs):
+    """Judged by the generator's true uplift: the policy sending to the top 20% by predicted
+    uplift, against the same recipe from scratch and the policies a team without an uplift
+    model would run, each paired over the same members."""
+    warm = notification_runs["warm"]
+    report = evaluation(warm)
+    assert report["headline"] == "qini" and report["metrics"]["sends"] >= 3000
+    assert report["metrics"]["response_auc"] > 0.65
+    assert report["metrics"]["response_calibration_error"] < 0.05
+    for name, against in (("scratch", str(notification_runs["scratch"])),
+                          ("response_only", f"{warm}@response_only"), ("random", f"{warm}@random")):
+        out = warm / f"vs_{name}.json"
+        foundation("eval", "compare", against, str(warm), "--output", str(out))
+        verdict = json.loads(out.read_text())["metrics"]["true_policy_value"]
+        assert verdict["ci_low"] > 0, (name, verdict)
+    assert report["metrics"]["oracle_share"] >= 0.7, report["metrics"]
+
+
 def test_warm_start_from_another_model_names_the_mismatch(pretrain_run, synth_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "foundation.cli", "train", "recipe=finetune_ranking",
          f"data.path={synth_shards}", f"run_dir={tmp_path / 'bad'}", "model.embedding_dim=32",
-         f"recipe.init_from={pretrain_run}", *FAST],
+         f"recipe.init_from={pretrain_run}", *FAST, *MODEL],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 2
     assert "item_table.weight (1001, 64) vs (1001, 32)" in result.stderr
