@@ -34,3 +34,12 @@ def choice(kind: type[E_], value: object, key: str) -> E_:
     except ValueError:
         raise ValueError(f"{key}={value!r} is unknown; choose from "
                          f"{[member.value for member in kind]}") from None
+
+
+class BundleKind(Choice):
+    """What a serving bundle serves: a ``member_model`` (member embeddings scored against
+    the catalogue: pretraining, retrieval) or a ``candidate_scorer`` (logits for the
+    candidates a caller gives: ranking, messaging)."""
+
+    member_model = "member_model"
+    candidate_scorer = "candidate_scorer"

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
+from foundation.choices import BundleKind
 from foundation.config import TrainConfig
 from foundation.data.batch import SequenceBatch
 from foundation.data.items import load_item_content
@@ -72,6 +73,7 @@ class Task:
     summary: ClassVar[str]
     data_mode: ClassVar[str] = "sequence"  # what the loader yields: sequence | ranking | items
     eval_metric: ClassVar[str]  # headline validation metric (higher is better)
+    export_kind: ClassVar[BundleKind | None] = None  # the serving bundle its runs export to
 
     def __init__(self, cfg: DictConfig, manifest: dict[str, Any], item_counts: np.ndarray):
         self.cfg, self.recipe, self.manifest = cfg, cfg.recipe, manifest
@@ -272,6 +274,36 @@ class Task:
         """Metrics of ``model`` on ``batches`` (from ``split``); with ``calibrate`` (validation
         in training) the task may also fit what it calibrates on that split."""
         raise NotImplementedError
+
+
+class CandidateTask(Task):
+    """A recipe that scores the candidates it is given (impressions, messages) with a
+    target-aware scorer (models/candidates.py) on the pretrained event encoder and item
+    table; it exports a ``candidate_scorer`` bundle."""
+
+    export_kind = BundleKind.candidate_scorer
+    output_names: ClassVar[tuple[str, ...]]  # the scorer's logits per candidate, in order
+    output_meaning: ClassVar[str]  # how serving turns them into decisions
+    new_keys = ("head.",)  # the scorer's MLP; the event encoder comes from the pretrain run
+    unused_keys = PRETRAIN_ONLY_KEYS
+
+    def __init__(self, cfg: DictConfig, manifest: dict[str, Any], item_counts: np.ndarray):
+        super().__init__(cfg, manifest, item_counts)
+        if not self.sharded_items:
+            raise ValueError(f"{self.name} needs model.item_table=sharded (its candidates are "
+                             f"looked up in the sharded item table); pretrain with it too")
+
+    @torch.no_grad()
+    def catalogue_vectors(self, model, mode: str = "tokens") -> Tensor:
+        """Every item's vector ``[V, D]`` as the scorer reads it (table row + side features +
+        content), in event tokens and as a candidate alike; collective."""
+        return model.dense_module.with_item_parts(torch.arange(self.num_items), model.catalogue())
+
+    @torch.no_grad()
+    def raw_logits(self, model, batch: SequenceBatch) -> Tensor:
+        """The scorer's logits ``[candidates, outputs]`` (``output_names``); collective."""
+        kjt, _ = self.features(batch)
+        return model.dense_module.logits(batch, model.embed(kjt))
 
 
 def take_events(batch: SequenceBatch, keep: Tensor) -> SequenceBatch:

@@ -20,11 +20,7 @@ from foundation.models.candidates import TargetAwareScorer
 from foundation.models.content import ItemContent
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.member import ItemAttributes, MemberModelConfig
-from foundation.tasks import (
-    PRETRAIN_ONLY_KEYS,
-    Task,
-    register_recipe,
-)
+from foundation.tasks import CandidateTask, register_recipe
 
 
 @dataclass
@@ -57,20 +53,18 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 @register_recipe
-class FinetuneNotification(Task):
+class FinetuneNotification(CandidateTask):
     name = "finetune_notification"
     config_class = NotificationConfig
     summary = "messaging fine-tune: response and uplift heads on randomised sends (Qini, policy value)"
     data_mode = "notification"
     eval_metric = "qini"
-    new_keys = ("head.",)  # response and uplift heads; the event encoder comes from pretraining
-    unused_keys = PRETRAIN_ONLY_KEYS
+    output_names = ("held", "lift")
+    output_meaning = ("P(play | held out) = sigmoid(held), P(play | sent) = sigmoid(held + "
+                      "lift); send where the uplift, their difference, is largest")
 
     def __init__(self, cfg, manifest, item_counts):
         super().__init__(cfg, manifest, item_counts)
-        if not self.sharded_items:
-            raise ValueError("finetune_notification needs model.item_table=sharded (messages' "
-                             "titles are looked up in the sharded item table); pretrain with it too")
         if not manifest.get("totals", {}).get("sends"):
             raise ValueError(f"{cfg.data.path} holds no sends: build it with source.sends_path "
                              f"(member_id, item_id, timestamp, sent, outcome), e.g. the "

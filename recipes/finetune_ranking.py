@@ -13,11 +13,7 @@ from foundation.models.candidates import TargetAwareScorer
 from foundation.models.content import ItemContent
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.member import ItemAttributes, MemberModelConfig
-from foundation.tasks import (
-    PRETRAIN_ONLY_KEYS,
-    Task,
-    register_recipe,
-)
+from foundation.tasks import CandidateTask, register_recipe
 
 
 @dataclass
@@ -42,20 +38,14 @@ class TargetAwareRanker(TargetAwareScorer):
 
 
 @register_recipe
-class FinetuneRanking(Task):
+class FinetuneRanking(CandidateTask):
     name = "finetune_ranking"
     config_class = RankingConfig
     summary = "ranking fine-tune: target-aware engagement classifier, warm-started from pretraining"
     data_mode = "ranking"
     eval_metric = "auc"
-    new_keys = ("head.",)  # the ranker's MLP; the event encoder comes from the pretrain run
-    unused_keys = PRETRAIN_ONLY_KEYS
-
-    def __init__(self, cfg, manifest, item_counts):
-        super().__init__(cfg, manifest, item_counts)
-        if not self.sharded_items:
-            raise ValueError("finetune_ranking needs model.item_table=sharded (its candidates "
-                             "are looked up in the sharded item table); pretrain with it too")
+    output_names = ("engage",)
+    output_meaning = "P(engage) = sigmoid(engage)"
 
     def build_dense(self) -> nn.Module:
         return TargetAwareRanker(self.cfg.model, self.recipe, self.token_features, *self.item_parts())

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
+from foundation.choices import BundleKind
 from foundation.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.metrics.ann import ann_target_ranks, hnsw_index
 from foundation.metrics.calibration import (
@@ -227,6 +228,7 @@ class PretrainMemberFM(Task):
     config_class = PretrainConfig
     summary = "member foundation model: causal transformer, next-item sampled softmax"
     eval_metric = "hr@10"
+    export_kind = BundleKind.member_model
     model_class: ClassVar[type[NextItemModel]] = NextItemModel
 
     def build_dense(self) -> nn.Module:

@@ -299,7 +299,7 @@ def test_the_history_bias_learns_that_members_do_not_repeat():
 
 
 def test_a_candidate_scorer_reads_each_candidates_content_closeness_to_its_own_history():
-    from foundation.models.candidates import TargetAwareScorer
+    from foundation.models.candidates import TargetAwareScorer, content_affinity
     from foundation.models.content import ContentAdapter, ItemContent
 
     torch.manual_seed(0)
@@ -309,7 +309,9 @@ def test_a_candidate_scorer_reads_each_candidates_content_closeness_to_its_own_h
     scorer = TargetAwareScorer(cfg, hidden=16, outputs=2, content=content).eval()
     batch = make_batch([3, 5])
     batch.candidates, batch.candidate_lengths = torch.tensor([4, 9, 17]), torch.tensor([1, 2])
-    got = scorer.content_affinity(batch)
+    history, mask = pad_jagged(scorer.units[batch.item], batch.lengths)
+    candidates, placed = pad_jagged(scorer.units[batch.candidates], batch.candidate_lengths)
+    got = content_affinity(history, mask, candidates)[placed]
     unit = F.normalize(vectors - vectors.mean(0), dim=-1)
     for k, (row, start) in enumerate([(0, 0), (1, 3), (1, 3)]):
         history = batch.item[start:start + int(batch.lengths[row])]
@@ -318,3 +320,36 @@ def test_a_candidate_scorer_reads_each_candidates_content_closeness_to_its_own_h
     emb = {"item": torch.randn(8, 8), "candidate": torch.randn(3, 8),
            **{k: torch.randn(8, 8) for k in batch.events}}
     assert scorer.logits(batch, emb).shape == (3, 2)
+
+
+@ATTENTION
+def test_the_exported_candidate_program_scores_padded_rows_as_the_model_scores_jagged_ones(attention):
+    from foundation.models.candidates import CandidateScorerProgram, TargetAwareScorer
+    from foundation.models.content import ContentAdapter, ItemContent
+
+    torch.manual_seed(0)
+    content = ItemContent({"text": ContentAdapter(torch.randn(50, 6), torch.ones(50).bool(), 8,
+                                                  0.0)})
+    cfg = MemberModelConfig(embedding_dim=8, num_layers=1, num_heads=2, max_len=10,
+                            attention=attention)
+    scorer = TargetAwareScorer(cfg, hidden=16, outputs=2, content=content).eval()
+    batch = make_batch([3, 5])
+    batch.candidates, batch.candidate_lengths = torch.tensor([4, 9, 17, 2]), torch.tensor([1, 3])
+    emb = {"item": torch.randn(8, 8), "candidate": torch.randn(4, 8),
+           **{k: torch.randn(8, 8) for k in batch.events}}
+    expected = scorer.logits(batch, emb)
+    program = CandidateScorerProgram(scorer)
+    item_tokens = scorer.with_item_parts(batch.item, emb["item"]) * cfg.item_scale
+    tokens = pad_jagged(item_tokens + sum(emb[k] for k in scorer.encoder.token_features[1:]),
+                        batch.lengths)[0]
+    candidates, placed = pad_jagged(scorer.with_item_parts(batch.candidates, emb["candidate"]),
+                                    batch.candidate_lengths)
+    inputs = {"tokens": tokens, "lengths": batch.lengths,
+              "timestamps": pad_jagged(batch.timestamp, batch.lengths)[0],
+              "candidates": candidates,
+              "history_units": pad_jagged(scorer.units[batch.item], batch.lengths)[0],
+              "candidate_units": pad_jagged(scorer.units[batch.candidates],
+                                            batch.candidate_lengths)[0]}
+    with torch.no_grad():
+        got = program(*(inputs[name] for name in program.input_names))[placed]
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -214,6 +214,35 @@ def test_warm_started_uplift_policy_beats_scratch_response_only_and_random(notif
     assert report["metrics"]["oracle_share"] >= 0.7, report["metrics"]
 
 
+def test_a_messaging_run_exports_a_candidate_scorer_that_serves_what_was_trained(
+        notification_runs, tmp_path):
+    """Exported on 2 ranks (the sharded tables gathered), the bundle's program scores the
+    test members' candidate messages as the trained scorer does, with both backends."""
+    from foundation.export import History, load_bundle
+
+    bundle = tmp_path / "bundle"
+    foundation("export", "--nproc=2", f"run_dir={notification_runs['warm']}",
+               f"output={bundle}", "parity_split=test", "precisions=[fp32]")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["kind"] == "candidate_scorer" and manifest["ann"] is None
+    assert manifest["outputs"]["logits"]["columns"] == ["held", "lift"]
+    assert {"history_units", "candidate_units"} <= manifest["inputs"].keys()  # content read
+    parity = manifest["parity"]
+    assert parity["candidates"] >= 1000, parity
+    for backend in ("torch", "onnx"):
+        assert parity["backends"][backend]["max_abs_diff"] <= 1e-4, parity
+        assert parity["backends"][backend]["top10_identical"] >= 0.99, parity
+    served = {backend: load_bundle(bundle, backend=backend) for backend in ("torch", "onnx")}
+    ids = served["torch"].item_ids[1:7].tolist()
+    history = History(items=ids[:4], timestamps=[1_700_000_000 + 3600 * k for k in range(4)],
+                      action=["play", "complete", "play", "add_to_list"])
+    logits = {name: scorer.score_candidates(history, ids[4:]) for name, scorer in served.items()}
+    assert logits["torch"].shape == (2, 2)
+    assert abs(logits["torch"] - logits["onnx"]).max() < 1e-4
+    with pytest.raises(ValueError, match="unknown catalogue id"):
+        served["torch"].score_candidates(history, [-5])
+
+
 def test_warm_start_from_another_model_names_the_mismatch(pretrain_run, synth_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

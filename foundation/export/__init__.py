@@ -1,6 +1,12 @@
 """Serving bundles. ``load_bundle`` needs only numpy, safetensors and one backend (torch or
 onnxruntime); the exporter (``foundation.export.exporter``) needs the training stack."""
 
-from foundation.export.bundle import BundleError, History, Predictor, load_bundle
+from foundation.export.bundle import (
+    BundleError,
+    CandidateScorer,
+    History,
+    Predictor,
+    load_bundle,
+)
 
-__all__ = ["BundleError", "History", "Predictor", "load_bundle"]
+__all__ = ["BundleError", "CandidateScorer", "History", "Predictor", "load_bundle"]

@@ -11,6 +11,10 @@ Layout (docs/serving.md)::
     BUNDLE/embeddings/item_vectors*.safetensors  the scoring catalogue (table + side features)
     BUNDLE/ann/items.faiss                  optional approximate-nearest-neighbour index
 
+A candidate scorer's bundle (``kind: candidate_scorer``: ranking, messaging) has the same
+layout without the ANN index: its program scores the candidates a caller gives (their
+vectors, and with content their unit content vectors, ``embeddings/content_units``).
+
 Nothing here unpickles: tables are safetensors, the manifest is JSON, and ``model.pt2`` is
 refused if any of its entries is a pickle (``torch.export.load`` would fall back to
 ``weights_only=False`` on one).
@@ -29,6 +33,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from foundation.checksum import sha256
+from foundation.choices import BundleKind
 from foundation.data.media import decode_audio, decode_image, prepare_audio, prepare_image
 from foundation.data.schema import EventSchema
 
@@ -113,13 +118,21 @@ class History:
         return f"History(items={list(self.items)!r}, timestamps={self.timestamps!r}{extra})"
 
 
-def load_bundle(path: str | Path, backend: str = "torch", precision: str = "fp32") -> Predictor:
-    """Verify a bundle's checksums and return its predictor (``backend``: torch | onnx)."""
-    return Predictor(Path(path), backend=backend, precision=precision)
+def load_bundle(path: str | Path, backend: str = "torch", precision: str = "fp32"
+                ) -> Predictor | CandidateScorer:
+    """Verify a bundle's checksums and return what serves it (``backend``: torch | onnx): a
+    ``Predictor`` for a member model, a ``CandidateScorer`` for a candidate scorer."""
+    root = Path(path)
+    kind = read_manifest(root).get("kind", BundleKind.member_model)
+    reader = CandidateScorer if kind == BundleKind.candidate_scorer else Predictor
+    return reader(root, backend=backend, precision=precision)
 
 
-class Predictor:
-    """Serves a member-model bundle: ``recommend`` (top-K of the catalogue) and ``score``."""
+class BundleReader:
+    """What every bundle serves from: its verified manifest, the item vectors and feature
+    tables that make event tokens, and its programs with the chosen backend."""
+
+    kind: BundleKind
 
     def __init__(self, root: Path, backend: str = "torch", precision: str = "fp32"):
         if backend not in BACKENDS:
@@ -128,33 +141,23 @@ class Predictor:
             raise ValueError(f"precision={precision!r}: choose from {list(PRECISIONS)}")
         self.root, self.backend = root, backend
         self.manifest = read_manifest(root)
+        kind = self.manifest.get("kind", BundleKind.member_model)
+        if kind != self.kind:
+            raise BundleError(f"{root} holds a {kind} bundle, not a {self.kind}: open it with "
+                              f"load_bundle(), which picks the reader")
         verify(root, self.manifest)
         model = self.manifest["model"]
         self.max_len, self.token_features = model["max_len"], model["token_features"]
         self.schema = EventSchema.from_manifest(self.manifest)
         self.item_scale = float(model.get("item_scale", 1.0))
         self.uses_time = "timestamps" in self.manifest["inputs"]
-        # Items enter event tokens as their vectors; scores use them unit-length when the
-        # model scores by cosine (manifest.model.similarity).
         self.token_vectors = self._table("item_vectors", precision)
-        self.cosine = model.get("similarity", "dot") == "cosine"
-        match = (self.manifest.get("content") or {}).get("match")
-        # content_match (models/content.py ContentMatch): each item's content units, scored
-        # against the history's recency-weighted units
-        self.match = load_file(root / match["file"]) if match else None
-        self.units = self.match["units"] if match else None
-        self.catalogue = self._scoring(self.token_vectors, self.units,
-                                       self.match["seen"].astype(bool) if match else None)
-        bias = self.manifest.get("history_bias")  # models/history.py HistoryBias
-        self.history_bias = load_file(root / bias["file"])["weight"] if bias else None
         self.item_ids = load_file(root / table_file("item_ids"))["ids"]
         self._internal = {int(raw): i for i, raw in enumerate(self.item_ids) if i > 0}
         self.tables = {key: self._table(f"{key}_table") for key in self.token_features
                        if key != "item"}
-        self.exported_items = len(self.catalogue)  # rows after these came from add_items
         self._run = self._load_program(root / BACKENDS[backend])
         self._towers: dict[str, Any] = {}
-        self._text_tokenizer = None  # loaded on the first text add_items
 
     def _table(self, name: str, precision: str = "fp32") -> np.ndarray:
         available = self.manifest["tables"].get(name, {}).get("precisions", [])
@@ -186,6 +189,77 @@ class Predictor:
             with torch.no_grad():
                 return program(*map(torch.from_numpy, inputs)).numpy()
         return run
+
+    def _known(self, items: Sequence[int], what: str) -> np.ndarray:
+        unknown = [i for i in items if int(i) not in self._internal]
+        if unknown:
+            raise ValueError(f"{what}: unknown catalogue id(s) {unknown[:5]} (not in the "
+                             f"bundle's {len(self._internal)} items)")
+        return np.array([self._internal[int(i)] for i in items], dtype=np.int64)
+
+    def _events(self, history: History | Sequence[int]) -> dict[str, np.ndarray]:
+        """A history as the model's event ids (the schema's, computed as the loader computes
+        them), cut to its newest ``max_len`` events."""
+        h = history if isinstance(history, History) else History(items=list(history))
+        if len(h.items) == 0:
+            raise ValueError("empty history: the member model needs at least one event")
+        self._check_features(h)
+        n = len(h.items)
+        ts = np.asarray(h.timestamps if h.timestamps is not None else [0] * n, dtype=np.int64)
+        if len(ts) != n:
+            raise ValueError(f"history lengths differ: {n} items, {len(ts)} timestamps")
+        stored = {name: self.schema.encode(name, h.features.get(name), n)
+                  for name in self.schema.stored}
+        keep = slice(max(0, n - self.max_len), None)  # gaps from the whole history first
+        return {"item": self._known(h.items, "history")[keep], "timestamp": ts[keep],
+                **self.schema.event_ids(stored, ts, keep)}
+
+    def _check_features(self, history: History) -> None:
+        served = self.schema.stored
+        for name in history.features:
+            if name not in served:
+                close = difflib.get_close_matches(name, served, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"History feature {name!r} is not one this bundle serves"
+                                 f"{hint}; its event features: {list(served)}")
+
+    def _token_inputs(self, events: Sequence[dict[str, np.ndarray]]
+                      ) -> tuple[np.ndarray, ...]:
+        """Event ids (one dict of equal-length arrays per member) → the programs' history
+        inputs: tokens ``[B, L, D]`` (left-aligned), lengths and, if read, timestamps."""
+        lengths = np.array([len(e["item"]) for e in events], dtype=np.int64)
+        dim = self.token_vectors.shape[1]
+        tokens = np.zeros((len(events), int(lengths.max()), dim), dtype=np.float32)
+        times = np.zeros(tokens.shape[:2], dtype=np.int64)
+        for row, e in enumerate(events):
+            token = self.token_vectors[e["item"]] * np.float32(self.item_scale)
+            for key, table in self.tables.items():
+                token += table[e[key]]
+            tokens[row, : len(token)] = token
+            if self.uses_time:
+                times[row, : len(token)] = e["timestamp"]
+        return (tokens, lengths, times) if self.uses_time else (tokens, lengths)
+
+
+class Predictor(BundleReader):
+    """Serves a member-model bundle: ``recommend`` (top-K of the catalogue) and ``score``."""
+
+    kind = BundleKind.member_model
+
+    def __init__(self, root: Path, backend: str = "torch", precision: str = "fp32"):
+        super().__init__(root, backend, precision)
+        self.cosine = self.manifest["model"].get("similarity", "dot") == "cosine"
+        match = (self.manifest.get("content") or {}).get("match")
+        # content_match (models/content.py ContentMatch): each item's content units, scored
+        # against the history's recency-weighted units
+        self.match = load_file(root / match["file"]) if match else None
+        self.units = self.match["units"] if match else None
+        self.catalogue = self._scoring(self.token_vectors, self.units,
+                                       self.match["seen"].astype(bool) if match else None)
+        bias = self.manifest.get("history_bias")  # models/history.py HistoryBias
+        self.history_bias = load_file(root / bias["file"])["weight"] if bias else None
+        self.exported_items = len(self.catalogue)  # rows after these came from add_items
+        self._text_tokenizer = None  # loaded on the first text add_items
 
     # -- public API ---------------------------------------------------------------------
     def recommend(self, history: History | Sequence[int], k: int = 10,
@@ -316,54 +390,9 @@ class Predictor:
         return index
 
     # -- internals ----------------------------------------------------------------------
-    def _known(self, items: Sequence[int], what: str) -> np.ndarray:
-        unknown = [i for i in items if int(i) not in self._internal]
-        if unknown:
-            raise ValueError(f"{what}: unknown catalogue id(s) {unknown[:5]} (not in the "
-                             f"bundle's {len(self._internal)} items)")
-        return np.array([self._internal[int(i)] for i in items], dtype=np.int64)
-
-    def _events(self, history: History | Sequence[int]) -> dict[str, np.ndarray]:
-        """A history as the model's event ids (the schema's, computed as the loader computes
-        them), cut to its newest ``max_len`` events."""
-        h = history if isinstance(history, History) else History(items=list(history))
-        if len(h.items) == 0:
-            raise ValueError("empty history: the member model needs at least one event")
-        self._check_features(h)
-        n = len(h.items)
-        ts = np.asarray(h.timestamps if h.timestamps is not None else [0] * n, dtype=np.int64)
-        if len(ts) != n:
-            raise ValueError(f"history lengths differ: {n} items, {len(ts)} timestamps")
-        stored = {name: self.schema.encode(name, h.features.get(name), n)
-                  for name in self.schema.stored}
-        keep = slice(max(0, n - self.max_len), None)  # gaps from the whole history first
-        return {"item": self._known(h.items, "history")[keep], "timestamp": ts[keep],
-                **self.schema.event_ids(stored, ts, keep)}
-
-    def _check_features(self, history: History) -> None:
-        served = self.schema.stored
-        for name in history.features:
-            if name not in served:
-                close = difflib.get_close_matches(name, served, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"History feature {name!r} is not one this bundle serves"
-                                 f"{hint}; its event features: {list(served)}")
-
     def member_vectors_of(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Event ids (one dict of equal-length arrays per member) → member embeddings."""
-        lengths = np.array([len(e["item"]) for e in events], dtype=np.int64)
-        dim = self.token_vectors.shape[1]
-        tokens = np.zeros((len(events), int(lengths.max()), dim), dtype=np.float32)
-        times = np.zeros(tokens.shape[:2], dtype=np.int64)
-        for row, e in enumerate(events):
-            token = self.token_vectors[e["item"]] * np.float32(self.item_scale)
-            for key, table in self.tables.items():
-                token += table[e[key]]
-            tokens[row, : len(token)] = token
-            if self.uses_time:
-                times[row, : len(token)] = e["timestamp"]
-        inputs = (tokens, lengths, times) if self.uses_time else (tokens, lengths)
-        members = np.asarray(self._run(*inputs), dtype=np.float32)
+        members = np.asarray(self._run(*self._token_inputs(events)), dtype=np.float32)
         return members if self.match is None else np.hstack([members, self._queries(events)])
 
     def scores_of(self, events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
@@ -381,6 +410,52 @@ class Predictor:
         recency = self.match["recency"]
         return np.stack([recency[np.arange(len(e["item"]))[::-1]] @ self.units[e["item"]]
                          for e in events])
+
+
+class CandidateScorer(BundleReader):
+    """Serves a candidate-scorer bundle (ranking, messaging): the logits of the candidates a
+    caller gives for a member (``manifest.outputs.logits``: their columns and meaning)."""
+
+    kind = BundleKind.candidate_scorer
+
+    def __init__(self, root: Path, backend: str = "torch", precision: str = "fp32"):
+        super().__init__(root, backend, precision)
+        self.outputs = self.manifest["outputs"]["logits"]["columns"]
+        # Each item's unit content vectors, where the scorer reads content closeness.
+        self.units = (self._table("content_units") if "history_units" in self.manifest["inputs"]
+                      else None)
+
+    def score_candidates(self, history: History | Sequence[int], candidates: Sequence[int]
+                         ) -> np.ndarray:
+        """``[len(candidates), len(outputs)]`` logits of ``candidates`` (catalogue ids)."""
+        return self.score_candidates_batch([history], [candidates])[0]
+
+    def score_candidates_batch(self, histories: Sequence[History | Sequence[int]],
+                               candidates: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        if len(histories) != len(candidates):
+            raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
+        rows = [self._known(c, "candidates") for c in candidates]
+        return self.logits_of([self._events(h) for h in histories], rows)
+
+    def logits_of(self, events: Sequence[dict[str, np.ndarray]], rows: Sequence[np.ndarray]
+                  ) -> list[np.ndarray]:
+        """Event ids per member and their candidates' catalogue rows → each member's
+        ``[candidates, outputs]`` logits."""
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("every member needs at least one candidate to score")
+        wide = max(len(r) for r in rows)
+        placed = np.zeros((len(rows), wide), dtype=np.int64)  # padding scores row 0, unread
+        for member, r in enumerate(rows):
+            placed[member, :len(r)] = r
+        inputs = [*self._token_inputs(events), self.token_vectors[placed]]
+        if self.units is not None:
+            history = np.zeros((len(events), int(inputs[1].max()), self.units.shape[1]),
+                               dtype=np.float32)
+            for member, e in enumerate(events):
+                history[member, :len(e["item"])] = self.units[e["item"]]
+            inputs += [history, self.units[placed]]
+        logits = np.asarray(self._run(*inputs), dtype=np.float32)
+        return [logits[member, :len(r)] for member, r in enumerate(rows)]
 
 
 def _media_bytes(value: Any) -> bytes:

@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 from torch import Tensor, nn
 
 from foundation.checksum import sha256
+from foundation.choices import BundleKind
 from foundation.config import config_hash
 from foundation.console import setup_logging
 from foundation.data.loader import build_loader
@@ -41,6 +42,11 @@ from foundation.export.bundle import (
     PRECISIONS,
     quantise_rows,
     table_file,
+)
+from foundation.export.candidates import (
+    write_candidate_parity_inputs,
+    write_candidate_program,
+    write_content_units,
 )
 from foundation.export.content import write_content, write_content_parity_inputs
 from foundation.export.programs import export_program
@@ -101,20 +107,29 @@ def export_run(cfg: DictConfig) -> Path:
     try:
         run = load_run(Path(cfg.run_dir), cfg.checkpoint, env)
         merge_adapters(run.model.dense_module)  # a LoRA run serves plain, merged weights
-        if not hasattr(run.task, "catalogue_vectors"):
-            raise ValueError(f"export serves member models; recipe {run.task.name} has no "
-                             f"catalogue to score (export its pretraining run instead)")
+        member = run.task.export_kind == BundleKind.member_model
+        if run.task.export_kind is None:
+            raise ValueError(f"recipe {run.task.name} has no serving bundle yet (bundles: member "
+                             f"models and candidate scorers); export its pretraining run instead")
+        if cfg.member_embeddings and not member:
+            raise ValueError(f"member_embeddings: a {run.task.export_kind} bundle has no member "
+                             f"vectors; export the pretraining run for them")
         if env.is_main:
             for d in (staging, parity_dir):
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
         env.barrier()
         start = time.time()
-        tables, scoring = write_tables(run, staging, cfg.precisions)
-        write_parity_inputs(run, parity_dir, cfg)
-        if env.is_main:
-            write_content_parity_inputs(run.model.dense_module, run.cfg.data.path,
-                                        run.task.manifest, parity_dir)
+        tables, scoring = write_tables(run, staging, cfg.precisions, with_scoring=member)
+        if member:
+            write_parity_inputs(run, parity_dir, cfg)
+            if env.is_main:
+                write_content_parity_inputs(run.model.dense_module, run.cfg.data.path,
+                                            run.task.manifest, parity_dir)
+        else:
+            write_candidate_parity_inputs(run, parity_dir, cfg)
+            if env.is_main and (units := write_content_units(run, staging)):
+                tables["content_units"] = units
         if cfg.member_embeddings:
             tables["member_vectors"] = write_member_vectors(run, staging, cfg)
         env.barrier()
@@ -143,10 +158,11 @@ def export_run(cfg: DictConfig) -> Path:
             dist.destroy_process_group()
 
 
-def write_tables(run: TrainedRun, root: Path, precisions: list[str]
+def write_tables(run: TrainedRun, root: Path, precisions: list[str], with_scoring: bool = True
                  ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Every table, gathered to rank 0 one at a time, plus the catalogue's vectors as event
-    inputs; returns the tables and (on rank 0) the catalogue's scoring vectors."""
+    inputs; returns the tables and (on rank 0, ``with_scoring``) the catalogue's scoring
+    vectors."""
     tables: dict[str, Any] = {}
 
     def write(name: str, weight: np.ndarray) -> None:
@@ -167,7 +183,8 @@ def write_tables(run: TrainedRun, root: Path, precisions: list[str]
         if isinstance(module, nn.Embedding | nn.EmbeddingBag) and run.env.is_main:
             write(name.replace(".", "_") or "table", module.weight.detach().numpy())
     catalogue = run.task.catalogue_vectors(run.model, mode="tokens")  # collective
-    scoring = run.task.catalogue_vectors(run.model, mode="items").numpy()  # collective
+    scoring = (run.task.catalogue_vectors(run.model, mode="items").numpy()  # collective
+               if with_scoring else None)
     if run.env.is_main:
         write("item_vectors", catalogue.numpy())
         ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
@@ -252,16 +269,11 @@ def write_history_bias(dense: nn.Module, root: Path) -> dict[str, Any] | None:
 
 
 def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
-            tables: dict[str, Any], scoring: np.ndarray, output: Path) -> dict[str, Any]:
-    cosine = run.cfg.recipe.get("similarity", "dot") == "cosine"
-    dense = run.model.dense_module
-    program = MemberEncoderProgram(dense.encoder, normalise=cosine,
-                                   head=getattr(dense, "member_head", None)).eval()
-    write_programs(program, run.cfg.model.embedding_dim, run.cfg.model.max_len, staging)
-    ann = write_ann_index(staging, scoring) if cfg.ann else None
-    manifest = _manifest(run, tables, ann)
-    manifest["content"] = write_content(run.model.dense_module, run.cfg.model, staging)
-    manifest["history_bias"] = write_history_bias(run.model.dense_module, staging)
+            tables: dict[str, Any], scoring: np.ndarray | None, output: Path) -> dict[str, Any]:
+    if run.task.export_kind == BundleKind.member_model:
+        manifest = _member_model_parts(run, cfg, staging, tables, scoring)
+    else:
+        manifest = _manifest(run, tables, None, write_candidate_program(run, staging))
     _write_manifest(staging, manifest)
     report = run_parity_gate(staging, parity_dir)
     failures = [f"{backend}: max|Δ| {r['max_abs_diff']:.2e} (limit {cfg.max_abs_diff:.0e}), "
@@ -285,6 +297,21 @@ def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
     worst = max(report["backends"].values(), key=lambda r: r["max_abs_diff"])
     return {"max_abs_diff": worst["max_abs_diff"],
             "top10_identical": min(r["top10_identical"] for r in report["backends"].values())}
+
+
+def _member_model_parts(run: TrainedRun, cfg: DictConfig, staging: Path,
+                        tables: dict[str, Any], scoring: np.ndarray) -> dict[str, Any]:
+    """A member model's programs, ANN index, content towers and history bias; its manifest."""
+    cosine = run.cfg.recipe.get("similarity", "dot") == "cosine"
+    dense = run.model.dense_module
+    program = MemberEncoderProgram(dense.encoder, normalise=cosine,
+                                   head=getattr(dense, "member_head", None)).eval()
+    write_programs(program, run.cfg.model.embedding_dim, run.cfg.model.max_len, staging)
+    ann = write_ann_index(staging, scoring) if cfg.ann else None
+    manifest = _manifest(run, tables, ann, _member_model_io(run))
+    manifest["content"] = write_content(dense, run.cfg.model, staging)
+    manifest["history_bias"] = write_history_bias(dense, staging)
+    return manifest
 
 
 def write_programs(program: nn.Module, dim: int, max_len: int, root: Path) -> None:
@@ -324,8 +351,26 @@ def run_parity_gate(bundle: Path, parity_dir: Path) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | None
-              ) -> dict[str, Any]:
+def _member_model_io(run: TrainedRun) -> dict[str, Any]:
+    """The member encoder program's inputs and outputs, as the manifest describes them."""
+    dim = run.cfg.model.embedding_dim
+    return {
+        "inputs": {"tokens": {"dtype": "float32", "shape": ["batch", "seq", dim],
+                              "meaning": "per event: item_scale · item_vectors[item] + "
+                                         "sum of <feature>_table[id] over token_features[1:]"},
+                   "lengths": {"dtype": "int64", "shape": ["batch"],
+                               "meaning": "events per row; rows are left-aligned"},
+                   **({"timestamps": {"dtype": "int64", "shape": ["batch", "seq"],
+                                      "meaning": "each event's unix seconds"}}
+                      if run.model.dense_module.encoder.uses_time else {})},
+        "outputs": {"member": {"dtype": "float32", "shape": ["batch", dim],
+                               "meaning": "member embedding; score = member · item_vectors "
+                                          "(+ content.match's score, if any)"}},
+    }
+
+
+def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | None,
+              io: dict[str, Any]) -> dict[str, Any]:
     import onnx
     import onnxruntime
 
@@ -336,7 +381,7 @@ def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | Non
     state = checkpoint.read_state(run.checkpoint)
     return {
         "format": BUNDLE_FORMAT,
-        "kind": "member_model",
+        "kind": str(run.task.export_kind),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {"run_dir": str(Path(run.cfg.run_dir).resolve()),
                    "checkpoint": run.checkpoint.name, "step": state.get("step"),
@@ -347,18 +392,7 @@ def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | Non
                   "token_features": list(encoder.token_features),
                   "item_scale": model_cfg.item_scale,
                   "similarity": str(run.cfg.recipe.get("similarity", "dot"))},
-        "inputs": {"tokens": {"dtype": "float32", "shape": ["batch", "seq",
-                                                            model_cfg.embedding_dim],
-                              "meaning": "per event: item_scale · item_vectors[item] + "
-                                         "sum of <feature>_table[id] over token_features[1:]"},
-                   "lengths": {"dtype": "int64", "shape": ["batch"],
-                               "meaning": "events per row; rows are left-aligned"},
-                   **({"timestamps": {"dtype": "int64", "shape": ["batch", "seq"],
-                                      "meaning": "each event's unix seconds"}}
-                      if encoder.uses_time else {})},
-        "outputs": {"member": {"dtype": "float32", "shape": ["batch", model_cfg.embedding_dim],
-                               "meaning": "member embedding; score = member · item_vectors "
-                                          "(+ content.match's score, if any)"}},
+        **io,  # the program's inputs and outputs
         "vocab": data_manifest["vocab"],
         # Every event feature: its vocabulary and how serving obtains it (data/schema.py),
         # and what each item's vector is made of.

@@ -4,7 +4,9 @@ Runs in a fresh process where torchrec, fbgemm and deepspeed cannot be imported,
 bundle with each backend, recomputes the member vectors of the histories the sharded model
 encoded (``PARITY_DIR/rank*.npz``) and prints one JSON line: per backend the largest score
 difference and the share of members whose top-10 is identical; per stored precision the
-HR@10 on those members; the ANN index's recall@10 against exact search.
+HR@10 on those members; the ANN index's recall@10 against exact search. A candidate scorer's
+bundle is checked the same way on the recorded members' candidates (its logits, and the order
+of each member's best 10 candidates).
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ def gate(bundle: Path, parity_dir: Path) -> dict:
     """The report: the bundle serving the recorded raw histories, against the model."""
     import numpy as np
 
-    from foundation.export.bundle import load_bundle, top_k
+    from foundation.choices import BundleKind
+    from foundation.export.bundle import load_bundle, read_manifest, top_k
 
     data = [dict(np.load(p, allow_pickle=False)) for p in sorted(parity_dir.glob("rank*.npz"))]
+    if read_manifest(bundle).get("kind") == BundleKind.candidate_scorer:
+        return candidate_gate(bundle, data)
     report: dict = {"members": int(sum(len(d["lengths"]) for d in data)), "backends": {},
                     "precisions": {}}
     for backend in ("torch", "onnx"):
@@ -61,6 +66,52 @@ def gate(bundle: Path, parity_dir: Path) -> dict:
         members = np.concatenate([d["vectors"] for d in data])
         report["towers"] = _tower_parity(bundle, parity_dir / "content.npz", members)
     return report
+
+
+def candidate_gate(bundle: Path, data: list[dict]) -> dict:
+    """A candidate scorer's report: the bundle scoring the recorded members' candidates
+    against the trained scorer's logits; ``top10_identical`` is the share of members whose
+    best 10 candidates (by the first logit) are the trained scorer's, in its order."""
+
+    from foundation.export.bundle import load_bundle
+
+    report: dict = {"members": int(sum(len(d["lengths"]) for d in data)),
+                    "candidates": int(sum(len(d["candidates"]) for d in data)),
+                    "backends": {}, "precisions": {}}
+    for backend in ("torch", "onnx"):
+        scorer = load_bundle(bundle, backend=backend)
+        report["backends"][backend] = _candidate_agreement(scorer, data)
+    for precision in scorer.manifest["tables"]["item_vectors"]["precisions"]:
+        quantised = load_bundle(bundle, precision=precision)
+        report["precisions"][precision] = {
+            "max_abs_diff": _candidate_agreement(quantised, data)["max_abs_diff"]}
+    return report
+
+
+def _candidate_agreement(scorer, data: list[dict]) -> dict:
+    import numpy as np
+
+    diffs, same = [], []
+    for d in data:
+        ends = np.cumsum(d["candidate_lengths"])
+        candidates = np.split(d["candidates"], ends[:-1])
+        served = scorer.score_candidates_batch(_histories(d), [c.tolist() for c in candidates])
+        for got, expected in zip(served, np.split(d["logits"], ends[:-1])):
+            diffs.append(float(np.abs(got - expected).max()))
+            same.append(_same_top(got[:, 0], expected[:, 0]))
+    return {"max_abs_diff": max(diffs), "top10_identical": float(np.mean(same))}
+
+
+def _same_top(served, trained, k: int = 10, tie: float = 1e-5) -> bool:
+    """Whether the served best ``k`` are the trained model's best ``k`` in its order, where
+    candidates whose trained logits lie within ``tie`` of each other may come either way
+    (a half-trained scorer gives near-equal logits, and float rounding then picks)."""
+    import numpy as np
+
+    ranked = trained[np.argsort(-served, kind="stable")]  # trained logits in served order
+    top, rest = ranked[:k], ranked[k:]
+    in_order = bool((np.diff(top) <= tie).all())
+    return in_order and (not len(rest) or bool(top.min() >= rest.max() - tie))
 
 
 def _reference_scores(predictor, d):

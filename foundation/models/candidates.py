@@ -42,34 +42,73 @@ class TargetAwareScorer(ReadsItemsLikeThePretrain, nn.Module):
                                   nn.Linear(5 * dim + scalars, hidden), nn.GELU(),
                                   nn.Dropout(model.dropout), nn.Linear(hidden, outputs))
 
-    def content_affinity(self, batch) -> Tensor:
-        """``[candidates, 2]``: each candidate's mean and max content cosine to its history."""
-        history, mask = pad_jagged(self.units[batch.item], batch.lengths)  # [B, L, C]
-        candidates, placed = pad_jagged(self.units[batch.candidates], batch.candidate_lengths)
-        cosines = torch.bmm(candidates, history.transpose(1, 2))[placed]  # [candidates, L]
-        rows = mask[torch.repeat_interleave(torch.arange(len(batch), device=mask.device),
-                                            batch.candidate_lengths)]
-        mean = (cosines * rows).sum(1) / rows.sum(1).clamp(min=1)
-        return torch.stack([mean, cosines.masked_fill(~rows, -1.0).amax(1)], -1)
-
     def logits(self, batch, emb: dict[str, Tensor]) -> Tensor:
         """``[candidates, outputs]`` for ``batch.candidates`` (embedded as ``emb["candidate"]``)."""
         self.begin_content_step(torch.cat([batch.item, batch.candidates]))
         emb = {**emb, "item": self.with_item_parts(batch.item, emb["item"])}
         states, mask = self.encoder(emb, batch.lengths, timestamps=batch.timestamp)
-        rows = torch.repeat_interleave(torch.arange(len(batch), device=states.device),
-                                       batch.candidate_lengths)
-        cand = self.with_item_parts(batch.candidates, emb["candidate"])
-        attn = torch.einsum("kd,kld->kl", cand, states[rows]) / cand.shape[-1] ** 0.5
-        attn = attn.masked_fill(~mask[rows], float("-inf")).softmax(-1)
-        pooled = torch.einsum("kl,kld->kd", attn, states[rows])
-        last = last_states(states, mask)[rows]
+        candidates, placed = pad_jagged(
+            self.with_item_parts(batch.candidates, emb["candidate"]), batch.candidate_lengths)
+        affinity = None
+        if self.units is not None:
+            affinity = content_affinity(pad_jagged(self.units[batch.item], batch.lengths)[0],
+                                        mask, pad_jagged(self.units[batch.candidates],
+                                                         batch.candidate_lengths)[0])
+        return self.head_logits(states, mask, candidates, affinity)[placed]
+
+    def head_logits(self, states: Tensor, mask: Tensor, candidates: Tensor,
+                    affinity: Tensor | None = None) -> Tensor:
+        """``[B, C, outputs]``: each row's ``candidates`` ``[B, C, D]`` scored against its
+        encoded history ``states`` ``[B, L, D]`` (``mask``: its events); ``affinity``
+        ``[B, C, 2]`` with content. Padded candidates get scores that nobody reads."""
+        scale = candidates.shape[-1] ** 0.5
+        attn = torch.einsum("bcd,bld->bcl", candidates, states) / scale
+        attn = attn.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1)
+        pooled = torch.einsum("bcl,bld->bcd", attn, states)
+        last = last_states(states, mask).unsqueeze(1).expand_as(candidates)
         # The whole history's mean: what the member is like beyond this candidate (devices,
         # breadth of taste), which attention to the candidate leaves out.
-        summary = ((states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1))[rows]
+        summary = ((states * mask.unsqueeze(-1)).sum(1)
+                   / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1).expand_as(candidates)
         # The pretrained next-item score (last · candidate) is the strongest single signal;
         # an MLP over concatenations cannot form dot products by itself, so hand them over.
-        scores = torch.stack([(last * cand).sum(-1), (pooled * cand).sum(-1)], -1)
-        if self.units is not None:
-            scores = torch.cat([scores, self.content_affinity(batch)], -1)
-        return self.head(torch.cat([pooled * cand, last * cand, cand, last, summary, scores], -1))
+        scores = torch.stack([(last * candidates).sum(-1), (pooled * candidates).sum(-1)], -1)
+        if affinity is not None:
+            scores = torch.cat([scores, affinity], -1)
+        return self.head(torch.cat([pooled * candidates, last * candidates, candidates, last,
+                                    summary, scores], -1))
+
+
+def content_affinity(history: Tensor, mask: Tensor, candidates: Tensor) -> Tensor:
+    """``[B, C, 2]``: each candidate's mean and max content cosine to its row's history
+    (``history`` ``[B, L, U]`` and ``candidates`` ``[B, C, U]``: unit content vectors)."""
+    cosines = torch.bmm(candidates, history.transpose(1, 2))  # [B, C, L]
+    events = mask.unsqueeze(1)
+    mean = (cosines * events).sum(-1) / events.sum(-1).clamp(min=1)
+    return torch.stack([mean, cosines.masked_fill(~events, -1.0).amax(-1)], -1)
+
+
+class CandidateScorerProgram(nn.Module):
+    """The exported path of a candidate scorer: the history as event tokens (as the member
+    encoder's program reads them: ``tokens`` ``[B, L, D]`` left-aligned, ``lengths``, and for
+    encoders that read time ``timestamps``), each row's ``candidates`` ``[B, C, D]`` (the
+    items' vectors) and, with content, the history's and the candidates' unit content vectors
+    → ``[B, C, outputs]`` logits. Inputs are positional, in ``input_names`` order."""
+
+    def __init__(self, scorer: TargetAwareScorer):
+        super().__init__()
+        self.scorer = scorer
+        self.input_names = ["tokens", "lengths", *(["timestamps"] if scorer.encoder.uses_time
+                                                   else []), "candidates",
+                            *(["history_units", "candidate_units"]
+                              if scorer.units is not None else [])]
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        given = dict(zip(self.input_names, inputs))
+        tokens = given["tokens"]
+        mask = torch.arange(tokens.shape[1], device=tokens.device) < given["lengths"].unsqueeze(1)
+        states = self.scorer.encoder.encode_padded(tokens, mask, timestamps=given.get("timestamps"))
+        affinity = None
+        if "history_units" in given:
+            affinity = content_affinity(given["history_units"], mask, given["candidate_units"])
+        return self.scorer.head_logits(states, mask, given["candidates"], affinity)
