@@ -38,8 +38,10 @@ def choice(kind: type[E_], value: object, key: str) -> E_:
 
 class BundleKind(Choice):
     """What a serving bundle serves: a ``member_model`` (member embeddings scored against
-    the catalogue: pretraining, retrieval) or a ``candidate_scorer`` (logits for the
-    candidates a caller gives: ranking, messaging)."""
+    the catalogue: pretraining, retrieval), a ``candidate_scorer`` (logits for the
+    candidates a caller gives: ranking, messaging) or ``search`` (a query, and the member
+    who typed it, scored against the catalogue)."""
 
     member_model = "member_model"
     candidate_scorer = "candidate_scorer"
+    search = "search"

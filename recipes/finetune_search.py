@@ -7,15 +7,16 @@ can be served from an index."""
 
 from __future__ import annotations
 
-import re
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from foundation.data.items import load_item_content
+from foundation.data.text import hashed_ngrams, text_tokens
 from torch import Tensor, nn
 
+from foundation.choices import BundleKind
 from foundation.metrics import rank_metrics, target_ranks
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.losses import log_item_probability, sampled_softmax_loss
@@ -40,25 +41,8 @@ class SearchConfig(FinetuneConfig):
     ks: list[int] = field(default_factory=lambda: [10])
 
 
-def text_tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def hashed_ngrams(texts: list[str], buckets: int) -> Tensor:
-    """Each text's words and character trigrams (of ``<word>``), hashed to rows 1..buckets-1
-    of the n-gram table: ``[len(texts), longest]``, padded with row 0 (which
-    ``nn.EmbeddingBag(padding_idx=0)`` leaves out of the mean)."""
-    rows = []
-    for text in texts:
-        grams = []
-        for word in text_tokens(text):
-            marked = f"<{word}>"
-            grams += [f"w:{word}"] + [marked[i:i + 3] for i in range(len(marked) - 2)]
-        rows.append([1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams])
-    padded = torch.zeros(len(rows), max([len(r) for r in rows] + [1]), dtype=torch.int64)
-    for i, row in enumerate(rows):
-        padded[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-    return padded
+def ngram_rows(texts: list[str], buckets: int) -> Tensor:
+    return torch.from_numpy(hashed_ngrams(texts, buckets))
 
 
 class TasteWeight(nn.Module):
@@ -132,6 +116,33 @@ class PersonalisedSearch(ReadsItemsLikeThePretrain, nn.Module):
             log_item_prob=self.log_item_prob if self.recipe.logq_correction else None)
 
 
+class SearchQueryProgram(nn.Module):
+    """The exported query tower: a query's n-gram rows ``[Q, G]`` (``hashed_ngrams``, padded
+    with 0) and, with the member state, the searching member's history as event tokens (as
+    the member encoder's program reads them, one row per query) → the query's scoring vector,
+    scored against the catalogue's search vectors by one dot product."""
+
+    def __init__(self, model: PersonalisedSearch):
+        super().__init__()
+        self.model = model
+        history = ["tokens", "lengths", *(["timestamps"] if model.encoder.uses_time else [])]
+        self.input_names = ["query_grams", *(history if model.member_head is not None else [])]
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        given = dict(zip(self.input_names, inputs))
+        grams = given["query_grams"]
+        present = (grams > 0).unsqueeze(-1).to(self.model.text.weight.dtype)
+        # nn.EmbeddingBag's mean over the non-padding rows, written out for the exporters
+        query = ((F.embedding(grams, self.model.text.weight) * present).sum(1)
+                 / present.sum(1).clamp(min=1))
+        if self.model.member_head is None:
+            return query
+        tokens = given["tokens"]
+        mask = torch.arange(tokens.shape[1], device=tokens.device) < given["lengths"].unsqueeze(1)
+        states = self.model.encoder.encode_padded(tokens, mask, timestamps=given.get("timestamps"))
+        return torch.cat([query, self.model.member_head(last_states(states, mask))], -1)
+
+
 @register_recipe
 class FinetuneSearch(Task):
     name = "finetune_search"
@@ -140,6 +151,7 @@ class FinetuneSearch(Task):
                "against BM25")
     data_mode = "search"
     eval_metric = "ndcg@10"
+    export_kind = BundleKind.search
     new_keys = ("text.", "member_head.")
     unused_keys = PRETRAIN_ONLY_KEYS
 
@@ -165,33 +177,40 @@ class FinetuneSearch(Task):
         return titles
 
     def build_dense(self) -> nn.Module:
-        grams = None if self.titles is None else hashed_ngrams(self.titles,
-                                                               self.recipe.ngram_buckets)
+        grams = None if self.titles is None else ngram_rows(self.titles,
+                                                            self.recipe.ngram_buckets)
         return PersonalisedSearch(self.cfg.model, self.recipe, self.item_counts, grams,
                                   self.token_features, *self.item_parts())
+
+    @torch.no_grad()
+    def catalogue_vectors(self, model, mode: str = "items") -> Tensor:
+        """Every item's search vector ``[V, ·]`` (what queries score against), or with
+        ``mode="tokens"`` its vector as an event input; collective."""
+        rows, everything = model.catalogue(), torch.arange(self.num_items)
+        if mode == "tokens":
+            return model.dense_module.with_item_parts(everything, rows)
+        return model.dense(None, {"negative": rows}, None, everything, mode="items")
 
     def features(self, batch):
         negatives = torch.randint(1, self.num_items, (self.recipe.num_negatives,))
         kjt = sparse_features(batch, candidates=batch.query_items,
                               candidate_lengths=batch.query_lengths, negatives=negatives)
         return kjt, {"negatives": negatives,
-                     "query_grams": hashed_ngrams(batch.queries, self.recipe.ngram_buckets)}
+                     "query_grams": ngram_rows(batch.queries, self.recipe.ngram_buckets)}
 
     @torch.no_grad()
     def evaluate(self, model, batches, split=None, calibrate=False):
         """Each search of the split ranked over the whole catalogue by the model, by BM25 over
         the titles and by popularity: NDCG@K, HR@K, MRR of the engaged title."""
         ks = list(self.recipe.ks)
-        everything = torch.arange(self.num_items)
-        catalogue = model.dense(None, {"negative": model.catalogue()}, None, everything,
-                                mode="items")
+        catalogue = self.catalogue_vectors(model)
         bm25 = self._bm25()
         parts: dict[str, list] = {"sample_id": [], "model": [], "most_popular": []}
         if bm25 is not None:
             parts["bm25"] = []
         for batch, real in synchronised(batches, model.world_size):
             kjt = sparse_features(batch)
-            grams = hashed_ngrams(batch.queries, self.recipe.ngram_buckets)
+            grams = ngram_rows(batch.queries, self.recipe.ngram_buckets)
             queries = model.dense(batch, model.embed(kjt), grams, mode="queries")
             if not real:
                 continue

@@ -181,6 +181,31 @@ def test_warm_started_search_beats_scratch_bm25_and_the_model_without_the_member
         assert verdict["ci_low"] > 0, (name, verdict)
 
 
+def test_a_search_run_exports_a_query_tower_that_finds_what_evaluation_found(search_runs,
+                                                                             tmp_path):
+    """Exported on 2 ranks: the bundle serves every test search from its raw query text and
+    the member's raw history, and finds the engaged title as often as evaluation did."""
+    from foundation.export import load_bundle
+
+    bundle, warm = tmp_path / "bundle", search_runs["warm"]
+    foundation("export", "--nproc=2", f"run_dir={warm}", f"output={bundle}",
+               "parity_split=test", "precisions=[fp32]")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["kind"] == "search" and manifest["query"]["member_state"]
+    parity = manifest["parity"]
+    for backend in ("torch", "onnx"):
+        assert parity["backends"][backend]["max_abs_diff"] <= 1e-4, parity
+        assert parity["backends"][backend]["top10_identical"] >= 0.99, parity
+    assert parity["ann"]["recall@10"] >= 0.95, parity
+    tested = evaluation(warm)["metrics"]
+    assert parity["queries"] == tested["queries"]  # every test search, served
+    assert abs(parity["precisions"]["fp32"]["hr@10"] - tested["hr@10"]) < 0.005, parity
+    searcher = load_bundle(bundle, backend="onnx")
+    with pytest.raises(ValueError, match="pass one history per query"):
+        searcher.search("comedy")
+    assert len(searcher.search("comedy", [int(i) for i in searcher.item_ids[1:4]], k=5)) == 5
+
+
 NOTIFICATION = ["recipe=finetune_notification", "trainer.max_steps=100", "trainer.eval_every=0",
                 "trainer.eval_batches=1", "trainer.optim.lr=0.005", *MODEL]
 

@@ -6,7 +6,8 @@ from foundation.export.bundle import (
     CandidateScorer,
     History,
     Predictor,
+    SearchPredictor,
     load_bundle,
 )
 
-__all__ = ["BundleError", "CandidateScorer", "History", "Predictor", "load_bundle"]
+__all__ = ["BundleError", "CandidateScorer", "History", "Predictor", "SearchPredictor", "load_bundle"]

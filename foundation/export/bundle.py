@@ -13,7 +13,9 @@ Layout (docs/serving.md)::
 
 A candidate scorer's bundle (``kind: candidate_scorer``: ranking, messaging) has the same
 layout without the ANN index: its program scores the candidates a caller gives (their
-vectors, and with content their unit content vectors, ``embeddings/content_units``).
+vectors, and with content their unit content vectors, ``embeddings/content_units``). A search
+bundle's (``kind: search``) program is the query tower (query n-grams, and the member's
+events) and ``embeddings/search_vectors`` what it scores (and the ANN index indexes).
 
 Nothing here unpickles: tables are safetensors, the manifest is JSON, and ``model.pt2`` is
 refused if any of its entries is a pickle (``torch.export.load`` would fall back to
@@ -36,6 +38,7 @@ from foundation.checksum import sha256
 from foundation.choices import BundleKind
 from foundation.data.media import decode_audio, decode_image, prepare_audio, prepare_image
 from foundation.data.schema import EventSchema
+from foundation.data.text import hashed_ngrams
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = 1
@@ -119,13 +122,18 @@ class History:
 
 
 def load_bundle(path: str | Path, backend: str = "torch", precision: str = "fp32"
-                ) -> Predictor | CandidateScorer:
+                ) -> Predictor | CandidateScorer | SearchPredictor:
     """Verify a bundle's checksums and return what serves it (``backend``: torch | onnx): a
-    ``Predictor`` for a member model, a ``CandidateScorer`` for a candidate scorer."""
+    ``Predictor`` for a member model, a ``CandidateScorer`` for a candidate scorer, a
+    ``SearchPredictor`` for a search model."""
     root = Path(path)
     kind = read_manifest(root).get("kind", BundleKind.member_model)
-    reader = CandidateScorer if kind == BundleKind.candidate_scorer else Predictor
-    return reader(root, backend=backend, precision=precision)
+    readers = {BundleKind.member_model: Predictor, BundleKind.candidate_scorer: CandidateScorer,
+               BundleKind.search: SearchPredictor}
+    if kind not in readers:
+        raise BundleError(f"{root}: a {kind!r} bundle, which this version cannot serve "
+                          f"(it serves {[str(k) for k in readers]})")
+    return readers[kind](root, backend=backend, precision=precision)
 
 
 class BundleReader:
@@ -456,6 +464,50 @@ class CandidateScorer(BundleReader):
             inputs += [history, self.units[placed]]
         logits = np.asarray(self._run(*inputs), dtype=np.float32)
         return [logits[member, :len(r)] for member, r in enumerate(rows)]
+
+
+class SearchPredictor(BundleReader):
+    """Serves a search bundle: a query (and, for a personalised model, the member who typed
+    it) → the best catalogue titles, by one dot product with ``search_vectors``."""
+
+    kind = BundleKind.search
+
+    def __init__(self, root: Path, backend: str = "torch", precision: str = "fp32"):
+        super().__init__(root, backend, precision)
+        self.catalogue = self._table("search_vectors", precision)
+        self.buckets = int(self.manifest["query"]["ngram_buckets"])
+        self.personal = bool(self.manifest["query"]["member_state"])
+
+    def search(self, query: str, history: History | Sequence[int] | None = None,
+               k: int = 10) -> list[int]:
+        """The top-``k`` catalogue ids for ``query``, best first (``history``: the searching
+        member's, required by a personalised model)."""
+        return self.search_batch([query], None if history is None else [history], k)[0]
+
+    def search_batch(self, queries: Sequence[str],
+                     histories: Sequence[History | Sequence[int]] | None = None,
+                     k: int = 10) -> list[list[int]]:
+        scores = self.query_vectors(queries, histories) @ self.catalogue.T
+        scores[:, 0] = -np.inf  # the padding row
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [[int(self.item_ids[i]) for i in row] for row in top]
+
+    def query_vectors(self, queries: Sequence[str],
+                      histories: Sequence[History | Sequence[int]] | None = None) -> np.ndarray:
+        """Each query's scoring vector ``[Q, ·]`` (one history per query when personalised)."""
+        if self.personal and histories is None:
+            raise ValueError("this search model reads the searching member: pass one history "
+                             "per query")
+        if histories is not None and len(histories) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(histories)} histories")
+        events = [self._events(h) for h in histories] if self.personal else []
+        return self.query_vectors_of(queries, events)
+
+    def query_vectors_of(self, queries: Sequence[str],
+                         events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        grams = hashed_ngrams([str(q) for q in queries], self.buckets)
+        inputs = (grams, *self._token_inputs(events)) if self.personal else (grams,)
+        return np.asarray(self._run(*inputs), dtype=np.float32)
 
 
 def _media_bytes(value: Any) -> bytes:

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from foundation.data.loader import build_loader
 from foundation.eval.run import TrainedRun
-from foundation.export.bundle import PARITY_FIELDS, table_file
+from foundation.export.bundle import table_file
 from foundation.export.programs import export_program
+from foundation.export.recorded import caller_history, raw_ids, save_rank, whole_histories
 from foundation.models.candidates import CandidateScorerProgram
-from foundation.tasks import candidate_row_ids, keep_last, synchronised
+from foundation.tasks import keep_last
 
 
 def write_candidate_program(run: TrainedRun, root: Path) -> dict[str, Any]:
@@ -77,28 +77,16 @@ def write_content_units(run: TrainedRun, root: Path) -> dict[str, Any] | None:
 
 
 def write_candidate_parity_inputs(run: TrainedRun, root: Path, cfg) -> None:
-    """Each rank's evaluation members as a caller holds them (whole histories, raw ids, every
-    event attribute, the candidates' raw ids) and the trained scorer's logits for them."""
+    """Each rank's evaluation members as a caller holds them (whole histories, the
+    candidates' raw ids) and the trained scorer's logits for them."""
     parts: dict[str, list[np.ndarray]] = {}
-    raw_ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
-    whole = build_loader(run.cfg.data.path, cfg.parity_split, batch_size=cfg.batch_size,
-                         max_len=1 << 30, rank=run.env.rank, world_size=run.env.world_size,
-                         shuffle=False, mode=run.task.data_mode)  # gaps from the whole history
-    for index, (batch, real) in enumerate(synchronised(whole, run.env.world_size)):
-        if index >= cfg.parity_batches:
-            break
+    ids = raw_ids(run)
+    for batch, real in whole_histories(run, cfg, run.task.data_mode):
         logits = run.task.raw_logits(run.model, keep_last(batch, run.cfg.model.max_len))
         if real:
-            fields = {key: getattr(batch, key).numpy() for key in PARITY_FIELDS}
-            fields["item"] = raw_ids[fields["item"]]
-            fields.update({f"event_{name}": batch.events[name].numpy()
-                           for name in run.task.schema.stored})
-            for key, value in {**fields, "candidates": raw_ids[batch.candidates.numpy()],
+            for key, value in {**caller_history(run, batch, ids),
+                               "candidates": ids[batch.candidates.numpy()],
                                "candidate_lengths": batch.candidate_lengths.numpy(),
-                               "row_ids": candidate_row_ids(batch).numpy(),
                                "logits": logits.numpy()}.items():
                 parts.setdefault(key, []).append(value)
-    if not parts:
-        raise ValueError(f"rank {run.env.rank} got no {cfg.parity_split} data for the parity "
-                         f"gate; export on fewer ranks or choose another parity_split")
-    np.savez(root / f"rank{run.env.rank}.npz", **{k: np.concatenate(v) for k, v in parts.items()})
+    save_rank(root, run, parts)

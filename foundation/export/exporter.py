@@ -32,13 +32,11 @@ from foundation.checksum import sha256
 from foundation.choices import BundleKind
 from foundation.config import config_hash
 from foundation.console import setup_logging
-from foundation.data.loader import build_loader
 from foundation.distributed.env import init_distributed
 from foundation.eval.run import TrainedRun, load_run
 from foundation.export.bundle import (
     BUNDLE_FORMAT,
     MANIFEST,
-    PARITY_FIELDS,
     PRECISIONS,
     quantise_rows,
     table_file,
@@ -49,6 +47,12 @@ from foundation.export.candidates import (
     write_content_units,
 )
 from foundation.export.content import write_content, write_content_parity_inputs
+from foundation.export.recorded import caller_history, raw_ids, save_rank, whole_histories
+from foundation.export.search import (
+    search_query_manifest,
+    write_search_parity_inputs,
+    write_search_program,
+)
 from foundation.export.programs import export_program
 from foundation.metrics.ann import EF_SEARCH, HNSW_NEIGHBOURS, hnsw_index
 from foundation.models.finetune import merge_adapters
@@ -107,7 +111,8 @@ def export_run(cfg: DictConfig) -> Path:
     try:
         run = load_run(Path(cfg.run_dir), cfg.checkpoint, env)
         merge_adapters(run.model.dense_module)  # a LoRA run serves plain, merged weights
-        member = run.task.export_kind == BundleKind.member_model
+        kind = run.task.export_kind
+        member = kind == BundleKind.member_model
         if run.task.export_kind is None:
             raise ValueError(f"recipe {run.task.name} has no serving bundle yet (bundles: member "
                              f"models and candidate scorers); export its pretraining run instead")
@@ -120,12 +125,15 @@ def export_run(cfg: DictConfig) -> Path:
                 d.mkdir(parents=True)
         env.barrier()
         start = time.time()
-        tables, scoring = write_tables(run, staging, cfg.precisions, with_scoring=member)
+        tables, scoring = write_tables(run, staging, cfg.precisions,
+                                       with_scoring=kind != BundleKind.candidate_scorer)
         if member:
             write_parity_inputs(run, parity_dir, cfg)
             if env.is_main:
                 write_content_parity_inputs(run.model.dense_module, run.cfg.data.path,
                                             run.task.manifest, parity_dir)
+        elif kind == BundleKind.search:
+            write_search_parity_inputs(run, parity_dir, cfg)
         else:
             write_candidate_parity_inputs(run, parity_dir, cfg)
             if env.is_main and (units := write_content_units(run, staging)):
@@ -187,6 +195,8 @@ def write_tables(run: TrainedRun, root: Path, precisions: list[str], with_scorin
                if with_scoring else None)
     if run.env.is_main:
         write("item_vectors", catalogue.numpy())
+        if run.task.export_kind == BundleKind.search:  # what queries score against
+            write("search_vectors", scoring)
         ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
         save_file({"ids": ids.astype(np.int64)}, str(root / table_file("item_ids")))
     return tables, scoring if run.env.is_main else None
@@ -217,29 +227,17 @@ def write_parity_inputs(run: TrainedRun, root: Path, cfg: DictConfig) -> None:
     the raw histories through the predictor's public API, so any difference between the
     features trained on and the features served fails it."""
     parts: dict[str, list[np.ndarray]] = {}
-    raw_ids = np.load(Path(run.cfg.data.path) / "item_ids.npy", allow_pickle=False)
-    whole = build_loader(run.cfg.data.path, cfg.parity_split, batch_size=cfg.batch_size,
-                         max_len=1 << 30, rank=run.env.rank, world_size=run.env.world_size,
-                         shuffle=False)  # untruncated: gaps are read from the whole history
-    for index, (batch, real) in enumerate(synchronised(whole, run.env.world_size)):
-        if index >= cfg.parity_batches:
-            break
+    ids = raw_ids(run)
+    for batch, real in whole_histories(run, cfg):
         history, targets = split_last_event(batch)
         served = keep_last(history, run.cfg.model.max_len)
         vectors = run.task.member_vectors(run.model, served)
         if real:
             _record_history_offsets(run, served, parts)
-            fields = {key: getattr(history, key).numpy() for key in PARITY_FIELDS}
-            fields["item"] = raw_ids[fields["item"]]
-            fields.update({f"event_{name}": history.events[name].numpy()
-                           for name in run.task.schema.stored})
-            for key, value in {**fields, "targets": targets.numpy(),
+            for key, value in {**caller_history(run, history, ids), "targets": targets.numpy(),
                                "vectors": vectors.numpy()}.items():
                 parts.setdefault(key, []).append(value)
-    if not parts:
-        raise ExportError(f"rank {run.env.rank} got no {cfg.parity_split} data for the parity "
-                          f"gate; export on fewer ranks or choose another parity_split")
-    np.savez(root / f"rank{run.env.rank}.npz", **{k: np.concatenate(v) for k, v in parts.items()})
+    save_rank(root, run, parts)
 
 
 def _record_history_offsets(run: TrainedRun, served, parts: dict[str, list]) -> None:
@@ -270,8 +268,13 @@ def write_history_bias(dense: nn.Module, root: Path) -> dict[str, Any] | None:
 
 def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
             tables: dict[str, Any], scoring: np.ndarray | None, output: Path) -> dict[str, Any]:
-    if run.task.export_kind == BundleKind.member_model:
+    kind = run.task.export_kind
+    if kind == BundleKind.member_model:
         manifest = _member_model_parts(run, cfg, staging, tables, scoring)
+    elif kind == BundleKind.search:
+        ann = write_ann_index(staging, scoring) if cfg.ann else None
+        manifest = _manifest(run, tables, ann, write_search_program(run, staging))
+        manifest["query"] = search_query_manifest(run)
     else:
         manifest = _manifest(run, tables, None, write_candidate_program(run, staging))
     _write_manifest(staging, manifest)

@@ -39,8 +39,11 @@ def gate(bundle: Path, parity_dir: Path) -> dict:
     from foundation.export.bundle import load_bundle, read_manifest, top_k
 
     data = [dict(np.load(p, allow_pickle=False)) for p in sorted(parity_dir.glob("rank*.npz"))]
-    if read_manifest(bundle).get("kind") == BundleKind.candidate_scorer:
+    kind = read_manifest(bundle).get("kind")
+    if kind == BundleKind.candidate_scorer:
         return candidate_gate(bundle, data)
+    if kind == BundleKind.search:
+        return search_gate(bundle, data)
     report: dict = {"members": int(sum(len(d["lengths"]) for d in data)), "backends": {},
                     "precisions": {}}
     for backend in ("torch", "onnx"):
@@ -86,6 +89,54 @@ def candidate_gate(bundle: Path, data: list[dict]) -> dict:
         report["precisions"][precision] = {
             "max_abs_diff": _candidate_agreement(quantised, data)["max_abs_diff"]}
     return report
+
+
+def search_gate(bundle: Path, data: list[dict]) -> dict:
+    """A search model's report: the bundle's query vectors for the recorded searches (query
+    text and the member's raw history) scored against the catalogue, against the trained
+    model's; per precision the HR@10 of the engaged titles; the ANN index's recall@10."""
+    import numpy as np
+
+    from foundation.export.bundle import load_bundle
+
+    report: dict = {"queries": int(sum(len(d["queries"]) for d in data)), "backends": {},
+                    "precisions": {}}
+    for backend in ("torch", "onnx"):
+        searcher = load_bundle(bundle, backend=backend)
+        diffs, same = [], []
+        for d in data:
+            scores = _search_vectors(searcher, d) @ searcher.catalogue.T
+            reference = d["vectors"] @ searcher.catalogue.T
+            diffs.append(float(np.abs(scores - reference).max()))
+            same.extend((_best(scores) == _best(reference)).all(1).tolist())
+        report["backends"][backend] = {"max_abs_diff": max(diffs),
+                                       "top10_identical": float(np.mean(same))}
+    for precision in searcher.manifest["tables"]["search_vectors"]["precisions"]:
+        quantised = load_bundle(bundle, precision=precision)
+        hits = [(quantised.item_ids[_best(_search_vectors(quantised, d) @ quantised.catalogue.T)]
+                 == d["targets"][:, None]).any(1) for d in data]
+        report["precisions"][precision] = {"hr@10": float(np.mean(np.concatenate(hits)))}
+    for result in report["precisions"].values():
+        result["hr@10_change"] = result["hr@10"] - report["precisions"]["fp32"]["hr@10"]
+    if searcher.manifest.get("ann"):
+        report["ann"] = _ann_recall(bundle, searcher, data)
+    return report
+
+
+def _search_vectors(searcher, d):
+    """The served query vectors of the recorded searches (each with its member's history)."""
+    import numpy as np
+
+    histories = np.repeat(np.array(_histories(d), dtype=object), d["query_lengths"]).tolist()
+    return searcher.query_vectors(d["queries"].tolist(), histories if searcher.personal else None)
+
+
+def _best(scores, k: int = 10):
+    import numpy as np
+
+    scores = scores.copy()
+    scores[:, 0] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
 def _candidate_agreement(scorer, data: list[dict]) -> dict:
