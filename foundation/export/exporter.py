@@ -47,13 +47,13 @@ from foundation.export.candidates import (
     write_content_units,
 )
 from foundation.export.content import write_content, write_content_parity_inputs
+from foundation.export.programs import export_program
 from foundation.export.recorded import caller_history, raw_ids, save_rank, whole_histories
 from foundation.export.search import (
     search_query_manifest,
     write_search_parity_inputs,
     write_search_program,
 )
-from foundation.export.programs import export_program
 from foundation.metrics.ann import EF_SEARCH, HNSW_NEIGHBOURS, hnsw_index
 from foundation.models.finetune import merge_adapters
 from foundation.models.member import last_states
