@@ -41,7 +41,7 @@ class SynthConfig:
     min_history: int = 5
     max_history: int = 200
     taste_drift: float = 0.05  # per-session mix-in of a fresh taste sample
-    impressions_per_member: int = 20
+    impressions_per_member: int = 60  # titles shown after each history, each engaged or not
     searches_per_member: int = 3  # search sessions after each history (0: none)
     sends_per_member: int = 40  # candidate messages after each history, half held out (0: none)
     val_fraction: float = 0.1

@@ -20,15 +20,17 @@ def cold_world(tmp_path_factory):
     return out
 
 
+# A model of ID rows and item text, which scores cold titles by their text.
+CONTENT = ["model.item_content=[text]", "model.id_dropout=0.3", "model.content_match=true"]
+
+
 @pytest.fixture(scope="module")
 def runs(cold_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("cold_runs")
     common = [f"data.path={cold_world}", "trainer.eval_every=0", "trainer.eval_batches=2", *FAST]
     foundation("train", f"run_dir={root / 'ids'}", "trainer.max_steps=60", *common)
     foundation("train", "--nproc=2", f"run_dir={root / 'text'}", "trainer.max_steps=250",
-               "model.item_content=[text]", "model.id_dropout=0.3", "model.content_match=true",
-               "model.text_tower.trainable_layers=1",  # the top layer trains with the model
-               f"model.cold_reference={root / 'ids'}", *common)
+               *CONTENT, f"model.cold_reference={root / 'ids'}", *common)
     for run in ("text", "ids"):
         foundation("eval", f"run_dir={root / run}", "split=test")
     return root
@@ -104,10 +106,14 @@ def test_compare_one_group_of_users(runs):
 
 
 @pytest.fixture(scope="module")
-def bundle(runs):
-    out = runs / "bundle"
-    foundation("export", "--nproc=2", f"run_dir={runs / 'text'}", f"output={out}",
-               "precisions=[fp32]")
+def bundle(runs, cold_world):
+    """A content model whose text tower's top layer trains with it (a short run: each step
+    runs that layer forward and backward over the batch's titles), exported."""
+    tuned, out = runs / "tuned", runs / "bundle"
+    foundation("train", "--nproc=2", f"run_dir={tuned}", f"data.path={cold_world}",
+               "trainer.max_steps=40", "trainer.eval_every=0", "trainer.eval_batches=2", *FAST,
+               *CONTENT, "model.text_tower.trainable_layers=1")
+    foundation("export", "--nproc=2", f"run_dir={tuned}", f"output={out}", "precisions=[fp32]")
     return out
 
 

@@ -56,15 +56,12 @@ def test_warm_started_ranking_beats_scratch_and_popularity(pretrain_run, synth_s
         foundation("eval", f"run_dir={runs[name]}", "split=test")
     warm = runs["warm"]
     assert evaluation(warm)["headline"] == "auc"
-    verdicts = {}
-    for name, against in (("scratch", str(runs["scratch"])), ("popular", f"{warm}@most_popular")):
-        out = warm / f"vs_{name}.json"
-        foundation("eval", "compare", against, str(warm), "--output", str(out))
-        verdicts[name] = json.loads(out.read_text())["metrics"]["auc"]  # members resampled
-    assert verdicts["popular"]["ci_low"] > 0, verdicts
-    # Ahead of scratch, which the content cosine also serves well; on 6,000 test impressions
-    # the interval still spans zero (docs/recipes.md has the measured figures).
-    assert verdicts["scratch"]["diff"] > 0, verdicts
+    verdicts = {name: compared(against, warm)["auc"]  # members resampled
+                for name, against in (("scratch", runs["scratch"]),
+                                      ("popular", f"{warm}@most_popular"))}
+    # Ahead of scratch, which the content cosine also serves well, by about 0.015 AUC: the
+    # world shows 60 titles per member so that 300 test members can tell (docs/recipes.md).
+    assert verdicts["popular"]["ci_low"] > 0 and verdicts["scratch"]["ci_low"] > 0, verdicts
 
 
 # A surface that counts only completions on TV: few labels, where a pretrain pays off most.
@@ -90,16 +87,19 @@ def evaluation(run) -> dict:
     return json.loads((run / "eval.json").read_text())
 
 
+def compared(a, b, resamples: int = 1000) -> dict:
+    """``foundation eval compare A B``'s verdict per metric, B − A (in this process: the
+    command itself is run by test_compare_finds_a_run_significantly_better_than_...)."""
+    from foundation.eval.compare import run_compare
+
+    return run_compare(str(a), str(b), resamples=resamples)
+
+
 def test_warm_started_retrieval_beats_scratch_and_popularity_also_through_the_ann_index(
         retrieval_runs):
     runs = retrieval_runs
-    out = foundation("eval", "compare", str(runs["scratch"]), str(runs["full"]),
-                     "--output", str(runs["full"] / "vs_scratch.json"))
-    assert "compare: ndcg@10" in out
-    foundation("eval", "compare", f"{runs['full']}@most_popular", str(runs["full"]),
-               "--output", str(runs["full"] / "vs_popular.json"))
-    for against in ("vs_scratch", "vs_popular"):
-        verdict = json.loads((runs["full"] / f"{against}.json").read_text())["metrics"]["hr@10"]
+    for against in (runs["scratch"], f"{runs['full']}@most_popular"):
+        verdict = compared(against, runs["full"])["hr@10"]
         assert verdict["ci_low"] > 0, (against, verdict)
     report = evaluation(runs["full"])
     assert report["headline"] == "hr@10" and report["metrics"]["users"] >= 100
@@ -173,11 +173,9 @@ def test_warm_started_search_beats_scratch_bm25_and_the_model_without_the_member
     warm = search_runs["warm"]
     report = evaluation(warm)
     assert report["headline"] == "ndcg@10" and report["metrics"]["queries"] >= 500
-    for name, against in (("bm25", f"{warm}@bm25"), ("scratch", str(search_runs["scratch"])),
-                          ("no_member", str(search_runs["no_member"]))):
-        out = warm / f"vs_{name}.json"
-        foundation("eval", "compare", against, str(warm), "--output", str(out))
-        verdict = json.loads(out.read_text())["metrics"]["ndcg@10"]
+    for name, against in (("bm25", f"{warm}@bm25"), ("scratch", search_runs["scratch"]),
+                          ("no_member", search_runs["no_member"])):
+        verdict = compared(against, warm)["ndcg@10"]
         assert verdict["ci_low"] > 0, (name, verdict)
 
 
@@ -230,11 +228,9 @@ def test_warm_started_uplift_policy_beats_scratch_response_only_and_random(notif
     assert report["headline"] == "qini" and report["metrics"]["sends"] >= 3000
     assert report["metrics"]["response_auc"] > 0.65
     assert report["metrics"]["response_calibration_error"] < 0.05
-    for name, against in (("scratch", str(notification_runs["scratch"])),
+    for name, against in (("scratch", notification_runs["scratch"]),
                           ("response_only", f"{warm}@response_only"), ("random", f"{warm}@random")):
-        out = warm / f"vs_{name}.json"
-        foundation("eval", "compare", against, str(warm), "--output", str(out))
-        verdict = json.loads(out.read_text())["metrics"]["true_policy_value"]
+        verdict = compared(against, warm)["true_policy_value"]
         assert verdict["ci_low"] > 0, (name, verdict)
     assert report["metrics"]["oracle_share"] >= 0.7, report["metrics"]
 
