@@ -29,6 +29,7 @@ from foundation.models.content import (
     TunedTextAdapter,
     content_vectors,
     lower_token_states,
+    source_cache,
 )
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.member import ItemAttributes, SparseArch, sharded_items, sparse_features
@@ -97,13 +98,13 @@ class Task:
         model = self.cfg.model
         if not model.item_content:
             return None
-        cache = Path(self.cfg.run_dir) / CACHE_DIR
         adapters = {}
         for modality in model.item_content:
             modality = Modality(modality)
             vectors, has = content_vectors(modality, self.cfg.data.path, self.manifest,
-                                           self.num_items, model.text_tower, cache,
-                                           model.item_encoder)
+                                           self.num_items, model.text_tower,
+                                           Path(self.cfg.run_dir) / CACHE_DIR,
+                                           model.item_encoder, self._source_cache())
             if modality == Modality.text and model.text_tower.trainable_layers:
                 adapters[modality.value] = self._tuned_text(vectors, has)
             else:
@@ -183,8 +184,15 @@ class Task:
             return None  # a content baseline for runs that study content or cold items
         vectors, _ = content_vectors(Modality.text, self.cfg.data.path, self.manifest,
                                      self.num_items, self.cfg.model.text_tower,
-                                     Path(self.cfg.run_dir) / CACHE_DIR)
+                                     Path(self.cfg.run_dir) / CACHE_DIR,
+                                     reuse_from=self._source_cache())
         return vectors
+
+    def _source_cache(self) -> Path | None:
+        """A warm start's source run encoded the same catalogue: its content cache (used
+        where the fingerprint matches, so nothing is encoded twice)."""
+        source = self.init_from()
+        return source_cache(source) if source else None
 
     @functools.cached_property
     def cold_items(self) -> Tensor | None:

@@ -245,6 +245,14 @@ def test_frozen_content_is_encoded_once_per_run_and_cached(tmp_path, monkeypatch
     monkeypatch.setattr(content_module, "load_item_content", None)  # must not be read again
     again, _ = content_module.content_vectors(*args)
     assert torch.equal(again, vectors)
+    # A fine-tune warm-started from that run reads its cache instead of encoding, and keeps
+    # a copy; a cache of other content (another fingerprint) is not used.
+    tuned = tmp_path / "finetune" / "content"
+    reused, _ = content_module.content_vectors(*args[:5], tuned, None, args[5])
+    assert torch.equal(reused, vectors) and (tuned / "vectors.safetensors").is_file()
+    monkeypatch.setattr(content_module, "_fingerprint", lambda *a: "another build")
+    with pytest.raises(TypeError):  # a miss encodes, which reads the (removed) content
+        content_module.content_vectors(*args[:5], tmp_path / "x", None, args[5])
     with pytest.raises(ValueError, match="has no item text"):
         content_module.content_vectors(Modality.text, *args[1:])
 

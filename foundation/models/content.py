@@ -98,24 +98,31 @@ def _agree(flag: bool) -> bool:
 
 def content_vectors(modality: Modality, data_path: str, manifest: dict[str, Any],
                     num_items: int, text: TextTowerConfig, cache_dir: Path | None,
-                    item_encoder: str | None = None) -> tuple[Tensor, Tensor]:
+                    item_encoder: str | None = None, reuse_from: Path | None = None
+                    ) -> tuple[Tensor, Tensor]:
     """``[V, d]`` vectors of every item (zeros where it has no such content) and the ``[V]``
     mask of items that have it; collective when distributed. Image and audio go through
-    the towers of the item encoder run ``item_encoder``."""
+    the towers of the item encoder run ``item_encoder``. Cached in ``cache_dir``; a cache in
+    ``reuse_from`` (a warm start's source run) with the same fingerprint is used and copied."""
     if not manifest.get("items") or modality.value not in manifest["items"]["content"]:
         raise ValueError(f"model.item_content lists {modality.value!r}, but {data_path} has no "
                          f"item {modality.value}: build the shards with its source "
                          f"(source.item_text_path, item_vectors_path or item_media_dir) or "
                          f"drop it from model.item_content")
     key = _fingerprint(modality, manifest, text, item_encoder)
-    cache = cache_dir / f"{modality.value}.safetensors" if cache_dir is not None else None
-    from safetensors.torch import load_file, save_file
-
-    if _agree(cache is not None and _cached(cache) == key):
-        saved = load_file(str(cache))
-        return saved["vectors"], saved["has"].bool()
-    tower = build_tower(modality, manifest, text, item_encoder)
+    cache, reused = (None if d is None else d / f"{modality.value}.safetensors"
+                     for d in (cache_dir, reuse_from))
+    found = next((p for p in (cache, reused) if p is not None and _cached(p) == key), None)
     rank, world = _world()
+    if _agree(found is not None):
+        from safetensors.torch import load_file
+
+        saved = load_file(str(found))
+        vectors, has = saved["vectors"], saved["has"].bool()
+        if found != cache and cache is not None and rank == 0:
+            _save_cache(cache, vectors, has, key)
+        return vectors, has
+    tower = build_tower(modality, manifest, text, item_encoder)
     ids, values = load_item_content(data_path, manifest, modality.value)
     mine = np.arange(rank, len(ids), world)  # each rank encodes a slice of the catalogue
     vectors = torch.zeros(num_items, tower.out_dim)
@@ -132,13 +139,24 @@ def content_vectors(modality: Modality, data_path: str, manifest: dict[str, Any]
     has = torch.zeros(num_items, dtype=torch.bool)
     has[torch.as_tensor(ids)] = True
     if cache is not None and rank == 0:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        save_file({"vectors": vectors, "has": has.to(torch.uint8)}, str(tmp),
-                  metadata={"fingerprint": key})
-        tmp.replace(cache)
+        _save_cache(cache, vectors, has, key)
     log.info("encoded %d items' %s with %s", len(ids), modality.value, tower.fingerprint)
     return vectors, has
+
+
+def _save_cache(cache: Path, vectors: Tensor, has: Tensor, key: str) -> None:
+    from safetensors.torch import save_file
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    save_file({"vectors": vectors, "has": has.to(torch.uint8)}, str(tmp),
+              metadata={"fingerprint": key})
+    tmp.replace(cache)
+
+
+def source_cache(source: str) -> Path:
+    """The content cache of a warm start's source (a run dir or one of its checkpoints)."""
+    return resolve(source).parent.parent / CACHE_DIR
 
 
 @torch.no_grad()
