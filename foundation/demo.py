@@ -28,9 +28,10 @@ COMMON = ["logger.log_every=20", "data.num_workers=1"]
 MODEL = ["model.item_content=[text]", "model.id_dropout=0.3", "model.content_match=true"]
 PRETRAIN = ["recipe=pretrain_member_fm", "trainer.max_steps=300", "trainer.eval_every=100",
             "trainer.eval_batches=4", *MODEL]
+# Ranking reads items as the pretrain does (content included): the same model settings.
 # Pretrained tables want a gentler sparse learning rate than tables learned from scratch.
 FINETUNE = ["recipe=finetune_ranking", "trainer.max_steps=150", "trainer.eval_every=0",
-            "trainer.optim.lr=0.0005", "sharding.lr=0.01"]
+            "sharding.lr=0.01", *MODEL]
 # The "what to watch next" row of a surface that counts completions on TV.
 # Retrieval keeps the whole pretrained model, content included: the same model settings.
 RETRIEVAL = ["recipe=finetune_retrieval", "trainer.max_steps=40", "trainer.eval_every=0",
@@ -61,6 +62,9 @@ def run_demo(directory: str, nproc: int = 2) -> int:
           for run in (pretrain, finetune, scratch, retrieval, retrieval_scratch)],
         ["export", f"--nproc={nproc}", f"run_dir={pretrain}", f"output={bundle}",
          "overwrite=true"],
+        # The ranking fine-tune serves too: a candidate scorer of its own, parity-gated.
+        ["export", f"--nproc={nproc}", f"run_dir={finetune}", f"output={root / 'ranking_bundle'}",
+         "overwrite=true", "precisions=[fp32]"],
     ]
     for args in steps:
         log.info(f"\n$ foundation {' '.join(args)}")
