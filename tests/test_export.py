@@ -273,14 +273,16 @@ def test_exported_programs_compute_what_the_encoder_computes(attention, tmp_path
     import onnxruntime
     import torch
 
-    from foundation.export.exporter import MemberEncoderProgram, write_programs
+    from foundation.export.exporter import MemberEncoderProgram
+    from foundation.export.programs import export_inputs, history_inputs
     from foundation.models.member import EventEncoder, MemberModelConfig
 
     torch.manual_seed(0)
     cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, max_len=12,
                             attention=attention)
     program = MemberEncoderProgram(EventEncoder(cfg)).eval()
-    write_programs(program, 16, 12, tmp_path)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    export_inputs(program, history_inputs(16, 12, batch), tmp_path / "model", "member")
     lengths = torch.tensor([12, 5, 1, 9, 3])
     inputs = (torch.randn(5, 12, 16), lengths, torch.randint(0, 10**9, (5, 12)).cumsum(1))
     inputs = inputs[:len(program.input_names)]

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from foundation.eval.run import TrainedRun
 from foundation.export.bundle import table_file
-from foundation.export.programs import export_program
+from foundation.export.programs import ProgramInput, export_inputs, history_inputs
 from foundation.export.recorded import caller_history, raw_ids, save_rank, whole_histories
 from foundation.models.candidates import CandidateScorerProgram
 from foundation.tasks import keep_last
@@ -22,49 +22,29 @@ def write_candidate_program(run: TrainedRun, root: Path) -> dict[str, Any]:
     """``model.pt2`` / ``model.onnx`` of the scorer, dynamic in batch, history length and
     candidates per member; returns the manifest's ``inputs`` and ``outputs``."""
     program = CandidateScorerProgram(run.model.dense_module).eval()
-    dim, max_len = run.cfg.model.embedding_dim, run.cfg.model.max_len
-    longest, wide = min(4, max_len), 3
+    dim = run.cfg.model.embedding_dim
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    seq = torch.export.Dim("seq", min=1, max=max_len)
-    candidates = torch.export.Dim("candidates", min=1, max=1 << 16)
+    wide = torch.export.Dim("candidates", min=1, max=1 << 16)
+    inputs = history_inputs(dim, run.cfg.model.max_len, batch)
+    inputs["candidates"] = ProgramInput(torch.randn(3, 3, dim), {0: batch, 1: wide}, {
+        "dtype": "float32", "shape": ["batch", "candidates", dim],
+        "meaning": "item_vectors[candidate]; rows padded to the longest candidate list "
+                   "(padded scores are not read)"})
     units = program.scorer.units
-    examples = {"tokens": (torch.randn(3, longest, dim), {0: batch, 1: seq}),
-                "lengths": (torch.tensor([longest, 2, 1]), {0: batch}),
-                "timestamps": (torch.randint(0, 1 << 31, (3, longest)), {0: batch, 1: seq}),
-                "candidates": (torch.randn(3, wide, dim), {0: batch, 1: candidates})}
     if units is not None:
-        examples["history_units"] = (torch.randn(3, longest, units.shape[1]), {0: batch, 1: seq})
-        examples["candidate_units"] = (torch.randn(3, wide, units.shape[1]),
-                                       {0: batch, 1: candidates})
-    inputs = tuple(examples[name][0] for name in program.input_names)
-    shapes = (tuple(examples[name][1] for name in program.input_names),)  # one *inputs
-    export_program(program, inputs, shapes, root / "model", output_name="logits")
-    return {"inputs": _input_manifest(program.input_names, dim, units),
+        width, tokens = units.shape[1], inputs["tokens"]
+        inputs["history_units"] = ProgramInput(
+            torch.randn(*tokens.example.shape[:2], width), tokens.dynamic,
+            {"dtype": "float32", "shape": ["batch", "seq", width],
+             "meaning": "content_units[item] of each event"})
+        inputs["candidate_units"] = ProgramInput(torch.randn(3, 3, width), {0: batch, 1: wide}, {
+            "dtype": "float32", "shape": ["batch", "candidates", width],
+            "meaning": "content_units[candidate]"})
+    return {"inputs": export_inputs(program, inputs, root / "model", "logits"),
             "outputs": {"logits": {"dtype": "float32",
                                    "shape": ["batch", "candidates", len(run.task.output_names)],
                                    "columns": list(run.task.output_names),
                                    "meaning": run.task.output_meaning}}}
-
-
-def _input_manifest(names: list[str], dim: int, units: torch.Tensor | None) -> dict[str, Any]:
-    width = None if units is None else units.shape[1]
-    described = {
-        "tokens": {"dtype": "float32", "shape": ["batch", "seq", dim],
-                   "meaning": "per event: item_scale · item_vectors[item] + sum of "
-                              "<feature>_table[id] over token_features[1:]"},
-        "lengths": {"dtype": "int64", "shape": ["batch"],
-                    "meaning": "events per row; rows are left-aligned"},
-        "timestamps": {"dtype": "int64", "shape": ["batch", "seq"],
-                       "meaning": "each event's unix seconds"},
-        "candidates": {"dtype": "float32", "shape": ["batch", "candidates", dim],
-                       "meaning": "item_vectors[candidate]; rows padded to the longest "
-                                  "candidate list (padded scores are not read)"},
-        "history_units": {"dtype": "float32", "shape": ["batch", "seq", width],
-                          "meaning": "content_units[item] of each event"},
-        "candidate_units": {"dtype": "float32", "shape": ["batch", "candidates", width],
-                            "meaning": "content_units[candidate]"},
-    }
-    return {name: described[name] for name in names}
 
 
 def write_content_units(run: TrainedRun, root: Path) -> dict[str, Any] | None:

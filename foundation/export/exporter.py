@@ -47,7 +47,7 @@ from foundation.export.candidates import (
     write_content_units,
 )
 from foundation.export.content import write_content, write_content_parity_inputs
-from foundation.export.programs import export_program
+from foundation.export.programs import export_inputs, history_inputs
 from foundation.export.recorded import caller_history, raw_ids, save_rank, whole_histories
 from foundation.export.search import (
     search_query_manifest,
@@ -84,12 +84,13 @@ class MemberEncoderProgram(nn.Module):
         self.encoder, self.normalise = encoder, normalise
         self.head = head if head is not None else nn.Identity()  # a retrieval member tower's
 
-    def forward(self, tokens: Tensor, lengths: Tensor, timestamps: Tensor | None = None
-                ) -> Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
+    def forward(self, *inputs: Tensor) -> Tensor:
+        """``inputs``: tokens, lengths and, if read, timestamps (``input_names``)."""
+        given = dict(zip(self.input_names, inputs))
+        tokens = given["tokens"]
+        mask = torch.arange(tokens.shape[1], device=tokens.device) < given["lengths"].unsqueeze(1)
         member = self.head(last_states(
-            self.encoder.encode_padded(tokens, mask, timestamps=timestamps), mask))
+            self.encoder.encode_padded(tokens, mask, timestamps=given.get("timestamps")), mask))
         return torch.nn.functional.normalize(member, dim=-1) if self.normalise else member
 
     @property
@@ -112,10 +113,10 @@ def export_run(cfg: DictConfig) -> Path:
         run = load_run(Path(cfg.run_dir), cfg.checkpoint, env)
         merge_adapters(run.model.dense_module)  # a LoRA run serves plain, merged weights
         kind = run.task.export_kind
+        if kind is None:
+            raise ValueError(f"recipe {run.task.name} exports no bundle of its own (bundles: "
+                             f"{', '.join(BundleKind)}); export a run that uses it")
         member = kind == BundleKind.member_model
-        if run.task.export_kind is None:
-            raise ValueError(f"recipe {run.task.name} has no serving bundle yet (bundles: member "
-                             f"models and candidate scorers); export its pretraining run instead")
         if cfg.member_embeddings and not member:
             raise ValueError(f"member_embeddings: a {run.task.export_kind} bundle has no member "
                              f"vectors; export the pretraining run for them")
@@ -305,27 +306,29 @@ def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
 def _member_model_parts(run: TrainedRun, cfg: DictConfig, staging: Path,
                         tables: dict[str, Any], scoring: np.ndarray) -> dict[str, Any]:
     """A member model's programs, ANN index, content towers and history bias; its manifest."""
-    cosine = run.cfg.recipe.get("similarity", "dot") == "cosine"
     dense = run.model.dense_module
-    program = MemberEncoderProgram(dense.encoder, normalise=cosine,
-                                   head=getattr(dense, "member_head", None)).eval()
-    write_programs(program, run.cfg.model.embedding_dim, run.cfg.model.max_len, staging)
+    io = write_member_program(run, staging)
     ann = write_ann_index(staging, scoring) if cfg.ann else None
-    manifest = _manifest(run, tables, ann, _member_model_io(run))
+    manifest = _manifest(run, tables, ann, io)
     manifest["content"] = write_content(dense, run.cfg.model, staging)
     manifest["history_bias"] = write_history_bias(dense, staging)
     return manifest
 
 
-def write_programs(program: nn.Module, dim: int, max_len: int, root: Path) -> None:
-    """``model.pt2`` (torch.export, no pickled entries) and ``model.onnx`` (checked)."""
-    longest = min(4, max_len)
-    inputs = (torch.randn(3, longest, dim), torch.tensor([longest, 2, 1]),
-              torch.randint(0, 1 << 31, (3, longest)))[:len(program.input_names)]
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    seq = torch.export.Dim("seq", min=1, max=max_len)
-    shapes = ({0: batch, 1: seq}, {0: batch}, {0: batch, 1: seq})[:len(inputs)]
-    export_program(program, inputs, shapes, root / "model", output_name="member")
+def write_member_program(run: TrainedRun, root: Path) -> dict[str, Any]:
+    """``model.pt2`` (torch.export, no pickled entries) and ``model.onnx`` (checked) of the
+    member encoder; returns the manifest's ``inputs`` and ``outputs``."""
+    cosine = run.cfg.recipe.get("similarity", "dot") == "cosine"
+    dense = run.model.dense_module
+    program = MemberEncoderProgram(dense.encoder, normalise=cosine,
+                                   head=getattr(dense, "member_head", None)).eval()
+    dim = run.cfg.model.embedding_dim
+    inputs = history_inputs(dim, run.cfg.model.max_len, torch.export.Dim("batch", min=1,
+                                                                        max=1 << 20))
+    return {"inputs": export_inputs(program, inputs, root / "model", "member"),
+            "outputs": {"member": {"dtype": "float32", "shape": ["batch", dim],
+                                   "meaning": "member embedding; score = member · item_vectors "
+                                              "(+ content.match's score, if any)"}}}
 
 
 def write_ann_index(root: Path, vectors: np.ndarray) -> dict[str, Any]:
@@ -352,24 +355,6 @@ def run_parity_gate(bundle: Path, parity_dir: Path) -> dict[str, Any]:
         raise ExportError(f"parity gate process failed (exit {done.returncode}):\n"
                           f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _member_model_io(run: TrainedRun) -> dict[str, Any]:
-    """The member encoder program's inputs and outputs, as the manifest describes them."""
-    dim = run.cfg.model.embedding_dim
-    return {
-        "inputs": {"tokens": {"dtype": "float32", "shape": ["batch", "seq", dim],
-                              "meaning": "per event: item_scale · item_vectors[item] + "
-                                         "sum of <feature>_table[id] over token_features[1:]"},
-                   "lengths": {"dtype": "int64", "shape": ["batch"],
-                               "meaning": "events per row; rows are left-aligned"},
-                   **({"timestamps": {"dtype": "int64", "shape": ["batch", "seq"],
-                                      "meaning": "each event's unix seconds"}}
-                      if run.model.dense_module.encoder.uses_time else {})},
-        "outputs": {"member": {"dtype": "float32", "shape": ["batch", dim],
-                               "meaning": "member embedding; score = member · item_vectors "
-                                          "(+ content.match's score, if any)"}},
-    }
 
 
 def _manifest(run: TrainedRun, tables: dict[str, Any], ann: dict[str, Any] | None,

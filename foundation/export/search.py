@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from foundation.eval.run import TrainedRun
-from foundation.export.programs import export_program
+from foundation.export.programs import ProgramInput, export_inputs, history_inputs
 from foundation.export.recorded import caller_history, raw_ids, save_rank, whole_histories
 from foundation.models.member import sparse_features
 from foundation.recipes.finetune_search import SearchQueryProgram, ngram_rows
@@ -21,31 +21,15 @@ def write_search_program(run: TrainedRun, root: Path) -> dict[str, Any]:
     """``model.pt2`` / ``model.onnx`` of the query tower, dynamic in queries, n-grams and
     history length; returns the manifest's ``inputs`` and ``outputs``."""
     program = SearchQueryProgram(run.model.dense_module).eval()
-    dim, max_len = run.cfg.model.embedding_dim, run.cfg.model.max_len
-    longest = min(4, max_len)
+    dim = run.cfg.model.embedding_dim
     queries = torch.export.Dim("queries", min=1, max=1 << 20)
     grams = torch.export.Dim("grams", min=1, max=1 << 12)
-    seq = torch.export.Dim("seq", min=1, max=max_len)
-    examples = {"query_grams": (torch.randint(0, 100, (3, 5)), {0: queries, 1: grams}),
-                "tokens": (torch.randn(3, longest, dim), {0: queries, 1: seq}),
-                "lengths": (torch.tensor([longest, 2, 1]), {0: queries}),
-                "timestamps": (torch.randint(0, 1 << 31, (3, longest)), {0: queries, 1: seq})}
-    inputs = tuple(examples[name][0] for name in program.input_names)
-    shapes = (tuple(examples[name][1] for name in program.input_names),)  # one *inputs
-    export_program(program, inputs, shapes, root / "model", output_name="query")
+    inputs = history_inputs(dim, run.cfg.model.max_len, queries)  # the searching member's
+    inputs["query_grams"] = ProgramInput(torch.randint(0, 100, (3, 5)), {0: queries, 1: grams}, {
+        "dtype": "int64", "shape": ["queries", "grams"],
+        "meaning": "the query's n-gram rows (manifest.query), padded with 0"})
     width = dim * (2 if "tokens" in program.input_names else 1)
-    described = {
-        "query_grams": {"dtype": "int64", "shape": ["queries", "grams"],
-                        "meaning": "the query's n-gram rows (manifest.query), padded with 0"},
-        "tokens": {"dtype": "float32", "shape": ["queries", "seq", dim],
-                   "meaning": "the searching member's events, per event: item_scale · "
-                              "item_vectors[item] + sum of <feature>_table[id] over "
-                              "token_features[1:]"},
-        "lengths": {"dtype": "int64", "shape": ["queries"],
-                    "meaning": "events per row; rows are left-aligned"},
-        "timestamps": {"dtype": "int64", "shape": ["queries", "seq"],
-                       "meaning": "each event's unix seconds"}}
-    return {"inputs": {name: described[name] for name in program.input_names},
+    return {"inputs": export_inputs(program, inputs, root / "model", "query"),
             "outputs": {"query": {"dtype": "float32", "shape": ["queries", width],
                                   "meaning": "score = query · search_vectors[item]"}}}
 
