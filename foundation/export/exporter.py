@@ -164,6 +164,7 @@ def export_run(cfg: DictConfig) -> Path:
         return output
     finally:
         if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still talks on it
             dist.destroy_process_group()
 
 
