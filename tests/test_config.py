@@ -111,6 +111,21 @@ def test_recipe_fields_are_typed_too(tmp_path):
         compose("train", [f"data.path={tmp_path}", "recipe.loss=ful_softmax"])
 
 
+
+def test_search_queries_read_the_text_tower_only_where_the_model_reads_item_text(tmp_path):
+    from foundation.recipes.finetune_search import FinetuneSearch
+
+    search = [f"data.path={tmp_path}", "recipe=finetune_search"]
+    with pytest.raises(ConfigError, match=r"auto, ngrams, text_tower"):
+        compose("train", [*search, "recipe.query_encoder=minilm"])
+    manifest = {"vocab": {"item": 101}, "totals": {"searches": 300}}  # no item text
+    auto = FinetuneSearch(compose("train", search), manifest, torch.ones(101))
+    assert auto.query_texts is None and "query_text" not in auto.query_inputs(["space"])
+    with pytest.raises(ValueError, match=r"add model\.item_content=\[text\]"):
+        FinetuneSearch(compose("train", [*search, "recipe.query_encoder=text_tower"]), manifest,
+                       torch.ones(101))
+
+
 def test_missing_data_path_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.path"):
         compose("train", [])

@@ -353,3 +353,46 @@ def test_the_exported_candidate_program_scores_padded_rows_as_the_model_scores_j
     with torch.no_grad():
         got = program(*(inputs[name] for name in program.input_names))[placed]
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_the_exported_search_program_reads_query_text_as_the_model_does():
+    """Query n-grams + the query's text tower vector (through the titles' text adapter) +
+    the member's state: the program's padded inputs give the training path's vectors."""
+    from foundation.models.content import ContentAdapter, ItemContent
+    from foundation.recipes.finetune_search import (
+        PersonalisedSearch,
+        SearchConfig,
+        SearchQueryProgram,
+        ngram_rows,
+    )
+
+    torch.manual_seed(0)
+    content = ItemContent({"text": ContentAdapter(torch.randn(50, 6), torch.ones(50).bool(), 8,
+                                                  0.0)})
+    cfg = MemberModelConfig(embedding_dim=8, num_layers=1, num_heads=2, max_len=10)
+    model = PersonalisedSearch(cfg, SearchConfig(ngram_buckets=64), torch.ones(50), None,
+                               ("item", *DEFAULT_SCHEMA.token_features(cfg.context_features)),
+                               content=content, reads_query_text=True)
+    model.member_head.weight.data.fill_(0.5)  # a taste that counts
+    model.eval()
+    batch = make_batch([3, 5])
+    batch.queries, batch.query_lengths = ["space wizard", "sapce", "the chef"], torch.tensor([1, 2])
+    emb = {"item": torch.randn(8, 8), **{k: torch.randn(8, 8) for k in batch.events}}
+    grams, text = ngram_rows(batch.queries, 64), torch.randn(3, 6)
+    with torch.no_grad():
+        expected = model(batch, emb, grams, mode="queries", query_text=text)
+        without_text = model(batch, emb, grams, mode="queries", query_text=text * 0 +
+                             content.adapters["text"].center)
+    assert not torch.allclose(expected, without_text)  # the text tower's vector counts
+    program = SearchQueryProgram(model)
+    assert program.input_names[:2] == ["query_grams", "query_text"]
+    item_tokens = model.with_item_parts(batch.item, emb["item"]) * cfg.item_scale
+    tokens = pad_jagged(item_tokens + sum(emb[k] for k in model.encoder.token_features[1:]),
+                        batch.lengths)[0]
+    rows = torch.repeat_interleave(torch.arange(2), batch.query_lengths)
+    inputs = {"query_grams": grams, "query_text": text, "tokens": tokens[rows],
+              "lengths": batch.lengths[rows],
+              "timestamps": pad_jagged(batch.timestamp, batch.lengths)[0][rows]}
+    with torch.no_grad():
+        got = program(*(inputs[name] for name in program.input_names))
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -190,6 +190,8 @@ def test_a_search_run_exports_a_query_tower_that_finds_what_evaluation_found(sea
                "parity_split=test", "precisions=[fp32]")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["kind"] == "search" and manifest["query"]["member_state"]
+    # The model reads titles' text: queries go through the bundled text tower too.
+    assert manifest["query"]["text_tower"] and "query_text" in manifest["inputs"]
     parity = manifest["parity"]
     for backend in ("torch", "onnx"):
         assert parity["backends"][backend]["max_abs_diff"] <= 1e-4, parity

@@ -44,6 +44,7 @@ MANIFEST = "manifest.json"
 BUNDLE_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = {"torch": "model.pt2", "onnx": "model.onnx"}
+TEXT_BATCH = 64  # texts per run of a bundled text tower
 # What the parity gate records of each history besides its stored event features (saved as
 # ``event_<name>``): the raw events a caller would pass.
 PARITY_FIELDS = ("item", "timestamp", "lengths")
@@ -166,6 +167,7 @@ class BundleReader:
                        if key != "item"}
         self._run = self._load_program(root / BACKENDS[backend])
         self._towers: dict[str, Any] = {}
+        self._text_tokenizer = None  # loaded on the first text through the bundled tower
 
     def _table(self, name: str, precision: str = "fp32") -> np.ndarray:
         available = self.manifest["tables"].get(name, {}).get("precisions", [])
@@ -197,6 +199,21 @@ class BundleReader:
             with torch.no_grad():
                 return program(*map(torch.from_numpy, inputs)).numpy()
         return run
+
+    def _text_vectors(self, spec: dict[str, Any], texts: Sequence[Any]) -> np.ndarray:
+        """Texts → the bundled text tower's vectors (``spec``: the manifest's tower entry)."""
+        from tokenizers import Tokenizer
+
+        if self._text_tokenizer is None:
+            self._text_tokenizer = Tokenizer.from_file(str(self.root / spec["tokenizer"]))
+        tower, out = self._program(spec["program"]), []
+        for start in range(0, len(texts), TEXT_BATCH):
+            encoded = self._text_tokenizer.encode_batch([str(t) for t in
+                                                         texts[start:start + TEXT_BATCH]])
+            out.append(np.asarray(tower(np.array([e.ids for e in encoded], dtype=np.int64),
+                                        np.array([e.attention_mask for e in encoded],
+                                                 dtype=np.int64)), dtype=np.float32))
+        return np.concatenate(out)
 
     def _known(self, items: Sequence[int], what: str) -> np.ndarray:
         unknown = [i for i in items if int(i) not in self._internal]
@@ -267,7 +284,6 @@ class Predictor(BundleReader):
         bias = self.manifest.get("history_bias")  # models/history.py HistoryBias
         self.history_bias = load_file(root / bias["file"])["weight"] if bias else None
         self.exported_items = len(self.catalogue)  # rows after these came from add_items
-        self._text_tokenizer = None  # loaded on the first text add_items
 
     # -- public API ---------------------------------------------------------------------
     def recommend(self, history: History | Sequence[int], k: int = 10,
@@ -363,28 +379,19 @@ class Predictor(BundleReader):
                 raise ValueError(f"add_items: {name} of {vectors.shape[1]} values, the model "
                                  f"reads {spec['dim']}")
             return vectors
+        if name == "text":
+            return self._text_vectors(spec, values)
         tower = self._program(spec["program"])
         out = []
         for start in range(0, len(values), 64):
             chunk = values[start:start + 64]
-            if name == "text":
-                inputs = self._tokenize(spec, chunk)
-            elif name == "image":
+            if name == "image":
                 inputs = (np.stack([prepare_image(_image(v), spec["size"]) for v in chunk]),)
             else:
                 inputs = (np.stack([prepare_audio(*_clip(v), spec["sample_rate"], spec["length"])
                                     for v in chunk]),)
             out.append(np.asarray(tower(*inputs), dtype=np.float32))
         return np.concatenate(out)
-
-    def _tokenize(self, spec: dict[str, Any], texts: list[Any]) -> tuple[np.ndarray, ...]:
-        from tokenizers import Tokenizer
-
-        if self._text_tokenizer is None:
-            self._text_tokenizer = Tokenizer.from_file(str(self.root / spec["tokenizer"]))
-        encoded = self._text_tokenizer.encode_batch([str(v) for v in texts])
-        return (np.array([e.ids for e in encoded], dtype=np.int64),
-                np.array([e.attention_mask for e in encoded], dtype=np.int64))
 
     def ann_index(self):
         """The bundle's faiss index, with the items added since loading (id = row - 1)."""
@@ -477,6 +484,7 @@ class SearchPredictor(BundleReader):
         self.catalogue = self._table("search_vectors", precision)
         self.buckets = int(self.manifest["query"]["ngram_buckets"])
         self.personal = bool(self.manifest["query"]["member_state"])
+        self.text_tower = self.manifest["query"].get("text_tower")  # None: n-grams only
 
     def search(self, query: str, history: History | Sequence[int] | None = None,
                k: int = 10) -> list[int]:
@@ -505,8 +513,12 @@ class SearchPredictor(BundleReader):
 
     def query_vectors_of(self, queries: Sequence[str],
                          events: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
-        grams = hashed_ngrams([str(q) for q in queries], self.buckets)
-        inputs = (grams, *self._token_inputs(events)) if self.personal else (grams,)
+        texts = [str(q) for q in queries]
+        inputs = [hashed_ngrams(texts, self.buckets)]
+        if self.text_tower is not None:
+            inputs.append(self._text_vectors(self.text_tower, texts))
+        if self.personal:
+            inputs += self._token_inputs(events)
         return np.asarray(self._run(*inputs), dtype=np.float32)
 
 

@@ -74,10 +74,10 @@ def write_content(dense: nn.Module, model: MemberModelConfig, root: Path
                    "project": adapter.project.weight.detach().numpy()}, str(root / rel))
         modalities[name] = {"adapter": rel, "dim": int(adapter.vectors.shape[1])}
         if Modality(name) == Modality.text:
-            modalities[name].update(_write_text_tower(model, root, adapter))
+            modalities[name].update(write_text_tower(model, root, adapter))
             if isinstance(adapter, TunedTextAdapter) and dense.match is not None:
                 # content match scores by the frozen tower's vectors: new items need both
-                frozen = _write_text_tower(model, root, None, f"{TEXT_STEM}_match")
+                frozen = write_text_tower(model, root, None, f"{TEXT_STEM}_match")
                 modalities[name]["match_program"] = frozen["program"]
         elif Modality(name) in (Modality.image, Modality.audio):
             modalities[name].update(_write_encoder_tower(model, name, root))
@@ -105,7 +105,7 @@ def _write_match(dense: nn.Module, root: Path) -> dict[str, Any] | None:
                        "recency[age] · units[item]"}
 
 
-def _write_text_tower(model: MemberModelConfig, root: Path, adapter: nn.Module | None,
+def write_text_tower(model: MemberModelConfig, root: Path, adapter: nn.Module | None,
                       stem: str = TEXT_STEM) -> dict[str, Any]:
     """The text tower as programs: with a tuned adapter, its trained top layers in it."""
     tower = MiniLMTextTower(model.text_tower).eval()

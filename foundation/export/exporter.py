@@ -276,7 +276,7 @@ def _finish(run: TrainedRun, cfg: DictConfig, staging: Path, parity_dir: Path,
     elif kind == BundleKind.search:
         ann = write_ann_index(staging, scoring) if cfg.ann else None
         manifest = _manifest(run, tables, ann, write_search_program(run, staging))
-        manifest["query"] = search_query_manifest(run)
+        manifest["query"] = search_query_manifest(run, staging)
     else:
         manifest = _manifest(run, tables, None, write_candidate_program(run, staging))
     _write_manifest(staging, manifest)

@@ -191,8 +191,12 @@ class ContentAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, items: Tensor) -> Tensor:
-        out = self.project(self.dropout(self.tower_vectors(items) - self.center))
-        return out * self.has[items].unsqueeze(-1)
+        return self.adapt(self.tower_vectors(items)) * self.has[items].unsqueeze(-1)
+
+    def adapt(self, vectors: Tensor) -> Tensor:
+        """Tower vectors ``[..., d]`` (an item's, or a search query's through the same
+        tower) → the model's item space."""
+        return self.project(self.dropout(vectors - self.center))
 
     def tower_vectors(self, items: Tensor) -> Tensor:
         return self.vectors[items]
