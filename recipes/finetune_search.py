@@ -22,13 +22,13 @@ from foundation.choices import BundleKind, Choice
 from foundation.metrics import rank_metrics, target_ranks
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.losses import log_item_probability, sampled_softmax_loss
-from foundation.models.towers import MiniLMTextTower, Modality, TextTowerConfig, encode_texts
 from foundation.models.member import (
     EventEncoder,
     ReadsItemsLikeThePretrain,
     last_states,
     sparse_features,
 )
+from foundation.models.towers import MiniLMTextTower, Modality, TextTowerConfig, encode_texts
 from foundation.tasks import PRETRAIN_ONLY_KEYS, Task, all_concat, register_recipe, synchronised
 
 QUERY_SLOTS = 1 << 10  # a query's evaluation id: sample_id * QUERY_SLOTS + its index

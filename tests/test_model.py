@@ -358,13 +358,14 @@ def test_the_exported_candidate_program_scores_padded_rows_as_the_model_scores_j
 def test_the_exported_search_program_reads_query_text_as_the_model_does():
     """Query n-grams + the query's text tower vector (through the titles' text adapter) +
     the member's state: the program's padded inputs give the training path's vectors."""
-    from foundation.models.content import ContentAdapter, ItemContent
     from foundation.recipes.finetune_search import (
         PersonalisedSearch,
         SearchConfig,
         SearchQueryProgram,
         ngram_rows,
     )
+
+    from foundation.models.content import ContentAdapter, ItemContent
 
     torch.manual_seed(0)
     content = ItemContent({"text": ContentAdapter(torch.randn(50, 6), torch.ones(50).bool(), 8,
