@@ -17,6 +17,7 @@ from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
 from foundation.choices import BundleKind
+from foundation.distributed.collectives import catalogue_slice, world
 from foundation.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.metrics.ann import ann_target_ranks, hnsw_index
 from foundation.metrics.calibration import (
@@ -29,6 +30,7 @@ from foundation.models.content import ContentMatch, ItemContent
 from foundation.models.history import HistoryBias, add_pairs
 from foundation.models.losses import (
     full_softmax_loss,
+    sharded_softmax_loss,
     log_item_probability,
     next_item_pairs,
     sampled_softmax_loss,
@@ -64,7 +66,9 @@ class Similarity(str, Enum):
 
 class Loss(str, Enum):
     """``sampled_softmax``: in-batch targets + uniform negatives (any catalogue);
-    ``full_softmax``: every item (small catalogues)."""
+    ``full_softmax``: every item, exactly; on a sharded table each rank scores every rank's
+    queries against its own slice of the catalogue (``sharded_softmax_loss``), so no rank
+    looks up the whole table."""
 
     sampled_softmax = "sampled_softmax"
     full_softmax = "full_softmax"
@@ -198,7 +202,10 @@ class NextItemModel(nn.Module):
         # A model that can score new items from their content must not learn, as negatives,
         # the items training never shows: it would learn to bury exactly the cold ones.
         absent = ~self.seen if self.fallback is not None else None
-        if Loss(self.recipe.loss) == Loss.full_softmax:  # negatives: every item 1..V-1, in order
+        if Loss(self.recipe.loss) == Loss.full_softmax:  # negatives: items in order
+            if self.item_table is None:  # sharded: this rank's slice of the catalogue
+                return sharded_softmax_loss(queries, targets, negative_vectors,
+                                            int(negatives[0]), absent, offsets)
             return full_softmax_loss(queries, targets, negative_vectors, absent, offsets)
         return sampled_softmax_loss(
             queries, targets, self.scored_items(
@@ -245,8 +252,9 @@ class PretrainMemberFM(Task):
         return {}
 
     def features(self, batch):
-        if Loss(self.recipe.loss) == Loss.full_softmax:
-            negatives = torch.arange(1, self.num_items)
+        if Loss(self.recipe.loss) == Loss.full_softmax:  # a sharded table: this rank's slice
+            negatives = torch.arange(*catalogue_slice(self.num_items, *world()) if
+                                     self.sharded_items else (1, self.num_items))
         else:
             negatives = torch.randint(1, self.num_items, (self.recipe.num_negatives,))
         kjt = sparse_features(batch, negatives=negatives, with_items=self.sharded_items)

@@ -64,6 +64,32 @@ def test_column_wise_item_table_is_split_across_ranks(tmp_path, synth_shards):
     assert "column_wise" in ranks[0]["plan"]
 
 
+def test_the_sharded_full_softmax_equals_the_single_process_one(tmp_path):
+    """Loss and gradients (queries, catalogue rows, history offsets) of the 2-rank exact
+    softmax, each rank holding half the catalogue, against one process holding all of it."""
+    run_torchrun(["tests/workers/sharded_softmax.py", str(tmp_path)])
+    ranks = read_reports(tmp_path)
+    assert [r["slice"] for r in ranks] == [[1, 51], [51, 101]]
+    for r in ranks:
+        assert r["rows_held"] < r["catalogue"], r
+        for diff in ("loss_diff", "queries_grad_diff", "shard_grad_diff", "offsets_grad_diff"):
+            assert r[diff] <= 1e-5, (diff, r)
+
+
+def test_full_softmax_on_a_sharded_table_never_looks_up_the_whole_catalogue(tmp_path,
+                                                                           synth_shards):
+    ranks = train_two_ranks(tmp_path, synth_shards, "sharding=column_wise",
+                            "recipe.loss=full_softmax")
+    key = next(k for k in ranks[0]["local_shards"] if "item_table" in k)
+    catalogue = ranks[0]["items"] - 1  # id 0 is padding
+    for r in ranks:  # half the columns held; half the rows scored, at every step
+        assert r["local_shards"][key][0][1] == 32
+        assert r["most_item_rows_scored"] <= catalogue // 2 + 1, r
+    assert sum(r["most_item_rows_scored"] for r in ranks) == catalogue
+    losses = ranks[0]["losses"]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
 def test_the_consolidated_dense_state_continues_exactly_on_any_zero_stage(tmp_path):
     """What a resharded resume loads: weights + AdamW moments + step, gathered from ZeRO's
     partitions and re-partitioned, so training continues as if never interrupted."""

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from foundation.distributed.collectives import gather_rows, row_counts, world
 from foundation.models.history import add_pairs
 
 # (query, item, offset) triples: score offsets of some items for some queries (HistoryBias)
@@ -102,3 +103,45 @@ def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor,
     if absent is not None:
         logits = logits.masked_fill(absent[1:], float("-inf"))
     return F.cross_entropy(logits, target_ids - 1)
+
+
+def sharded_softmax_loss(queries: Tensor, target_ids: Tensor, shard: Tensor, start: int,
+                         absent: Tensor | None = None, offsets: Offsets | None = None) -> Tensor:
+    """``full_softmax_loss`` with the catalogue split across ranks, never gathered: this
+    rank holds ``shard``, the vectors of items ``start .. start + len(shard) - 1``
+    (``collectives.catalogue_slice``), and scores every rank's queries against them; each
+    query's log-sum-exp and target logit are combined over the ranks' slices. Gradients
+    reach each slice's rows on its own rank only. ``absent`` ([V] bool) and ``offsets``
+    (this rank's queries') as in ``full_softmax_loss``. Collective: every rank calls it."""
+    rank, size = world()
+    if size == 1:
+        return full_softmax_loss(queries, target_ids, shard, absent, offsets)
+    counts = row_counts(len(queries))
+    first = sum(counts[:rank])  # this rank's first row among all queries
+    everyone, targets = gather_rows(queries, counts), gather_rows(target_ids, counts)
+    logits = everyone @ shard.T
+    if offsets is not None:
+        logits = _add_gathered_offsets(logits, offsets, first, start)
+    if absent is not None:
+        logits = logits.masked_fill(absent[start:start + len(shard)], NO_ITEM)
+    column = targets - start
+    owned = (column >= 0) & (column < len(shard))
+    target_logit = torch.zeros_like(logits[:, 0]).index_put(
+        (owned.nonzero().squeeze(1),), logits[owned, column[owned]])
+    parts = gather_rows(torch.stack([logits.logsumexp(1), target_logit]).unsqueeze(0), [1] * size)
+    loss = parts[:, 0].logsumexp(0) - parts[:, 1].sum(0)  # every query's cross-entropy
+    return loss[first:first + len(queries)].mean()
+
+
+NO_ITEM = -1e30  # a left-out item's logit: finite, so a slice with none left has no NaN grads
+
+
+def _add_gathered_offsets(logits: Tensor, offsets: Offsets, first: int, start: int) -> Tensor:
+    """Every rank's (query, item, offset) triples added to this slice's logits (rows of all
+    ranks' queries; columns of this slice)."""
+    query, item, value = offsets
+    counts = row_counts(len(query))
+    query = gather_rows(query + first, counts)  # each rank's rows, shifted to all ranks' rows
+    item, value = gather_rows(item, counts), gather_rows(value.to(logits.dtype), counts)
+    mine = (item >= start) & (item < start + logits.shape[1])
+    return add_pairs(logits, (query[mine], item[mine], value[mine]), column_offset=start)

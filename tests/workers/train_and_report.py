@@ -17,6 +17,7 @@ from foundation.train.trainer import Trainer
 def main() -> None:
     report_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
     trainer = Trainer(compose("train", overrides))
+    looked_up = record_item_rows(trainer.task)
     summary = trainer.fit()
     engine = trainer.model.engine
     dense_params = sum(p.numel() for p in engine.module.parameters())
@@ -38,10 +39,24 @@ def main() -> None:
         "last_loss": summary["last_loss"],
         "val": summary["val"],
         "threads": torch.get_num_threads(),
+        "items": trainer.task.num_items,
+        "most_item_rows_scored": max(looked_up),  # the catalogue rows a step looked up
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rank{trainer.env.rank}.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
+
+
+def record_item_rows(task) -> list[int]:
+    """The number of catalogue rows (``negatives``) each training step looks up."""
+    rows, features = [], task.features
+
+    def recording(batch):
+        kjt, extra = features(batch)
+        rows.append(len(extra.get("negatives", ())))
+        return kjt, extra
+    task.features = recording
+    return rows
 
 
 if __name__ == "__main__":

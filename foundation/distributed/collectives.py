@@ -1,0 +1,40 @@
+"""Collectives over rows that differ in number per rank, with gradients: the pieces of a
+loss that spans ranks (the sharded full softmax, ``foundation.models.losses``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def row_counts(rows: int) -> list[int]:
+    """Every rank's number of rows (``rows`` is this rank's)."""
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world()[1])]
+    dist.all_gather(counts, torch.tensor([rows]))
+    return [int(c.item()) for c in counts]
+
+
+def gather_rows(local: Tensor, counts: list[int]) -> Tensor:
+    """Every rank's ``local`` rows, concatenated in rank order; differentiable (a row's
+    gradient, summed over the ranks that used it, returns to the rank it came from)."""
+    padded = local.new_zeros(max(counts), *local.shape[1:])
+    padded = padded.index_put((torch.arange(len(local)),), local)
+    parts = funcol.all_gather_single(padded, 0, dist.group.WORLD).chunk(len(counts))
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def catalogue_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The items ``[start, end)`` of 1..num_items-1 (0 is padding) that ``rank`` scores: one
+    contiguous, near-equal slice per rank."""
+    items = num_items - 1
+    start = 1 + rank * items // world_size
+    return start, 1 + (rank + 1) * items // world_size
