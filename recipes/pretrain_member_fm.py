@@ -30,10 +30,10 @@ from foundation.models.content import ContentMatch, ItemContent
 from foundation.models.history import HistoryBias, add_pairs
 from foundation.models.losses import (
     full_softmax_loss,
-    sharded_softmax_loss,
     log_item_probability,
     next_item_pairs,
     sampled_softmax_loss,
+    sharded_softmax_loss,
 )
 from foundation.models.member import (
     EventEncoder,
