@@ -36,5 +36,8 @@ def catalogue_slice(num_items: int, rank: int, world_size: int) -> tuple[int, in
     """The items ``[start, end)`` of 1..num_items-1 (0 is padding) that ``rank`` scores: one
     contiguous, near-equal slice per rank."""
     items = num_items - 1
+    if items < world_size:  # every rank decides alike: all raise, none waits for the others
+        raise ValueError(f"a catalogue of {items} items cannot be split over {world_size} "
+                         f"ranks: use model.item_table=replicated or fewer ranks")
     start = 1 + rank * items // world_size
     return start, 1 + (rank + 1) * items // world_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from foundation.distributed.collectives import gather_rows, row_counts, world
 from foundation.models.history import add_pairs
@@ -105,12 +106,18 @@ def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor,
     return F.cross_entropy(logits, target_ids - 1)
 
 
+SCORE_CHUNK = 1 << 15  # catalogue items scored at once by the sharded softmax
+NO_ITEM = -1e30  # a left-out item's logit: finite, so a slice with none left has no NaN grads
+
+
 def sharded_softmax_loss(queries: Tensor, target_ids: Tensor, shard: Tensor, start: int,
-                         absent: Tensor | None = None, offsets: Offsets | None = None) -> Tensor:
+                         absent: Tensor | None = None, offsets: Offsets | None = None,
+                         chunk: int = SCORE_CHUNK) -> Tensor:
     """``full_softmax_loss`` with the catalogue split across ranks, never gathered: this
     rank holds ``shard``, the vectors of items ``start .. start + len(shard) - 1``
-    (``collectives.catalogue_slice``), and scores every rank's queries against them; each
-    query's log-sum-exp and target logit are combined over the ranks' slices. Gradients
+    (``collectives.catalogue_slice``), and scores every rank's queries against them, ``chunk``
+    items at a time (recomputed in backward, so the logits held are queries × ``chunk``);
+    each query's log-sum-exp and target logit are combined over chunks and ranks. Gradients
     reach each slice's rows on its own rank only. ``absent`` ([V] bool) and ``offsets``
     (this rank's queries') as in ``full_softmax_loss``. Collective: every rank calls it."""
     rank, size = world()
@@ -119,29 +126,39 @@ def sharded_softmax_loss(queries: Tensor, target_ids: Tensor, shard: Tensor, sta
     counts = row_counts(len(queries))
     first = sum(counts[:rank])  # this rank's first row among all queries
     everyone, targets = gather_rows(queries, counts), gather_rows(target_ids, counts)
-    logits = everyone @ shard.T
-    if offsets is not None:
-        logits = _add_gathered_offsets(logits, offsets, first, start)
-    if absent is not None:
-        logits = logits.masked_fill(absent[start:start + len(shard)], NO_ITEM)
-    column = targets - start
-    owned = (column >= 0) & (column < len(shard))
-    target_logit = torch.zeros_like(logits[:, 0]).index_put(
-        (owned.nonzero().squeeze(1),), logits[owned, column[owned]])
-    parts = gather_rows(torch.stack([logits.logsumexp(1), target_logit]).unsqueeze(0), [1] * size)
-    loss = parts[:, 0].logsumexp(0) - parts[:, 1].sum(0)  # every query's cross-entropy
+    pairs = None if offsets is None else _gathered_offsets(offsets, first)
+    chunks = torch.stack([  # [chunks, 2, all queries]
+        checkpoint(_score_columns, everyone, targets, shard[c:c + chunk], start + c, absent,
+                   pairs, use_reentrant=False)
+        for c in range(0, len(shard), chunk)])
+    local = torch.stack([chunks[:, 0].logsumexp(0), chunks[:, 1].sum(0)])
+    ranks = gather_rows(local.unsqueeze(0), [1] * size)
+    loss = ranks[:, 0].logsumexp(0) - ranks[:, 1].sum(0)  # every query's cross-entropy
     return loss[first:first + len(queries)].mean()
 
 
-NO_ITEM = -1e30  # a left-out item's logit: finite, so a slice with none left has no NaN grads
+def _score_columns(queries: Tensor, targets: Tensor, columns: Tensor, start: int,
+                   absent: Tensor | None, pairs: Offsets | None) -> Tensor:
+    """``[2, queries]``: the log-sum-exp of each query's logits over items ``start ..
+    start + len(columns) - 1``, and its target's logit where the target is one of them
+    (else 0). ``absent``: [V] bool."""
+    logits = queries @ columns.T
+    if pairs is not None:
+        query, item, value = pairs
+        inside = (item >= start) & (item < start + len(columns))
+        logits = add_pairs(logits, (query[inside], item[inside], value[inside]),
+                           column_offset=start)
+    if absent is not None:
+        logits = logits.masked_fill(absent[start:start + len(columns)], NO_ITEM)
+    column = targets - start
+    owned = ((column >= 0) & (column < len(columns))).nonzero().squeeze(1)
+    target = torch.zeros_like(logits[:, 0]).index_put((owned,), logits[owned, column[owned]])
+    return torch.stack([logits.logsumexp(1), target])
 
 
-def _add_gathered_offsets(logits: Tensor, offsets: Offsets, first: int, start: int) -> Tensor:
-    """Every rank's (query, item, offset) triples added to this slice's logits (rows of all
-    ranks' queries; columns of this slice)."""
+def _gathered_offsets(offsets: Offsets, first: int) -> Offsets:
+    """Every rank's (query, item, offset) triples, queries numbered among all ranks'."""
     query, item, value = offsets
     counts = row_counts(len(query))
-    query = gather_rows(query + first, counts)  # each rank's rows, shifted to all ranks' rows
-    item, value = gather_rows(item, counts), gather_rows(value.to(logits.dtype), counts)
-    mine = (item >= start) & (item < start + logits.shape[1])
-    return add_pairs(logits, (query[mine], item[mine], value[mine]), column_offset=start)
+    return (gather_rows(query + first, counts), gather_rows(item, counts),
+            gather_rows(value, counts))

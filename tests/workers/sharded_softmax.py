@@ -2,7 +2,7 @@
 
 Every rank draws the same queries, targets, catalogue, left-out items and history offsets
 (one seed), uneven rows per rank. Each computes the sharded loss on its own rows against its
-own slice of the catalogue and backpropagates; the reference is the single-process full
+own slice of the catalogue, a chunk at a time, and backpropagates; the reference is the single-process full
 softmax of every rank's rows over the whole catalogue (the sum of the ranks' losses, as
 the ranks' backward passes add up). Each rank writes REPORT_DIR/rank<r>.json: the largest
 differences of its loss and of the gradients of its queries, slice and offsets, and how many
@@ -22,6 +22,7 @@ from foundation.distributed.env import init_distributed
 from foundation.models.losses import full_softmax_loss, sharded_softmax_loss
 
 ITEMS, DIM, OFFSETS = 101, 16, 300
+CHUNK = 16  # items scored at once: several chunks per slice, the last one short
 
 
 def main() -> None:
@@ -58,7 +59,8 @@ def main() -> None:
     shard, own_queries, values = (t.clone().requires_grad_() for t in
                                   (catalogue[start - 1:end - 1], queries[rows], pairs[2][mine]))
     loss = sharded_softmax_loss(own_queries, targets[rows], shard, start, absent,
-                                (pairs[0][mine] - rows.start, pairs[1][mine], values))
+                                (pairs[0][mine] - rows.start, pairs[1][mine], values),
+                                chunk=CHUNK)
     loss.backward()
     report = {
         "rank": rank,
