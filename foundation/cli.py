@@ -19,12 +19,13 @@ foundation train [--nproc N] [--max-restarts K] recipe=NAME data.path=DIR run_di
 foundation eval run_dir=RUN [split=test]                        writes RUN/eval.json
 foundation eval compare RUN_A RUN_B|RUN_A@most_popular [--group cold]  offline A/B test
 foundation export [--nproc N] run_dir=RUN output=BUNDLE           serving bundle + parity gate
+foundation plan tables.items.rows=N world_size=R device_memory_gb=G  bytes per rank, fits?
 foundation recipes                                              list recipes
 foundation demo [--dir DIR]                                     the whole path, end to end
 """
 
 CONFIG_OF = {"synth": "data_synth", "build": "data_build", "train": "train", "eval": "eval",
-             "export": "export"}
+             "export": "export", "plan": "plan"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
                     "auto|latest|best|step-N (auto: the best after early stopping, else the newest), precisions=[fp32,fp16,int8], ann=true|false, "
                     "parity_batches, max_abs_diff, overwrite."))
     export.add_argument("--nproc", type=int, default=1, help="ranks to load the model on")
+    _with_overrides(sub.add_parser(
+        "plan", help="will the tables and dense state fit? bytes per rank",
+        description="TorchRec's planner on the meta device (nothing allocated) places the "
+                    "tables over world_size devices; prints the plan and, per rank, the bytes "
+                    "of its table shards and their optimizer state, its ZeRO partition of the "
+                    "dense state, the loss's scoring buffers and an activation estimate; exits "
+                    "2 when they do not fit. Keys: tables.NAME.rows, tables.NAME.dim, "
+                    "world_size, ranks_per_node, device=cuda|cpu, device_memory_gb, "
+                    "batch_size, loss=sampled_softmax|full_softmax, num_negatives, model.*, "
+                    "engine.zero_stage, sharding.types, sharding.optimizer."))
     sub.add_parser("recipes", help="list the recipes")
     demo = sub.add_parser("demo", help="synth → pretrain (2 ranks) → fine-tune → eval")
     demo.add_argument("--dir", default="demo")
@@ -150,6 +161,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         return _export(args, cfg)
+    if args.command == "plan":
+        from foundation.distributed.planning import run_plan
+
+        return run_plan(cfg)
     return _train(args, cfg)
 
 

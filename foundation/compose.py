@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from foundation.config import ConfigError, EvalConfig, ExportConfig, TrainConfig
+from foundation.config import ConfigError, EvalConfig, ExportConfig, PlanConfig, TrainConfig
 from foundation.data.configs import register_configs as register_data_configs
 from foundation.recipes import RECIPES, recipe_dirs
 
@@ -29,6 +29,7 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
     store.store(name="export_schema", node=ExportConfig)
+    store.store(name="plan_schema", node=PlanConfig)
     for name, recipe in RECIPES.items():
         store.store(group="recipe", name=f"{name}_schema", node=recipe.config_class)
     register_data_configs()

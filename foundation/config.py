@@ -1,4 +1,4 @@
-"""The typed schemas of the commands (train, eval, export), and config identity.
+"""The typed schemas of the commands (train, eval, export, plan), and config identity.
 
 A leaf: the components' own schemas are imported from next to the classes they configure;
 nothing here imports the trainer, evaluation, export or the recipes. ``foundation.compose``
@@ -16,7 +16,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from foundation.choices import Choice
 from foundation.data.loader import DataConfig
 from foundation.distributed.engine import EngineConfig, OptimConfig
-from foundation.distributed.sharding import ShardingConfig
+from foundation.distributed.sharding import ShardingConfig, ShardingType
+from foundation.models.losses import Loss
 from foundation.models.member import MemberModelConfig
 from foundation.tracking import LoggerConfig
 
@@ -77,6 +78,37 @@ class EvalConfig:
     split: str = "test"
     checkpoint: str = "auto"  # auto (best with early stopping, else latest) | latest | best | step-N
     batch_size: int = 256
+
+
+class Device(Choice):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+@dataclass
+class TableSpec:
+    rows: int = MISSING
+    dim: int = 128
+
+
+@dataclass
+class PlanConfig:
+    """``foundation plan``: a model's tables and dense state on a cluster (configs/plan.yaml)."""
+
+    tables: dict[str, TableSpec] = field(
+        default_factory=lambda: {"items": TableSpec(rows=1_000_000)})
+    world_size: int = 8
+    ranks_per_node: int = 8
+    device: Device = Device.cuda
+    device_memory_gb: float = 80.0
+    batch_size: int = 128  # sequences per rank and step (data.batch_size)
+    loss: Loss = Loss.sampled_softmax  # recipe.loss: what the scoring buffers hold
+    num_negatives: int = 256  # recipe.num_negatives (sampled softmax)
+    model: MemberModelConfig = field(default_factory=MemberModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sharding: ShardingConfig = field(default_factory=lambda: ShardingConfig(
+        types=[ShardingType.row_wise, ShardingType.table_wise, ShardingType.column_wise,
+               ShardingType.table_row_wise]))
 
 
 class Precision(Choice):

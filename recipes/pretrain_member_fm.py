@@ -29,6 +29,7 @@ from foundation.metrics.calibration import (
 from foundation.models.content import ContentMatch, ItemContent
 from foundation.models.history import HistoryBias, add_pairs
 from foundation.models.losses import (
+    Loss,
     full_softmax_loss,
     log_item_probability,
     next_item_pairs,
@@ -62,16 +63,6 @@ class Similarity(str, Enum):
 
     dot = "dot"
     cosine = "cosine"
-
-
-class Loss(str, Enum):
-    """``sampled_softmax``: in-batch targets + uniform negatives (any catalogue);
-    ``full_softmax``: every item, exactly; on a sharded table each rank scores every rank's
-    queries against its own slice of the catalogue (``sharded_softmax_loss``), so no rank
-    looks up the whole table."""
-
-    sampled_softmax = "sampled_softmax"
-    full_softmax = "full_softmax"
 
 
 @dataclass

@@ -4,6 +4,7 @@ really is a DeepSpeed engine at the configured ZeRO stage, and every stage train
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import FAST, read_reports, run_torchrun
@@ -16,8 +17,10 @@ STEPS = ["trainer.max_steps=40", "trainer.eval_every=0", "trainer.eval_batches=2
 
 def train_two_ranks(tmp_path, synth_shards, *overrides):
     reports = tmp_path / "reports"
-    run_torchrun(["tests/workers/train_and_report.py", str(reports), f"data.path={synth_shards}",
-                  f"run_dir={tmp_path / 'run'}", *FAST, *STEPS, *overrides])
+    result = run_torchrun(["tests/workers/train_and_report.py", str(reports),
+                           f"data.path={synth_shards}", f"run_dir={tmp_path / 'run'}", *FAST,
+                           *STEPS, *overrides])
+    (tmp_path / "output.log").write_text(result.stdout + result.stderr)
     ranks = read_reports(reports)
     assert [r["rank"] for r in ranks] == [0, 1]
     return ranks
@@ -62,6 +65,12 @@ def test_column_wise_item_table_is_split_across_ranks(tmp_path, synth_shards):
     (rows0, cols0), (rows1, cols1) = shards[0][0], shards[1][0]
     assert rows0 == rows1 and cols0 + cols1 == 64 and cols0 == cols1  # each rank: half the columns
     assert "column_wise" in ranks[0]["plan"]
+    # The run logs what `foundation plan` prints, for the plan it runs: half the rows' bytes.
+    printed = (tmp_path / "output.log").read_text()
+    assert "bytes per rank" in printed and "item_table: column_wise" in printed
+    held = sum(rows * cols for shard in ranks[0]["local_shards"].values() for rows, cols in shard)
+    per_rank = re.search(r"^\s+MiB .*\n\s+ranks 0-1\s+([\d.]+)", printed, re.MULTILINE)
+    assert per_rank and abs(float(per_rank.group(1)) - held * 4 / 2 ** 20) < 1e-3, printed
 
 
 def test_the_sharded_full_softmax_equals_the_single_process_one(tmp_path):

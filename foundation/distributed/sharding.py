@@ -97,21 +97,26 @@ def shard_sparse_arch(module: nn.Module, cfg: ShardingConfig, env: DistEnv
     optimizer = SPARSE_OPTIMIZERS[name]
     apply_optimizer_in_backward(optimizer, module.parameters(), kwargs)
     sharders = [EmbeddingCollectionSharder()]
-    constraints = {
-        name: ParameterConstraints(sharding_types=sharding_types(cfg),
-                                   min_partition=max(4, param.shape[1] // env.world_size))
-        for name, param in _tables(module)
-    }
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, compute_device=env.device.type,
                           local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))),
-        constraints=constraints)
+        constraints=table_constraints(module, cfg, env.world_size))
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     model = DistributedModelParallel(module, device=env.device, plan=plan, sharders=sharders)
     return model, plan
 
 
-def _tables(module: nn.Module):
+def table_constraints(module: nn.Module, cfg: ShardingConfig, world_size: int
+                      ) -> dict[str, ParameterConstraints]:
+    """What the planner may do with each table: the configured sharding types; column
+    shards no narrower than the table's width over the ranks."""
+    return {name: ParameterConstraints(sharding_types=sharding_types(cfg),
+                                       min_partition=max(4, param.shape[1] // world_size))
+            for name, param in table_parameters(module)}
+
+
+def table_parameters(module: nn.Module):
+    """(table name, weight) of each embedding table of ``module``."""
     for name, param in module.named_parameters():
         # "...embeddings.<table>.weight" → "<table>"
         yield name.split(".")[-2], param

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,6 +11,16 @@ from torch.utils.checkpoint import checkpoint
 
 from foundation.distributed.collectives import gather_rows, row_counts, world
 from foundation.models.history import add_pairs
+
+class Loss(str, Enum):
+    """``sampled_softmax``: in-batch targets + uniform negatives (any catalogue);
+    ``full_softmax``: every item, exactly; on a sharded table each rank scores every rank's
+    queries against its own slice of the catalogue (``sharded_softmax_loss``), so no rank
+    looks up the whole table."""
+
+    sampled_softmax = "sampled_softmax"
+    full_softmax = "full_softmax"
+
 
 # (query, item, offset) triples: score offsets of some items for some queries (HistoryBias)
 Offsets = tuple[Tensor, Tensor, Tensor]

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from foundation.distributed.engine import DeepSpeedDenseEngine
 from foundation.distributed.env import DistEnv
-from foundation.distributed.sharding import shard_sparse_arch
+from foundation.distributed.planning import log_rank_bytes
+from foundation.distributed.sharding import shard_sparse_arch, table_parameters
 from foundation.models.finetune import FinetuneConfig, Tuning, apply_finetune
 from foundation.models.member import sparse_features
 from foundation.tasks import Task
@@ -28,9 +29,13 @@ class ShardedModel:
         settings = task.finetune()
         sharding = cfg.sharding if warm_start is None or settings is None else OmegaConf.merge(
             cfg.sharding, {"lr": settings.table_lr})
-        self.sparse, self.plan = shard_sparse_arch(task.build_sparse(torch.device("meta")),
-                                                   sharding, env)
+        sparse = task.build_sparse(torch.device("meta"))
+        shapes = {name: tuple(w.shape) for name, w in table_parameters(sparse)}
+        self.sparse, self.plan = shard_sparse_arch(sparse, sharding, env)
         dense = task.build_dense()
+        if train and env.is_main:
+            log_rank_bytes(shapes, cfg, self.plan, sum(p.numel() for p in dense.parameters()),
+                           task.num_items, env.world_size)
         if warm_start is not None:
             # Before the engine wraps the module: ZeRO then partitions the loaded weights.
             checkpoint.load_sparse(warm_start, self.sparse, optimizer=True)

@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 
 from foundation.compose import compose
+from foundation.console import setup_logging
 from foundation.distributed.sharding import local_shard_shapes
 from foundation.train.trainer import Trainer
 
 
 def main() -> None:
     report_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
+    setup_logging()  # as `foundation train` does: rank 0's log on stdout
     trainer = Trainer(compose("train", overrides))
     looked_up = record_item_rows(trainer.task)
     summary = trainer.fit()
