@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 from foundation.data.batch import ItemBatch
 from foundation.data.items import decode_item
-from foundation.data.loader import ErrorPolicy, _batch, _seeded_shuffle
+from foundation.data.loader import ErrorPolicy, _batch, _seeded_shuffle, skip_consumed
 from foundation.data.writer import load_manifest
 from torch.utils.data import DataLoader, get_worker_info
 
@@ -65,8 +65,10 @@ def collate_items(rows: list[dict[str, Any]], modalities: tuple[str, ...]) -> It
 def build_item_loader(path: str | Path, split: str, *, batch_size: int, modalities: tuple[str, ...],
                       val_fraction: float = 0.1, seed: int = 0, epoch: int = 0, rank: int = 0,
                       world_size: int = 1, num_workers: int = 0, shuffle: bool = True,
-                      shuffle_buffer: int = 1000, on_error: str = "raise") -> DataLoader:
-    """One epoch of a split of the items as ItemBatches holding ``modalities``."""
+                      shuffle_buffer: int = 1000, on_error: str = "raise",
+                      skip_ids: np.ndarray | None = None) -> DataLoader:
+    """One epoch of a split of the items as ItemBatches holding ``modalities``, without the
+    items ``skip_ids`` names."""
     if split not in ITEM_SPLITS:
         raise KeyError(f"item splits are {list(ITEM_SPLITS)} (held out by item id), not "
                        f"{split!r}")
@@ -89,6 +91,8 @@ def build_item_loader(path: str | Path, split: str, *, batch_size: int, modaliti
         partial(_decode, split=split, val_fraction=val_fraction, modalities=modalities,
                 handler=handler),
     ]
+    if skip_ids is not None and len(skip_ids):
+        stages.append(partial(skip_consumed, consumed=skip_ids, key="item"))
     if shuffle and shuffle_buffer > 1:
         stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch,
                               rank=rank))

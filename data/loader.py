@@ -145,6 +145,16 @@ def _check_sample_counts(src: Iterable[dict[str, Any]], *, expected: dict[str, i
     check()
 
 
+def skip_consumed(src: Iterable[dict[str, Any]], *, consumed: np.ndarray, key: str
+                  ) -> Iterator[dict[str, Any]]:
+    """Leave out the samples (by ``key``) that ``consumed`` lists: those an epoch already
+    trained on under another layout of ranks and workers (``EpochStream``)."""
+    done = frozenset(consumed.tolist())
+    for row in src:
+        if row[key] not in done:
+            yield row
+
+
 def _split_by_rank(src: Iterable[Any], *, rank: int, world_size: int) -> Iterator[Any]:
     """Strided split with the explicit rank (not env vars): each shard to exactly one rank."""
     yield from islice(src, rank, None, world_size)
@@ -243,8 +253,9 @@ def shard_urls(path: str | Path, split: str, manifest: dict[str, Any] | None = N
 def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, mode: str = "sequence",
-                 on_error: str = "raise") -> DataLoader:
-    """One epoch of ``split`` for this rank as SequenceBatches (DataLoader, batch_size=None)."""
+                 on_error: str = "raise", skip_ids: np.ndarray | None = None) -> DataLoader:
+    """One epoch of ``split`` for this rank as SequenceBatches (DataLoader, batch_size=None),
+    without the samples ``skip_ids`` names."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0 <= rank < world_size:
@@ -265,6 +276,8 @@ def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int,
         partial(_check_sample_counts, expected=urls, handler=handler),
         partial(_decode, max_len=max_len, mode=mode, schema=schema, handler=handler),
     ]
+    if skip_ids is not None and len(skip_ids):
+        stages.append(partial(skip_consumed, consumed=skip_ids, key="sample_id"))
     if shuffle and shuffle_buffer > 1:
         stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch,
                               rank=rank))

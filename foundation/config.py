@@ -30,11 +30,14 @@ class OnNan(str, Enum):
 
 
 class Reshard(str, Enum):
-    """Resuming on other ranks or loader workers: ``refuse``, or ``restart_epoch`` (tables
-    and dense state reshard exactly; the data stream restarts the checkpoint's epoch)."""
+    """Resuming on other ranks or loader workers (tables and dense state reshard exactly):
+    ``continue_epoch`` continues the checkpoint's epoch without the samples it consumed (each
+    sample exactly once); ``restart_epoch`` restarts it (those samples are seen again);
+    ``refuse``."""
 
-    refuse = "refuse"
+    continue_epoch = "continue_epoch"
     restart_epoch = "restart_epoch"
+    refuse = "refuse"
 
 
 class ConfigError(ValueError):
@@ -55,7 +58,7 @@ class TrainerConfig:
     on_nan: OnNan = OnNan.stop
     collective_timeout_s: float = 600.0  # a hung rank fails the job after this long
     resume: str = "auto"  # auto (newest committed checkpoint in run_dir) | never | a checkpoint path
-    reshard: Reshard = Reshard.refuse
+    reshard: Reshard = Reshard.continue_epoch
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

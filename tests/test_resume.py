@@ -90,29 +90,42 @@ def assert_same_metrics(a: dict, b: dict) -> None:
         assert b[name] == pytest.approx(a[name], abs=1e-9), (name, a, b)
 
 
-def test_a_checkpoint_moves_2_to_1_to_2_ranks_with_identical_eval(synth_shards, tmp_path):
+def test_a_checkpoint_moves_2_to_1_to_2_ranks_mid_epoch_each_sample_once_same_eval(
+        synth_shards, tmp_path):
+    """2 ranks → 1 → 2 within epoch 0 (2400 members, 128 a step on 2 ranks): each reload
+    evaluates as the saved model did, and the ledger shows every training member of the
+    epoch trained on exactly once across the three layouts."""
     run = tmp_path / "run"
-    whole_val = "trainer.eval_batches=0"  # every val member on any world size
-    train(synth_shards, run, "trainer.max_steps=3", whole_val)
+    common = ["trainer.eval_batches=0",  # every val member on any world size
+              "data.batch_size=64", "trainer.sample_ledger=true"]
+    train(synth_shards, run, "trainer.max_steps=5", *common)
     cmd = ["-m", "foundation.train", f"data.path={synth_shards}", f"run_dir={run}", *FAST, *RUN,
-           whole_val]
-    refused = run_torchrun([*cmd, "trainer.max_steps=5"], nproc=1, check=False)
+           *common]
+    refused = run_torchrun([*cmd, "trainer.max_steps=10", "trainer.reshard=refuse"], nproc=1,
+                           check=False)
     assert refused.returncode != 0
     assert "saved by 2 ranks × 0 loader workers; this run has 1 × 0" in refused.stderr
     assert "trainer.reshard=restart_epoch" in refused.stderr
     assert "CheckpointMismatch" not in refused.stderr  # a message, not our traceback
 
-    one = run_torchrun([*cmd, "trainer.max_steps=5", "trainer.reshard=restart_epoch"], nproc=1)
-    assert "resharded" in one.stdout and "restarts epoch 0" in one.stdout
-    saved, reloaded = evals_at(run, 3)  # the 2-rank run's final eval, then the 1-rank reload's
+    one = run_torchrun([*cmd, "trainer.max_steps=10"], nproc=1)
+    assert "continues epoch 0 without its 640 consumed samples" in one.stdout
+    saved, reloaded = evals_at(run, 5)  # the 2-rank run's final eval, then the 1-rank reload's
     assert reloaded["resharded_from"] == 2
     assert_same_metrics(saved, reloaded)
 
-    run_torchrun([*cmd, "trainer.max_steps=7", "trainer.reshard=restart_epoch"], nproc=2)
-    saved, reloaded = evals_at(run, 5)
+    two = run_torchrun([*cmd, "trainer.max_steps=24"], nproc=2)
+    assert "continues epoch 0 without its 960 consumed samples" in two.stdout
+    saved, reloaded = evals_at(run, 10)
     assert reloaded["resharded_from"] == 1
     assert_same_metrics(saved, reloaded)
-    assert sorted(losses(run)) == list(range(1, 8))  # it trained on after each reload
+    assert sorted(losses(run)) == list(range(1, 25))  # it trained on after each reload
+    ledger = SampleLedger.read(run)
+    epoch0 = Counter(i for entries in ledger.values() for e in entries if e["epoch"] == 0
+                     for i in e["ids"])
+    assert set(epoch0.values()) == {1}  # none twice
+    assert set(epoch0) == training_ids(synth_shards)  # none lost
+    assert any(e["epoch"] == 1 for entries in ledger.values() for e in entries)
 
 
 def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(

@@ -10,7 +10,9 @@
   only part of its model (``recipe.mode`` freeze / partial / lora), ``base``: the pretrain
   checkpoint (and its config hash) holding everything this one leaves out — its frozen
   weights, and its tables when they are frozen (``sparse/`` is then absent);
-* ``rank{r}.json`` and ``rng-rank{r}.safetensors`` — each rank's data-stream position and RNG;
+* ``rank{r}.json``, ``rng-rank{r}.safetensors`` and ``ids-rank{r}.safetensors`` — each
+  rank's data-stream position, RNG, and the ids of the samples its epoch has consumed (what
+  another layout of ranks continues without);
 * ``COMMITTED`` — written last, by rank 0, after every rank finished. A directory without it
   is never loaded.
 """
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -129,7 +133,8 @@ def resolve(source: str | Path, which: str = "latest") -> Path:
 
 def save(path: Path, *, sparse: nn.Module | None, engine, state: dict[str, Any],
          rank_state: dict[str, Any], rank: int, barrier, background=None,
-         trained_only: bool = False) -> Future | None:
+         trained_only: bool = False, rank_ids: dict[str, Any] | None = None
+         ) -> Future | None:
     """Every rank writes its part; rank 0 commits once all ranks are done. ``sparse`` None:
     the tables are frozen and not written; ``trained_only``: the dense state holds only what
     trains (and buffers) — ``state["base"]`` must name the checkpoint with the rest.
@@ -153,6 +158,8 @@ def save(path: Path, *, sparse: nn.Module | None, engine, state: dict[str, Any],
     dense_optim = engine.full_optimizer_state()
     save_file({"torch": torch.get_rng_state()}, str(path / f"rng-rank{rank}.safetensors"))
     _write_json(path / f"rank{rank}.json", rank_state)
+    if rank_ids is not None:
+        save_numpy(rank_ids, str(path / f"ids-rank{rank}.safetensors"))
     if rank == 0:
         save_file(dense, str(path / "dense.safetensors"))
         save_file(dense_optim, str(path / "dense_optim.safetensors"))
@@ -203,6 +210,23 @@ def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> dict[str, An
         raise UnsafeCheckpoint(f"refused to load DeepSpeed state of {path}: {err}") from None
     torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
     return json.loads((path / f"rank{rank}.json").read_text())
+
+
+def rank_ids(path: Path, rank: int) -> dict[str, Any] | None:
+    """The sample ids rank ``rank`` saved (None: a checkpoint written before they were)."""
+    file = path / f"ids-rank{rank}.safetensors"
+    return load_numpy(str(file)) if file.exists() else None
+
+
+def consumed_ids(path: Path, world_size: int) -> Any | None:
+    """Every sample the checkpoint's epoch consumed, over all the ranks that saved it
+    (None when a rank's ids are missing)."""
+    import numpy as np
+
+    saved = [rank_ids(path, rank) for rank in range(world_size)]
+    if any(ids is None for ids in saved):
+        return None
+    return np.unique(np.concatenate([a for ids in saved for a in (ids["skip"], ids["taken"])]))
 
 
 def restore_resharded(path: Path, *, sparse: nn.Module, engine) -> None:

@@ -64,7 +64,7 @@ class Checkpointer:
         if layout == (self.env.world_size, self.cfg.data.num_workers):
             rank_state = checkpoint.restore(path, sparse=model.sparse, engine=model.engine,
                                             rank=self.env.rank)
-            stream.load_state(rank_state["stream"])
+            stream.load_state(rank_state["stream"], checkpoint.rank_ids(path, self.env.rank))
         else:
             self._restore_resharded(path, layout, int(saved["step"]), model, stream)
             saved["resharded_from"] = layout[0]
@@ -79,23 +79,32 @@ class Checkpointer:
     def _restore_resharded(self, path: Path, layout: tuple[int, int], step: int,
                            model: ShardedModel, stream: EpochStream) -> None:
         """A checkpoint of another layout: tables and dense state reshard exactly; the data
-        position cannot (it belongs to the old ranks × workers), so the epoch restarts."""
+        stream continues the epoch without the samples every old rank consumed
+        (``trainer.reshard=continue_epoch``) or restarts it (``restart_epoch``)."""
         here = (self.env.world_size, self.cfg.data.num_workers)
         epoch = json.loads((path / "rank0.json").read_text())["stream"]["epoch"]
-        if Reshard(self.cfg.trainer.reshard) != Reshard.restart_epoch:
+        how = Reshard(self.cfg.trainer.reshard)
+        consumed = checkpoint.consumed_ids(path, layout[0])
+        if how == Reshard.refuse or (how == Reshard.continue_epoch and consumed is None):
+            missing = "" if how == Reshard.refuse else (
+                " and it predates the record of consumed samples that continuing needs")
             raise checkpoint.CheckpointMismatch(
                 f"{path} was saved by {layout[0]} ranks × {layout[1]} loader workers; this run "
-                f"has {here[0]} × {here[1]}. The tables and dense state reshard, but the data "
-                f"position belongs to the old layout. Rerun with the same --nproc and "
-                f"data.num_workers to continue exactly, or add trainer.reshard=restart_epoch to "
-                f"continue on this layout from the start of epoch {epoch} (its samples consumed "
-                f"so far are seen again)")
+                f"has {here[0]} × {here[1]}{missing}. Rerun with the same --nproc and "
+                f"data.num_workers, or add trainer.reshard=restart_epoch to continue on this "
+                f"layout from the start of epoch {epoch} (its samples consumed so far are seen "
+                f"again)")
         checkpoint.restore_resharded(path, sparse=model.sparse, engine=model.engine)
-        stream.load_state({"epoch": epoch, "consumed": 0})
+        if how == Reshard.continue_epoch:
+            stream.continue_elsewhere(epoch, consumed)
+        else:
+            stream.load_state({"epoch": epoch, "consumed": 0})
         seed_everything(self.cfg.seed + step, self.env.rank)  # the saved RNGs were per old rank
         if self.env.is_main:
+            what = (f"continues epoch {epoch} without its {len(consumed):,} consumed samples"
+                    if how == Reshard.continue_epoch else f"restarts epoch {epoch}")
             log.info(f"resharded {path}: {layout[0]} ranks × {layout[1]} workers → {here[0]} × "
-                     f"{here[1]}; the data stream restarts epoch {epoch}")
+                     f"{here[1]}; the data stream {what}")
 
     # -- saving ----------------------------------------------------------------------
     def save(self, step: int, model: ShardedModel, stream: EpochStream,
@@ -120,7 +129,7 @@ class Checkpointer:
         future = checkpoint.save(
             path, sparse=None if trained_only and model.tables_frozen else model.sparse,
             engine=model.engine, state=state, rank_state={"stream": stream.state()},
-            rank=self.env.rank, barrier=self.env.barrier,
+            rank_ids=stream.epoch_ids(), rank=self.env.rank, barrier=self.env.barrier,
             background=self.writer_group if background else None, trained_only=trained_only)
         if future is None:
             self._committed(keep_step)
