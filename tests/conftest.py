@@ -77,6 +77,12 @@ def worker_pids(marker: str) -> list[int]:
     return pids
 
 
+def rank_of(pid: int) -> int:
+    """The torchrun rank a worker process runs as (its RANK environment variable)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK="))[5:])
+
+
 def _parent_cmdline(pid: int) -> str:
     try:
         ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

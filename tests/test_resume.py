@@ -19,6 +19,7 @@ import torch
 from conftest import (
     FAST,
     communicate_or_dump_stacks,
+    rank_of,
     run_torchrun,
     spawn,
     wait_for_step,
@@ -128,17 +129,26 @@ def test_a_checkpoint_moves_2_to_1_to_2_ranks_mid_epoch_each_sample_once_same_ev
     assert any(e["epoch"] == 1 for entries in ledger.values() for e in entries)
 
 
+# 40 steps of 2 × 32 members: all of epoch 0 (2400 members) and the start of epoch 1.
+KILLED = ["trainer.checkpoint_every=4", "data.num_workers=1", "trainer.max_steps=40",
+          "data.batch_size=32", "trainer.sample_ledger=true"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth_shards, tmp_path_factory):
+    full = tmp_path_factory.mktemp("uninterrupted")
+    train(synth_shards, full, *KILLED)
+    return full
+
+
+@pytest.mark.parametrize("victim", [0, 1])  # the rank that commits checkpoints, and not
 def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(
-        synth_shards, tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    # 40 steps of 2 × 32 members: all of epoch 0 (2400 members) and the start of epoch 1.
-    common = ["trainer.checkpoint_every=4", "data.num_workers=1", "trainer.max_steps=40",
-              "data.batch_size=32", "trainer.sample_ledger=true"]
-    train(synth_shards, full, *common)
+        synth_shards, uninterrupted, tmp_path, victim):
+    full, killed = uninterrupted, tmp_path / "killed"
     proc = spawn([sys.executable, "-m", "foundation.cli", "train", "--nproc=2", "--max-restarts=1",
-                  f"data.path={synth_shards}", f"run_dir={killed}", *FAST, *RUN, *common])
+                  f"data.path={synth_shards}", f"run_dir={killed}", *FAST, *RUN, *KILLED])
     wait_for_step(killed, 6, proc)
-    os.kill(max(worker_pids(str(killed))), signal.SIGKILL)
+    os.kill(next(p for p in worker_pids(str(killed)) if rank_of(p) == victim), signal.SIGKILL)
     began = time.time()
     out, err = communicate_or_dump_stacks(proc, str(killed), timeout=300)
     assert proc.returncode == 0, err[-4000:]
