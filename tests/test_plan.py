@@ -56,4 +56,14 @@ def test_dense_state_follows_the_zero_stage_and_tables_their_optimizer():
     assert optimizer_bytes(SparseOptimizer.rowwise_adagrad, rows, cols) == 4 * rows
     assert optimizer_bytes(SparseOptimizer.adagrad, rows, cols) == 4 * rows * cols
     assert optimizer_bytes(SparseOptimizer.adam, rows, cols) == 8 * rows * cols
+    assert optimizer_bytes(SparseOptimizer.partial_rowwise_adam, rows, cols) == 4 * rows * (cols + 1)
     assert optimizer_bytes(SparseOptimizer.sgd, rows, cols) == 0
+
+
+def test_the_adam_family_is_planned_for_gpus_and_refused_on_cpu_with_the_choices():
+    out = foundation("plan", "sharding.optimizer=partial_rowwise_adam")
+    assert "fits" in out or "items_table" in out
+    result = foundation("plan", "device=cpu", "sharding.types=[table_wise]",
+                        "sharding.optimizer=partial_rowwise_adam", check=False)
+    assert result.returncode == 2
+    assert "no fused CPU kernel" in result.stderr and "rowwise_adagrad" in result.stderr

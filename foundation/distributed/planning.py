@@ -49,10 +49,13 @@ class RankBytes:
 
 def optimizer_bytes(optimizer: SparseOptimizer, rows: int, cols: int) -> int:
     """A table shard's optimizer state: one accumulator per row for row-wise Adagrad, one
-    per weight for Adagrad, two for Adam, none for SGD."""
-    per_weight = {SparseOptimizer.rowwise_adagrad: 0, SparseOptimizer.adagrad: 1,
-                  SparseOptimizer.adam: 2, SparseOptimizer.sgd: 0}[SparseOptimizer(optimizer)]
-    per_row = 1 if SparseOptimizer(optimizer) == SparseOptimizer.rowwise_adagrad else 0
+    per weight for Adagrad, two for Adam, one per weight and one per row for partial row-wise
+    Adam, none for SGD."""
+    optimizer = SparseOptimizer(optimizer)
+    per_weight = {SparseOptimizer.adagrad: 1, SparseOptimizer.adam: 2,
+                  SparseOptimizer.partial_rowwise_adam: 1}.get(optimizer, 0)
+    per_row = int(optimizer in (SparseOptimizer.rowwise_adagrad,
+                                SparseOptimizer.partial_rowwise_adam))
     return FP32 * (rows * per_row + rows * cols * per_weight)
 
 
@@ -158,7 +161,10 @@ def plan_cluster(cfg: DictConfig) -> tuple[object, list[RankBytes]]:
     from torchrec.distributed.planner.types import PlannerError
 
     device = str(cfg.device)
-    validate_sharding(cfg.sharding, device)
+    try:
+        validate_sharding(cfg.sharding, device)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
     # named as the framework names its tables (and never "items": nn.ModuleDict has one)
     shapes = {f"{name}_table": (int(t.rows), int(t.dim)) for name, t in cfg.tables.items()}
     module = meta_tables(shapes)

@@ -39,11 +39,13 @@ class ShardingType(Choice):
 
 
 class SparseOptimizer(Choice):
-    """Fused into the backward pass (fbgemm); adam only on GPU."""
+    """Fused into the backward pass (fbgemm); the Adam family only on GPU (partial row-wise
+    Adam: a per-weight first moment, a per-row second moment)."""
     rowwise_adagrad = "rowwise_adagrad"
     adagrad = "adagrad"
     sgd = "sgd"
     adam = "adam"
+    partial_rowwise_adam = "partial_rowwise_adam"
 
 
 SUPPORTED_TYPES = {
@@ -54,6 +56,7 @@ SPARSE_OPTIMIZERS = {
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
     "adagrad": torch.optim.Adagrad,
     "adam": torch.optim.Adam,
+    "partial_rowwise_adam": trec_optim.PartialRowWiseAdam,
     "sgd": torch.optim.SGD,
 }
 # fbgemm's CPU kernels implement only the Adagrad family and SGD.
