@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from foundation.distributed.collectives import gather_rows, row_counts, world
 from foundation.models.history import add_pairs
 
+
 class Loss(str, Enum):
     """``sampled_softmax``: in-batch targets + uniform negatives (any catalogue);
     ``full_softmax``: every item, exactly; on a sharded table each rank scores every rank's

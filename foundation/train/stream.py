@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
 from foundation.data.batch import SequenceBatch
 from foundation.data.item_loader import build_item_loader
 from foundation.data.loader import DataConfig, build_loader
