@@ -59,6 +59,16 @@ def test_table_wise_item_table_lives_on_one_rank(tmp_path, synth_shards):
 
 def test_column_wise_item_table_is_split_across_ranks(tmp_path, synth_shards):
     ranks = train_two_ranks(tmp_path, synth_shards, "sharding=column_wise", "trainer.max_steps=5")
+    # Its step-5 checkpoint, resumed by one rank: the tables' optimizer state reshards whole.
+    one = tmp_path / "one"
+    run_torchrun(["tests/workers/train_and_report.py", str(one), f"data.path={synth_shards}",
+                  f"run_dir={tmp_path / 'run'}", *FAST, *STEPS, "sharding=column_wise",
+                  "trainer.max_steps=5"], nproc=1)
+    (alone,) = read_reports(one)
+    assert alone["start_step"] == 5 and alone["sparse_optimizer"]
+    for key, value in alone["sparse_optimizer"].items():
+        saved = sum(r["sparse_optimizer"][key] for r in ranks)
+        assert value == pytest.approx(saved, rel=1e-6) and saved != 0, key
     key = next(k for k in ranks[0]["local_shards"] if "item_table" in k)
     shards = [r["local_shards"][key] for r in ranks]
     assert [len(s) for s in shards] == [1, 1]

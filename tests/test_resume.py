@@ -129,9 +129,9 @@ def test_a_checkpoint_moves_2_to_1_to_2_ranks_mid_epoch_each_sample_once_same_ev
     assert any(e["epoch"] == 1 for entries in ledger.values() for e in entries)
 
 
-# 40 steps of 2 × 32 members: all of epoch 0 (2400 members) and the start of epoch 1.
-KILLED = ["trainer.checkpoint_every=4", "data.num_workers=1", "trainer.max_steps=40",
-          "data.batch_size=32", "trainer.sample_ledger=true"]
+# 24 steps of 2 × 64 members: all of epoch 0 (2400 members) and the start of epoch 1.
+KILLED = ["trainer.checkpoint_every=4", "data.num_workers=1", "trainer.max_steps=24",
+          "data.batch_size=64", "trainer.sample_ledger=true"]
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,8 @@ def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(
     assert "resumed from" in out, out[-2000:]
     assert time.time() - began < 240
     # Same data and seeds as the uninterrupted run: its final weights must match ours.
-    a = load_file(str(full / "checkpoints/step-40/dense.safetensors"))
-    b = load_file(str(killed / "checkpoints/step-40/dense.safetensors"))
+    a = load_file(str(full / "checkpoints/step-24/dense.safetensors"))
+    b = load_file(str(killed / "checkpoints/step-24/dense.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # What the final weights saw: every training member exactly once in epoch 0, and the
     # very batches of the uninterrupted run.

@@ -151,7 +151,7 @@ def test_a_lora_checkpoint_holds_its_adapters_and_head_and_points_at_its_base(
 
 
 # The n-gram table is learnt from scratch in either case: a higher dense lr for both.
-SEARCH = ["recipe=finetune_search", "trainer.max_steps=100", "trainer.eval_every=0",
+SEARCH = ["recipe=finetune_search", "trainer.max_steps=60", "trainer.eval_every=0",
           "trainer.eval_batches=1", "trainer.optim.lr=0.01", *MODEL]
 
 

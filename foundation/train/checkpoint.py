@@ -262,8 +262,43 @@ def prune(run_dir: Path, keep_last: int, keep_step: int | None = None) -> None:
 def _load_sparse_and_optimizer(path: Path, sparse: nn.Module) -> None:
     state = _sparse_state(sparse)
     _check_sparse_fits(path, state)
-    dcp.load(state, storage_reader=SafeReader(path / "sparse"))  # reshards to this world size
+    reader = SafeReader(path / "sparse")
+    regrouped = _read_whole_row_states(reader.read_metadata().state_dict_metadata, state)
+    dcp.load(state, storage_reader=reader)  # reshards to this world size
+    for states, name, target, whole, rows in regrouped:
+        _place_row_state(target, whole, rows)
+        states[name] = target
     sparse.fused_optimizer.load_state_dict(state["optim"])
+
+
+def _read_whole_row_states(saved: dict[str, Any], state: dict[str, Any]) -> list[tuple]:
+    """Row-wise optimizer states whose saved size differs from this layout's: a column-wise
+    table keeps one value per row for each column shard, so their number changes with the
+    ranks. Each is read whole instead (a plain tensor in ``state``, filled by the load)."""
+    regrouped = []
+    for param, states in state["optim"]["state"].items():
+        for name, value in states.items():
+            have = tuple(getattr(saved.get(f"optim.state.{param}.{name}"), "size", ()))
+            want, rows = tuple(value.size()), state["model"][param].size(0)
+            if not have or have == want:
+                continue
+            if len(have) != 1 or len(want) != 1 or have[0] % rows or want[0] % rows:
+                raise CheckpointMismatch(f"the saved optimizer state {param}.{name} {have} does "
+                                         f"not reshard to {want}")
+            states[name] = torch.empty(have, dtype=value.dtype)
+            regrouped.append((states, name, value, states[name], rows))
+    return regrouped
+
+
+def _place_row_state(target: ShardedTensor, whole: torch.Tensor, rows: int) -> None:
+    """A per-row state saved for k column shards, ``[k·rows]``, into this layout's shards of
+    ``target``: each row's value is the mean over the saved shards (row-wise Adagrad keeps
+    the mean squared gradient over a shard's columns; equal-width shards average to the
+    row's), repeated for each of this layout's column shards."""
+    per_row = whole.view(-1, rows).mean(0).repeat(target.size(0) // rows)
+    for shard in target.local_shards():
+        start = shard.metadata.shard_offsets[0]
+        shard.tensor.copy_(per_row[start:start + shard.tensor.shape[0]])
 
 
 def _sparse_state(sparse: nn.Module) -> dict[str, Any]:

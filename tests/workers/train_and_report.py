@@ -37,16 +37,42 @@ def main() -> None:
         "plan": str(trainer.model.plan),
         "losses": [json.loads(line)["loss"] for line in (trainer.run_dir / "metrics.jsonl").open()
                    if '"loss"' in line] if trainer.env.is_main else [],
-        "first_loss": summary["first_loss"],
-        "last_loss": summary["last_loss"],
-        "val": summary["val"],
+        "first_loss": summary.get("first_loss"),  # none when resumed with nothing to do
+        "last_loss": summary.get("last_loss"),
+        "val": summary.get("val"),
         "threads": torch.get_num_threads(),
         "items": trainer.task.num_items,
-        "most_item_rows_scored": max(looked_up),  # the catalogue rows a step looked up
+        "most_item_rows_scored": max(looked_up, default=0),  # catalogue rows a step looked up
+        "sparse_optimizer": optimizer_fingerprint(trainer.model.sparse),
+        "start_step": trainer.start_step,
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rank{trainer.env.rank}.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
+
+
+def optimizer_fingerprint(sparse) -> dict[str, float]:
+    """Each state tensor of the tables' fused optimizer as one number that does not depend
+    on how it is sharded: the sum of value × (row + 1) × (column + 1) over this rank's
+    shards (the ranks' numbers add up to the whole tensor's; a misplaced row changes it).
+    A per-row state kept per column shard (``[k·rows]``) counts as its mean over the k."""
+    found, tables = {}, sparse.state_dict()
+    for param, states in sparse.fused_optimizer.state_dict()["state"].items():
+        rows = tables[param].size(0)
+        for name, value in states.items():
+            if not hasattr(value, "local_shards"):
+                continue
+            total, copies = 0.0, value.size(0) // rows if value.dim() == 1 else 1
+            for shard in value.local_shards():
+                tensor, offsets = shard.tensor.double(), shard.metadata.shard_offsets
+                row = torch.arange(tensor.shape[0], dtype=torch.float64) + offsets[0]
+                weight = row % rows + 1 if tensor.dim() == 1 else row + 1
+                if tensor.dim() == 2:
+                    weight = weight[:, None] * (
+                        torch.arange(tensor.shape[1], dtype=torch.float64) + offsets[1] + 1)
+                total += float((tensor * weight).sum()) / copies
+            found[f"{param}/{name}"] = total
+    return found
 
 
 def record_item_rows(task) -> list[int]:
