@@ -17,7 +17,7 @@ from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
 from foundation.choices import BundleKind
-from foundation.distributed.collectives import catalogue_slice, world
+from foundation.distributed.collectives import catalogue_slice, other_ranks, world
 from foundation.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.metrics.ann import ann_target_ranks, hnsw_index
 from foundation.metrics.calibration import (
@@ -70,7 +70,9 @@ class PretrainConfig:
     name: str = "pretrain_member_fm"
     loss: Loss = Loss.sampled_softmax
     num_negatives: int = 256  # uniform negatives shared by the batch
+    popularity_negatives: int = 0  # also negatives drawn by item popularity (logQ-corrected)
     in_batch_negatives: bool = True
+    shared_negatives: bool = False  # every rank's in-batch targets are negatives on every rank
     logq_correction: bool = True
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     exclude_history: bool = True  # full ranking without the items already in the history
@@ -198,13 +200,15 @@ class NextItemModel(nn.Module):
                 return sharded_softmax_loss(queries, targets, negative_vectors,
                                             int(negatives[0]), absent, offsets)
             return full_softmax_loss(queries, targets, negative_vectors, absent, offsets)
+        target_vectors = self.scored_items(emb["item"][target_index], targets,
+                                           None if use_id is None else use_id[target_index])
         return sampled_softmax_loss(
-            queries, targets, self.scored_items(
-                emb["item"][target_index], targets,
-                None if use_id is None else use_id[target_index]), negatives,
-            negative_vectors,
+            queries, targets, target_vectors, negatives, negative_vectors,
             log_item_prob=self.log_item_prob if self.recipe.logq_correction else None,
-            in_batch=self.recipe.in_batch_negatives, absent=absent, offsets=offsets)
+            in_batch=self.recipe.in_batch_negatives, absent=absent, offsets=offsets,
+            popular=self.recipe.popularity_negatives,
+            shared=other_ranks(targets, target_vectors) if self.recipe.shared_negatives
+            else None)
 
     def training_pairs(self, states: Tensor, mask: Tensor, batch) -> tuple[Tensor, Tensor]:
         """(query, target) indices of the pairs trained on: every state and the next event."""
@@ -248,8 +252,18 @@ class PretrainMemberFM(Task):
                                      self.sharded_items else (1, self.num_items))
         else:
             negatives = torch.randint(1, self.num_items, (self.recipe.num_negatives,))
+            if self.recipe.popularity_negatives:  # as log_item_probability smooths them
+                popular = torch.multinomial(self.popularity, self.recipe.popularity_negatives,
+                                            replacement=True)
+                negatives = torch.cat([negatives, popular])
         kjt = sparse_features(batch, negatives=negatives, with_items=self.sharded_items)
         return kjt, {"negatives": negatives}
+
+    @functools.cached_property
+    def popularity(self) -> Tensor:
+        """Items' sampling weights by popularity, add-one smoothed, padding never drawn (the
+        distribution of ``log_item_probability``, which corrects for it)."""
+        return log_item_probability(self.item_counts).exp().index_fill(0, torch.tensor([0]), 0.0)
 
     @torch.no_grad()
     def catalogue_vectors(self, model, mode: str = "items") -> Tensor:

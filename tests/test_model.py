@@ -117,6 +117,28 @@ def test_logq_correction_and_accidental_hits():
     assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
 
 
+def test_logq_counts_each_sampler_popularity_drawn_and_shared_negatives():
+    torch.manual_seed(0)
+    table = torch.randn(10, 4)
+    queries, targets = torch.randn(2, 4), torch.tensor([3, 5])
+    shared = torch.tensor([7])  # another rank's target
+    negatives = torch.tensor([6, 8, 1])  # 2 uniform, then 1 drawn by popularity
+    p = torch.softmax(torch.randn(10), 0)
+    loss = sampled_softmax_loss(queries, targets, table[targets], negatives, table[negatives],
+                                log_item_prob=p.log(), popular=1,
+                                shared=(shared, table[shared]))
+    # Expected proposals of item j: 2 uniform of 9 items, and 1 popularity draw plus 3 in-batch
+    # targets (2 own, 1 shared), each at p(j).
+    log_q = torch.log(2 / 9 + 4 * p)
+    cand = torch.cat([targets, shared, negatives])
+    expected = []
+    for i in range(2):
+        pos = queries[i] @ table[targets[i]] - log_q[targets[i]]
+        others = [queries[i] @ table[c] - log_q[c] for c in cand if c != targets[i]]
+        expected.append(-pos + torch.logsumexp(torch.stack([pos, *others]), 0))
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
+
+
 def test_item_attributes_pool_each_items_attribute_embeddings():
     from foundation.models.member import ItemAttributes
 

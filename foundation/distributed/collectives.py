@@ -32,6 +32,19 @@ def gather_rows(local: Tensor, counts: list[int]) -> Tensor:
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
+def other_ranks(*local: Tensor) -> tuple[Tensor, ...]:
+    """Every other rank's rows of each of ``local`` (equal row counts within a rank), with
+    gradients back to the ranks they came from; empty outside a process group."""
+    rank, size = world()
+    if size == 1:
+        return tuple(t[:0] for t in local)
+    counts = row_counts(len(local[0]))
+    first = sum(counts[:rank])
+    keep = torch.ones(sum(counts), dtype=torch.bool)
+    keep[first:first + counts[rank]] = False
+    return tuple(gather_rows(t, counts)[keep] for t in local)
+
+
 def catalogue_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
     """The items ``[start, end)`` of 1..num_items-1 (0 is padding) that ``rank`` scores: one
     contiguous, near-equal slice per rank."""

@@ -54,27 +54,34 @@ def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor
                          negative_ids: Tensor, negative_emb: Tensor,
                          log_item_prob: Tensor | None, in_batch: bool = True,
                          temperature: float = 1.0, absent: Tensor | None = None,
-                         offsets: Offsets | None = None) -> Tensor:
+                         offsets: Offsets | None = None, popular: int = 0,
+                         shared: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Softmax over {the target} ∪ in-batch targets ∪ shared negatives.
 
     ``log_item_prob`` (log popularity over items) enables logQ correction: each candidate's
-    logit is reduced by the log of how often the sampler proposes it, so popular items that
-    appear as in-batch negatives are not over-penalised (Yi et al., RecSys 2019). Uniform
-    negatives have a constant proposal rate, which the correction includes. Candidates equal
-    to a row's own target ("accidental hits") are masked out. ``offsets`` are added to the
-    logits of the items they name, wherever those are candidates.
+    logit is reduced by the log of how often the samplers propose it, so popular items that
+    appear as in-batch negatives are not over-penalised (Yi et al., RecSys 2019): uniform
+    negatives at a constant rate, the last ``popular`` negatives (drawn by popularity) and
+    in-batch targets at the popularity's. ``shared`` (ids, vectors): other ranks' targets,
+    more in-batch negatives. Candidates equal to a row's own target ("accidental hits") are
+    masked out. ``offsets`` are added to the logits of the items they name, wherever those
+    are candidates.
     """
     ids = [target_ids] if in_batch else []
     embs = [target_emb] if in_batch else []
+    if in_batch and shared is not None:
+        ids.append(shared[0])
+        embs.append(shared[1])
     ids.append(negative_ids)
     embs.append(negative_emb)
     cand_ids, cand_emb = torch.cat(ids), torch.cat(embs)
     pos_logit = (queries * target_emb).sum(-1, keepdim=True) / temperature
     logits = queries @ cand_emb.T / temperature
     if log_item_prob is not None:
-        n_in_batch = target_ids.numel() if in_batch else 0
+        n_in_batch = len(cand_ids) - len(negative_ids)
         num_items = log_item_prob.numel() - 1  # id 0 is padding
-        rate = negative_ids.numel() / num_items + n_in_batch * log_item_prob.exp()
+        rate = ((negative_ids.numel() - popular) / num_items
+                + (n_in_batch + popular) * log_item_prob.exp())
         log_q = rate.clamp_min(1e-12).log()
         logits = logits - log_q[cand_ids]
         pos_logit = pos_logit - log_q[target_ids].unsqueeze(-1)

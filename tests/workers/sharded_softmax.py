@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from foundation.distributed.collectives import catalogue_slice
+from foundation.distributed.collectives import catalogue_slice, other_ranks
 from foundation.distributed.env import init_distributed
 from foundation.models.losses import full_softmax_loss, sharded_softmax_loss
 
@@ -69,6 +69,9 @@ def main() -> None:
         "shard_grad_diff": float((shard.grad - ref_catalogue.grad[start - 1:end - 1]).abs().max()),
         "offsets_grad_diff": float((values.grad - ref_values.grad[mine]).abs().max()),
         "rows_held": len(shard), "catalogue": ITEMS - 1, "slice": [start, end],
+        # shared negatives: every other rank's rows, in rank order
+        "other_ranks_exact": torch.equal(other_ranks(queries[rows])[0],
+                                         torch.cat([queries[:rows.start], queries[rows.stop:]])),
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
