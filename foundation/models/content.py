@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from foundation.checksum import sha256
 from foundation.data.items import load_item_content
+from foundation.distributed.collectives import world
 from foundation.models.encoders import load_item_encoder
 from foundation.models.towers import (
     EncoderSide,
@@ -82,16 +83,10 @@ def _fingerprint(modality: Modality, manifest: dict[str, Any], text: TextTowerCo
     return hashlib.sha256(json.dumps([tower, shards]).encode()).hexdigest()[:16]
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _agree(flag: bool) -> bool:
     """Whether every rank has ``flag`` (the decision to skip a collective must be shared)."""
     value = torch.tensor([int(flag)])
-    if _world()[1] > 1:
+    if world()[1] > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
@@ -113,7 +108,7 @@ def content_vectors(modality: Modality, data_path: str, manifest: dict[str, Any]
     cache, reused = (None if d is None else d / f"{modality.value}.safetensors"
                      for d in (cache_dir, reuse_from))
     found = next((p for p in (cache, reused) if p is not None and _cached(p) == key), None)
-    rank, world = _world()
+    rank, size = world()
     if _agree(found is not None):
         from safetensors.torch import load_file
 
@@ -124,7 +119,7 @@ def content_vectors(modality: Modality, data_path: str, manifest: dict[str, Any]
         return vectors, has
     tower = build_tower(modality, manifest, text, item_encoder)
     ids, values = load_item_content(data_path, manifest, modality.value)
-    mine = np.arange(rank, len(ids), world)  # each rank encodes a slice of the catalogue
+    mine = np.arange(rank, len(ids), size)  # each rank encodes a slice of the catalogue
     vectors = torch.zeros(num_items, tower.out_dim)
     if modality == Modality.text:
         encoded = encode_texts(tower, [values[i] for i in mine], progress=rank == 0)
@@ -134,7 +129,7 @@ def content_vectors(modality: Modality, data_path: str, manifest: dict[str, Any]
         encoded = tower(np.stack([values[i] for i in mine])) if len(mine) else None
     if len(mine):
         vectors[torch.as_tensor(ids[mine])] = encoded
-    if world > 1:
+    if size > 1:
         dist.all_reduce(vectors)  # slices are disjoint: the sum is the whole catalogue
     has = torch.zeros(num_items, dtype=torch.bool)
     has[torch.as_tensor(ids)] = True
@@ -272,7 +267,7 @@ def lower_token_states(tower: MiniLMTextTower, ids: np.ndarray, texts: list[str]
     states: dict[int, Tensor] = {}
     with torch.no_grad():
         for chunk in length_batches(texts, tower.cfg.batch_size, "text tower, frozen layers",
-                                    progress=_world()[0] == 0):
+                                    progress=world()[0] == 0):
             tokens, keep = tower.tokenize([texts[i] for i in chunk])
             lower = tower.lower(tokens, keep)
             for row, i in enumerate(chunk):
