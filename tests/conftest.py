@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels run in its CPU interpreter here. Triton reads this when a kernel (its own
+# library's included) is defined, so it must be set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for a 2-core CI machine, large enough that learning is measurable.
 TEST_WORLD = ["world.members=3000", "world.items=1000", "world.seed=0"]

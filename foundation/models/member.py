@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 from foundation.choices import choice
 from foundation.data.schema import EventSchema, default_features
+from foundation.kernels.hstu import time_bucket
+from foundation.kernels.jagged import pad_jagged
 from foundation.models.towers import Modality, TextTowerConfig
 
 # Table names must not shadow nn.ModuleDict attributes (a table named "items" breaks TorchRec).
@@ -164,22 +166,6 @@ def sparse_features(batch=None, *, candidates: Tensor | None = None,
         lengths=torch.cat([parts[k][1].long() for k in keys]))
 
 
-def pad_jagged(values: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Jagged ``[sum(lengths), ...]`` → ``[B, max(lengths), ...]`` and a validity mask.
-
-    Padding goes to the longest row of this batch only, never to a global maximum.
-    """
-    batch, longest = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
-    rows = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    cols = torch.arange(values.shape[0], device=lengths.device) - starts[rows]
-    padded = values.new_zeros((batch, longest, *values.shape[1:]))
-    padded[rows, cols] = values
-    mask = torch.zeros(batch, longest, dtype=torch.bool, device=lengths.device)
-    mask[rows, cols] = True
-    return padded, mask
-
-
 class EventEncoder(nn.Module):
     """Event tokens → causally contextualised states ``[B, L, D]`` (state t sees events ≤ t)."""
 
@@ -252,16 +238,11 @@ class EventEncoder(nn.Module):
         distance = steps.unsqueeze(1) - steps.unsqueeze(0)  # query i - key j
         attend = (distance >= 0).unsqueeze(0) & mask.unsqueeze(1)  # causal, real keys only
         distance = distance.clamp(0, self.cfg.max_len - 1)
-        elapsed = relative_time_bucket(timestamps.unsqueeze(2) - timestamps.unsqueeze(1))
+        elapsed = time_bucket(timestamps.unsqueeze(2) - timestamps.unsqueeze(1),
+                              RELATIVE_TIME_BUCKETS)
         for layer in self.layers:
             x = layer(x, attend, distance, elapsed)
         return x
-
-
-def relative_time_bucket(seconds: Tensor) -> Tensor:
-    """Seconds between two events → log2-minute buckets ``0..RELATIVE_TIME_BUCKETS-1``."""
-    minutes = seconds.clamp(min=0).to(torch.float32) / 60.0
-    return torch.log2(1.0 + minutes).floor().long().clamp(max=RELATIVE_TIME_BUCKETS - 1)
 
 
 class PointwiseAttention(nn.Module):
