@@ -19,6 +19,7 @@ foundation train [--nproc N] [--max-restarts K] recipe=NAME data.path=DIR run_di
 foundation eval run_dir=RUN [split=test]                        writes RUN/eval.json
 foundation eval compare RUN_A RUN_B|RUN_A@most_popular [--group cold]  offline A/B test
 foundation export [--nproc N] run_dir=RUN output=BUNDLE           serving bundle + parity gate
+foundation report RUN [RUN ...]                                 validation, speed, plots
 foundation plan tables.items.rows=N world_size=R device_memory_gb=G  bytes per rank, fits?
 foundation recipes                                              list recipes
 foundation demo [--dir DIR]                                     the whole path, end to end
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                     "world_size, ranks_per_node, device=cuda|cpu, device_memory_gb, "
                     "batch_size, loss=sampled_softmax|full_softmax, num_negatives, model.*, "
                     "engine.zero_stage, sharding.types, sharding.optimizer."))
+    runs = sub.add_parser(
+        "report", help="what runs reached and cost: validation, tokens/s, MFU, memory",
+        description="One run: its best validation, tokens/s, MFU, the share of step time "
+                    "waiting for data and in collectives, peak memory per rank, and "
+                    "RUN/training.png redrawn. Several runs (a sweep): one table.")
+    runs.add_argument("runs", nargs="+", help="run directories of finished training runs")
     sub.add_parser("recipes", help="list the recipes")
     demo = sub.add_parser("demo", help="synth → pretrain (2 ranks) → fine-tune → eval")
     demo.add_argument("--dir", default="demo")
@@ -138,6 +145,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for name, task in sorted(RECIPES.items()):
             print(f"{name:24s} {task.summary}")
+        return 0
+    if args.command == "report":
+        from pathlib import Path
+
+        from foundation.train.report import report
+
+        report([Path(run) for run in args.runs])
         return 0
     if args.command == "demo":
         from foundation.demo import run_demo

@@ -20,6 +20,7 @@ from foundation.distributed.sharding import ShardingConfig, ShardingType
 from foundation.models.losses import Loss
 from foundation.models.member import MemberModelConfig
 from foundation.tracking import LoggerConfig
+from foundation.train.telemetry import TelemetryConfig
 
 
 class OnNan(str, Enum):
@@ -60,6 +61,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto (newest committed checkpoint in run_dir) | never | a checkpoint path
     reshard: Reshard = Reshard.continue_epoch
     optim: OptimConfig = field(default_factory=OptimConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 @dataclass

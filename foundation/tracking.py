@@ -30,6 +30,7 @@ class RunLogger:
         self.path = run_dir / "metrics.jsonl"
         self.bar = tqdm(total=total_steps, initial=initial, desc=name, dynamic_ncols=True,
                         disable=not (enabled and cfg.progress))
+        self.postfix: dict[str, float] = {}
         self.wandb_run = None
         if enabled and cfg.wandb:
             self.wandb_run = _start_wandb(cfg, run_dir, config, name)
@@ -44,10 +45,15 @@ class RunLogger:
             self.wandb_run.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
                                step=row.get("step"))
 
-    def advance(self, steps: int = 1, **postfix: float) -> None:
+    def advance(self, steps: int = 1, **postfix: float | None) -> None:
         self.bar.update(steps)
         if postfix:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self.show(**postfix)
+
+    def show(self, **postfix: float | None) -> None:
+        """Keep these values beside the progress bar (None: not known yet)."""
+        self.postfix.update({k: v for k, v in postfix.items() if v is not None})
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.postfix.items()}, refresh=False)
 
     def close(self) -> None:
         self.bar.close()

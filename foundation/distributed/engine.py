@@ -60,6 +60,12 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def uses_bf16(cfg: EngineConfig, device: torch.device) -> bool:
+    """Whether the dense part trains in bf16 (``engine.bf16``)."""
+    return cfg.bf16 == Bf16.on or (cfg.bf16 == Bf16.auto and device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported())
+
+
 class DeepSpeedDenseEngine:
     def __init__(self, module: nn.Module, cfg: EngineConfig, optim: OptimConfig, *,
                  micro_batch: int, grad_accum: int, total_steps: int, device: torch.device):
@@ -69,8 +75,7 @@ class DeepSpeedDenseEngine:
         import deepspeed  # after DS_ACCELERATOR is set
 
         self.cfg = cfg
-        bf16 = cfg.bf16 == Bf16.on or (cfg.bf16 == Bf16.auto and device.type == "cuda"
-                                        and torch.cuda.is_bf16_supported())
+        self.bf16 = bf16 = uses_bf16(cfg, device)
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": grad_accum,

@@ -1,4 +1,5 @@
-"""Plots of a run, from its metrics.jsonl: training loss and the validation metrics over steps."""
+"""Plots of a run, from its metrics.jsonl: training loss, the validation metric, and where the
+step time goes (tokens/s, MFU, data waiting) over steps."""
 
 from __future__ import annotations
 
@@ -18,18 +19,35 @@ def plot_run(run_dir: Path, metric: str) -> Path | None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot([r["step"] for r in train], [r["loss"] for r in train])
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.6))
+    steps = [r["step"] for r in train]
+    left.plot(steps, [r["loss"] for r in train])
     left.set(title="training loss", xlabel="step")
     baseline = f"most_popular/{metric}"
-    right.plot([r["step"] for r in val], [r[metric] for r in val], marker="o", label="model")
+    middle.plot([r["step"] for r in val], [r[metric] for r in val], marker="o", label="model")
     if val and baseline in val[0]:
-        right.plot([r["step"] for r in val], [r[baseline] for r in val], ls="--",
-                   label="most popular")
-    right.set(title=f"validation {metric}", xlabel="step")
-    right.legend()
+        middle.plot([r["step"] for r in val], [r[baseline] for r in val], ls="--",
+                    label="most popular")
+    middle.set(title=f"validation {metric}", xlabel="step")
+    middle.legend()
+    _plot_speed(right, [r for r in train if "tokens_per_s" in r])
     fig.tight_layout()
     path = run_dir / "training.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_speed(axis, rows: list[dict]) -> None:
+    """Tokens/s on the left axis; MFU and the data-waiting share (%) on the right."""
+    steps = [r["step"] for r in rows]
+    axis.plot(steps, [r["tokens_per_s"] for r in rows], color="tab:blue")
+    axis.set(title="speed", xlabel="step", ylabel="tokens/s")
+    shares = axis.twinx()
+    if rows and "mfu" in rows[-1]:
+        shares.plot(steps, [100 * r.get("mfu", float("nan")) for r in rows], color="tab:green",
+                    label="MFU %")
+    shares.plot(steps, [100 * r["data_wait_share"] for r in rows], color="tab:red", ls=":",
+                label="data wait %")
+    shares.set_ylabel("%")
+    shares.legend(loc="lower right")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from foundation.data.batch import SequenceBatch
+from foundation.distributed.engine import uses_bf16
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
 from foundation.recipes import build_task
 from foundation.tracking import RunLogger
@@ -26,8 +28,19 @@ from foundation.train.model import ShardedModel
 from foundation.train.plots import plot_run
 from foundation.train.preemption import PreemptionFlag
 from foundation.train.stream import EpochStream
+from foundation.train.telemetry import Telemetry, describe
 
 log = logging.getLogger(__name__)
+
+
+class RankStep(NamedTuple):
+    """One optimizer step on this rank: mean loss, tokens (events) trained on, corrupt
+    samples skipped, seconds spent waiting for batches."""
+
+    loss: float
+    tokens: int
+    skipped: int
+    data_wait: float
 
 
 class Trainer:
@@ -59,6 +72,8 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.telemetry = Telemetry(cfg.trainer.telemetry, self.env.device, self.env.world_size,
+                                   bf16=uses_bf16(cfg.engine, self.env.device))
         self.logger = RunLogger(cfg.logger, self.run_dir, enabled=self.env.is_main,
                                 total_steps=cfg.trainer.max_steps, name=self.task.name,
                                 initial=self.start_step,
@@ -74,22 +89,23 @@ class Trainer:
             return {"recipe": self.task.name, "steps": 0, "run_dir": str(self.run_dir)}
         if self.resharded_from is not None:  # show that the reloaded model is the saved one
             self.validate(self.start_step, resharded_from=self.resharded_from)
-        start, losses, events = time.perf_counter(), [], 0
+        start, losses = time.perf_counter(), []
         for step in range(self.start_step + 1, cfg.max_steps + 1):
-            loss, step_events, step_time = self.train_step(batches, step)
+            loss = self.train_step(batches, step)
             losses.append(loss)
-            events += step_events
-            self.logger.advance(loss=loss)
             if step % self.cfg.logger.log_every == 0 or step == cfg.max_steps:
+                telemetry = self.telemetry.row()
                 self.logger.log({"step": step, "loss": loss, "lr": self.model.engine.lr(),
                                  "skipped_steps": self.skipped_steps,
-                                 "skipped_data": self.skipped_data,
-                                 "events_per_s": step_events / step_time,
-                                 "step_time_s": step_time, "epoch": self.stream.epoch})
+                                 "skipped_data": self.skipped_data, **telemetry,
+                                 "epoch": self.stream.epoch})
+                self.logger.show(tok_s=telemetry["tokens_per_s"], mfu=telemetry.get("mfu"),
+                                 data=telemetry["data_wait_share"])
+            self.logger.advance(loss=loss)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 result = self.validate(step)
                 if self.patience_exhausted(step, result):
-                    return self.stop_early(step, losses, events, time.perf_counter() - start, result)
+                    return self.stop_early(step, losses, time.perf_counter() - start, result)
             self.checkpoints.commit_pending(wait=False, keep_step=self.best_step)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps
                     and self.checkpoints.last_saved != step):  # not again after a new best
@@ -101,7 +117,7 @@ class Trainer:
         if self.checkpoints.last_saved != cfg.max_steps:
             self.save(cfg.max_steps)
         self.logger.close()
-        return self.summarise(losses, events, time.perf_counter() - start, final)
+        return self.summarise(losses, time.perf_counter() - start, final)
 
     def track_best(self, step: int, result: dict[str, Any]) -> bool:
         """Whether this validation is the best so far; with ``trainer.patience`` > 0 each new
@@ -122,7 +138,7 @@ class Trainer:
         self.stale += 1
         return 0 < self.cfg.trainer.patience <= self.stale
 
-    def stop_early(self, step: int, losses: list[float], events: int, seconds: float,
+    def stop_early(self, step: int, losses: list[float], seconds: float,
                    result: dict[str, Any]) -> dict[str, Any]:
         self.stopped_early = True
         self.save(step)  # the run is complete: a rerun has nothing to do
@@ -131,7 +147,7 @@ class Trainer:
             log.info(f"{self.task.name}: stopped early at step {step}: no better validation "
                      f"{self.task.eval_metric} in {self.stale} evaluations; the best, "
                      f"{self.best['value']:.4f} at step {self.best['step']}, is checkpoint=best")
-        return self.summarise(losses, events, seconds, result)
+        return self.summarise(losses, seconds, result)
 
     def stop_preempted(self, step: int) -> dict[str, Any]:
         path = self.save(step)
@@ -156,12 +172,29 @@ class Trainer:
         self.resharded_from = saved.get("resharded_from")
         return int(saved["step"])
 
-    def train_step(self, batches: Iterator[SequenceBatch], step: int) -> tuple[float, int, float]:
-        """One optimizer step: ``grad_accum`` micro-batches; sparse rows update in backward."""
+    def train_step(self, batches: Iterator[SequenceBatch], step: int) -> float:
+        """One optimizer step (timed, and on some steps measured); returns the mean loss."""
+        begin = time.perf_counter()
+        measured = self.telemetry.measure() if self.telemetry.measures(step) else None
+        with measured or contextlib.nullcontext():
+            done = self.optimizer_step(batches, step)
+        stats = torch.tensor([done.loss, float(done.tokens), float(done.skipped)],
+                             dtype=torch.float64)
+        if self.env.world_size > 1:
+            dist.all_reduce(stats)
+        self.skipped_data += int(stats[2])
+        self.telemetry.record(int(stats[1]), time.perf_counter() - begin, done.data_wait,
+                              measured, local_tokens=done.tokens)
+        return stats[0].item() / self.env.world_size
+
+    def optimizer_step(self, batches: Iterator[SequenceBatch], step: int) -> RankStep:
+        """``grad_accum`` micro-batches, sparse rows updated in backward."""
         self.model.train()
-        begin, losses, events, skipped = time.perf_counter(), [], 0, 0
+        losses, tokens, wait, skipped = [], 0, 0.0, 0
         for _ in range(self.cfg.trainer.grad_accum):
+            waiting = time.perf_counter()
             batch = next(batches).to(self.env.device)
+            wait += time.perf_counter() - waiting
             skipped += batch.skipped
             if self.ledger is not None:
                 self.ledger.record(step, self.stream.epoch, batch.sample_ids.tolist())
@@ -178,13 +211,9 @@ class Trainer:
             self.model.engine.backward(loss)
             self.model.engine.step()
             losses.append(loss.detach())
-            events += int(batch.lengths.sum())
+            tokens += int(batch.lengths.sum())
         mean = torch.stack(losses).mean().item() if losses else float("nan")
-        stats = torch.tensor([mean, float(events), float(skipped)], dtype=torch.float64)
-        if self.env.world_size > 1:
-            dist.all_reduce(stats)
-        self.skipped_data += int(stats[2])
-        return stats[0].item() / self.env.world_size, int(stats[1]), time.perf_counter() - begin
+        return RankStep(mean, tokens, skipped, wait)
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every rank's loss is finite: ranks must agree before a collective backward."""
@@ -221,15 +250,17 @@ class Trainer:
                                      recipe=self.task.name, warm_start=self.warm_start,
                                      background=background, keep_step=self.best_step)
 
-    def summarise(self, losses: list[float], events: int, seconds: float,
+    def summarise(self, losses: list[float], seconds: float,
                   final: dict[str, Any]) -> dict[str, Any]:
         metric = self.task.eval_metric
         value = final["metrics"].get(metric, float("nan"))
         name, scores = next(iter(final["baselines"].items()), ("baseline", {}))
         baseline = scores.get(metric, float("nan"))  # the task's first (most-popular, chance)
-        summary = {"recipe": self.task.name, "steps": len(losses), "seconds": round(seconds, 1),
+        telemetry = self.telemetry.summary()
+        summary = {"recipe": self.task.name, "eval_metric": metric, "steps": len(losses),
+                   "seconds": round(seconds, 1),
                    "first_loss": losses[0], "last_loss": float(np.mean(losses[-10:])),
-                   "events_per_s": events / seconds, "val": final, "run_dir": str(self.run_dir)}
+                   "telemetry": telemetry, "val": final, "run_dir": str(self.run_dir)}
         if self.model.tuning is not None:  # a fine-tune: what its mode trained
             tuning = self.model.tuning
             summary["parameters"] = {"mode": tuning.mode.value, "trainable": tuning.trainable,
@@ -238,7 +269,7 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             plot_run(self.run_dir, metric)
             log.info(f"{self.task.name}: {len(losses)} steps in {seconds:.0f}s | loss "
-                     f"{losses[0]:.3f} → {summary['last_loss']:.3f} | {summary['events_per_s']:,.0f} "
-                     f"events/s | val {metric} {value:.4f} ({name.replace('_', '-')} {baseline:.4f}) | "
+                     f"{losses[0]:.3f} → {summary['last_loss']:.3f} | {describe(telemetry)} | "
+                     f"val {metric} {value:.4f} ({name.replace('_', '-')} {baseline:.4f}) | "
                      f"run {self.run_dir}")
         return summary

@@ -1,0 +1,212 @@
+"""Where a training step's time goes: tokens/s, model FLOPs and MFU, the share of the step
+spent waiting for data and in collectives, and peak memory per rank.
+
+Every step is timed; one step in ``trainer.telemetry.measure_every`` is also measured: its
+FLOPs are counted op by op (``torch.utils.flop_counter``: the FLOPs the model really runs,
+whatever the recipe) and its collectives timed by the profiler (gloo / NCCL events, waiting
+for slower ranks included). MFU is model FLOP/s per rank over the device's peak: the GPU's
+dense spec for the training dtype, or on CPU a GEMM peak measured at start by all ranks at
+once (so ranks sharing cores each get their share).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Dense peak TFLOP/s by GPU name and training dtype (bf16; fp32 runs as TF32), from the specs.
+GPU_PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 494.0}, "H100": {"bf16": 989.0, "fp32": 494.0},
+                   "A100": {"bf16": 312.0, "fp32": 156.0}, "L40S": {"bf16": 362.0, "fp32": 183.0},
+                   "A10": {"bf16": 125.0, "fp32": 62.5}}
+COMMUNICATION_EVENTS = ("gloo:", "nccl:")
+
+
+@dataclass
+class TelemetryConfig:
+    measure_every: int = 50  # one step in N also counts its FLOPs and times its collectives (0: none)
+
+
+def measured_gemm_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul on ``device``, the best of repeated timings."""
+    size = 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        begin = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - begin)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, bf16: bool) -> tuple[float, str]:
+    """The device's peak FLOP/s for the training dtype, and where the figure comes from."""
+    dtype = "bf16" if bf16 else "fp32"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for model, peaks in GPU_PEAK_TFLOPS.items():
+            if model in name:
+                return peaks[dtype] * 1e12, f"{name} spec, {dtype}"
+    flops = measured_gemm_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    return flops, f"measured {dtype} GEMM on {device.type}"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this rank: allocated on the GPU, resident on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ layer prints a line to stderr at each start and stop."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class StepMeasurement:
+    """Counts one step's FLOPs and times its collectives (a context manager)."""
+
+    def __init__(self, device: torch.device):
+        from torch.profiler import ProfilerActivity, profile
+        from torch.utils.flop_counter import FlopCounterMode
+
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        self.profiler = profile(activities=activities)
+        self.counter = FlopCounterMode(display=False)
+        self.flops, self.communication_s = 0, 0.0
+
+    def __enter__(self) -> StepMeasurement:
+        with _stderr_silenced():
+            self.profiler.start()
+        self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.counter.__exit__(*exc)
+        with _stderr_silenced():
+            self.profiler.stop()
+        self.flops = self.counter.get_total_flops()
+        total_us = 0.0
+        for event in self.profiler.key_averages():
+            if event.key.startswith(COMMUNICATION_EVENTS):
+                total_us += event.cpu_time_total
+            elif "nccl" in event.key.lower():  # the kernels, on the GPU's timeline
+                total_us += getattr(event, "device_time_total", 0.0)
+        self.communication_s = total_us / 1e6
+
+
+class Telemetry:
+    """Accumulates step timings between log rows; ``row`` and ``summary`` are collectives
+    (every rank calls them at the same steps)."""
+
+    def __init__(self, cfg: TelemetryConfig, device: torch.device, world_size: int, bf16: bool):
+        self.cfg, self.device, self.world_size = cfg, device, world_size
+        if world_size > 1:
+            dist.barrier()  # ranks that share cores measure the peak together
+        self.peak, self.peak_source = peak_flops(device, bf16)
+        self.flops_per_token: float | None = None
+        self.communication_share: float | None = None
+        self.window, self.total = self._empty(), self._empty()
+
+    @staticmethod
+    def _empty() -> dict[str, float]:
+        return {"steps": 0, "tokens": 0, "seconds": 0.0, "data_wait": 0.0}
+
+    def measures(self, step: int) -> bool:
+        every = self.cfg.measure_every
+        return bool(every) and step % every == 1 % every  # the first step of each period
+
+    def measure(self) -> StepMeasurement:
+        return StepMeasurement(self.device)
+
+    def record(self, tokens: int, seconds: float, data_wait: float,
+               measured: StepMeasurement | None = None, local_tokens: int = 0) -> None:
+        """One step: ``tokens`` over all ranks; ``data_wait``: this rank's seconds waiting for
+        batches; ``measured``: this rank's measurement of the step, if it was measured."""
+        for totals in (self.window, self.total):
+            totals["steps"] += 1
+            totals["tokens"] += tokens
+            totals["seconds"] += seconds
+            totals["data_wait"] += data_wait
+        if measured is not None and local_tokens:
+            self.flops_per_token = measured.flops / local_tokens
+            self.communication_share = measured.communication_s / seconds
+
+    def _rates(self, totals: dict[str, float]) -> dict[str, float]:
+        seconds = max(totals["seconds"], 1e-9)
+        rates = {"tokens_per_s": totals["tokens"] / seconds,
+                 "data_wait_share": totals["data_wait"] / seconds}
+        if self.flops_per_token is not None:
+            per_rank = self.flops_per_token * rates["tokens_per_s"] / self.world_size
+            rates.update(flops_per_token=self.flops_per_token, tflops_per_rank=per_rank / 1e12,
+                         mfu=per_rank / self.peak)
+        return rates
+
+    def _per_rank(self, *values: float) -> list[list[float]]:
+        """Each rank's ``values``, gathered on every rank (a collective)."""
+        local = torch.tensor(values, dtype=torch.float64)
+        if self.world_size == 1:
+            return [local.tolist()]
+        gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        return [g.tolist() for g in gathered]
+
+    def row(self) -> dict[str, Any]:
+        """The telemetry since the last row, and each rank's peak memory and shares."""
+        rates = self._rates(self.window)
+        ranks = self._per_rank(peak_memory_mib(self.device), rates["data_wait_share"],
+                               self.communication_share if self.communication_share is not None
+                               else float("nan"))
+        self.window = self._empty()
+        row = {**rates, "data_wait_share": max(r[1] for r in ranks),
+               "memory_mib": [round(r[0], 1) for r in ranks]}
+        if self.communication_share is not None:
+            row["communication_share"] = max(r[2] for r in ranks)
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        """The whole run's telemetry (for summary.json and the closing line)."""
+        rates = self._rates(self.total)
+        ranks = self._per_rank(peak_memory_mib(self.device), rates["data_wait_share"])
+        summary = {**rates, "data_wait_share": max(r[1] for r in ranks),
+                   "peak_memory_mib": [round(r[0], 1) for r in ranks],
+                   "peak_tflops_per_rank": self.peak / 1e12, "peak_source": self.peak_source}
+        if self.communication_share is not None:
+            summary["communication_share"] = self.communication_share
+        return summary
+
+
+def describe(telemetry: dict[str, Any]) -> str:
+    """One line: tokens/s, MFU, data waiting, collectives, peak memory."""
+    parts = [f"{telemetry['tokens_per_s']:,.0f} tokens/s"]
+    if "mfu" in telemetry:
+        parts.append(f"MFU {100 * telemetry['mfu']:.1f}%")
+    parts.append(f"data wait {100 * telemetry['data_wait_share']:.1f}%")
+    if "communication_share" in telemetry:
+        parts.append(f"collectives {100 * telemetry['communication_share']:.0f}%")
+    memory = telemetry.get("peak_memory_mib") or telemetry.get("memory_mib")
+    if memory:
+        parts.append(f"peak memory {max(memory) / 1024:.2f} GiB/rank")
+    return ", ".join(parts)
