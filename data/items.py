@@ -189,7 +189,8 @@ def write_item_shards(root: Path, content: dict[str, dict[int, Any]],
     for number, start in enumerate(range(0, len(order), ITEMS_PER_SHARD)):
         rel = f"items/shard-{number:06d}.tar"
         chunk = order[start:start + ITEMS_PER_SHARD]
-        with wds.TarWriter(str(root / rel), encoder=False, mtime=0.0) as sink:
+        # An int mtime: a float one gets a pax header per member, twice the tar to parse.
+        with wds.TarWriter(str(root / rel), encoder=False, mtime=0) as sink:
             for i in chunk.tolist():
                 sink.write(_item_sample(int(ids[i]), int(raw[i]), content))
         shards.append({"path": rel, "samples": len(chunk), "sha256": sha256(root / rel)})

@@ -9,7 +9,6 @@ pass is one epoch; every sample is read by exactly one (rank, worker).
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from foundation.data.batch import SequenceBatch
+from foundation.data.npz import decode_npz
 from foundation.data.schema import EventSchema
 from foundation.data.writer import load_manifest
 from omegaconf import MISSING
@@ -73,11 +73,6 @@ class ErrorPolicy:
         return True
 
 
-def _load_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def decode_sample(sample: dict[str, Any], max_len: int, mode: str, schema: EventSchema
                   ) -> dict[str, Any] | None:
     """One member's arrays (every event feature of ``schema``), truncated to its last
@@ -86,7 +81,7 @@ def decode_sample(sample: dict[str, Any], max_len: int, mode: str, schema: Event
     if unknown:
         raise ValueError(f"unexpected entries {unknown}: shards hold only {sorted(ENTRIES)} "
                          f"(npz and json; pickle is never decoded)")
-    seq, meta = _load_npz(sample["seq.npz"]), json.loads(sample["meta.json"])
+    seq, meta = decode_npz(sample["seq.npz"]), json.loads(sample["meta.json"])
     ts = seq["timestamp"].astype(np.int64)
     keep = slice(max(0, len(ts) - max_len), None)  # gaps come from the full history first
     row = {"sample_id": int(meta["sample_id"]), "item": seq["item"][keep], "timestamp": ts[keep],
@@ -94,17 +89,17 @@ def decode_sample(sample: dict[str, Any], max_len: int, mode: str, schema: Event
     if mode == "ranking":
         if "imp.npz" not in sample:
             return None
-        imp = _load_npz(sample["imp.npz"])
+        imp = decode_npz(sample["imp.npz"])
         row["candidates"], row["labels"] = imp["item"], imp["label"]
     if mode == "search":
         if "search.npz" not in sample:
             return None
-        searches = _load_npz(sample["search.npz"])
+        searches = decode_npz(sample["search.npz"])
         row["queries"], row["query_items"] = searches["query"].tolist(), searches["item"]
     if mode == "notification":
         if "sends.npz" not in sample:
             return None
-        sends = _load_npz(sample["sends.npz"])
+        sends = decode_npz(sample["sends.npz"])
         row["candidates"], row["labels"], row["sent"] = sends["item"], sends["outcome"], sends["sent"]
         if "uplift" in sends:
             row["uplift"] = sends["uplift"]

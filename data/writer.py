@@ -20,10 +20,8 @@ timestamps), so the same input in parquet, csv or jsonl yields identical shards 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 from foundation.data.items import content_items, read_item_content, write_item_shards
+from foundation.data.npz import encode_npz
 from foundation.data.schema import EventSchema, default_features
 from foundation.data.sources import (
     SourceConfig,
@@ -98,18 +97,6 @@ class BuildConfig:
     # A media file that cannot be read (or breaks a limit): raise, naming it, or skip it,
     # counted in manifest.items.skipped.
     on_error: OnError = RAISE
-
-
-def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
-    """An .npz (zip of .npy) with fixed timestamps, so equal arrays give equal bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-            npy = io.BytesIO()
-            np.lib.format.write_array(npy, np.ascontiguousarray(arr), allow_pickle=False)
-            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
-                        npy.getvalue())
-    return buf.getvalue()
 
 
 def choose_cold_items(num_items: int, fraction: float, seed: int,
@@ -341,7 +328,8 @@ def _write_split(tables: _Tables, split: str, samples: tuple[np.ndarray, np.ndar
     for i, chunk in enumerate(_chunks(np.arange(len(members)), count)):
         rel = f"{split}/shard-{i:06d}.tar"
         events = written = 0
-        with wds.TarWriter(str(root / rel), encoder=False, mtime=0.0) as sink:
+        # An int mtime: a float one gets a pax header per member, twice the tar to parse.
+        with wds.TarWriter(str(root / rel), encoder=False, mtime=0) as sink:
             for index, end in zip(members[chunk].tolist(), ends[chunk].tolist()):
                 entries, held = tables.sample(index, end, cfg.max_history, drop)
                 bar.update(1)

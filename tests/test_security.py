@@ -245,3 +245,28 @@ def test_a_sparse_metadata_file_with_a_payload_fails_the_resume_unrun(synth_shar
     assert "sparse/.metadata: refused to unpickle it" in result.stderr
     assert "posix.system is not allowed" in result.stderr
     assert not sentinel.exists(), "the payload in sparse/.metadata ran"
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_an_npz_of_python_objects_is_refused_never_unpickled(compressed, tmp_path):
+    """Stored (the fast reader) or compressed (np.load): an object array would need pickle,
+    so decoding fails naming why, and the pickled payload never runs."""
+    from foundation.data.npz import decode_npz
+
+    marker = tmp_path / "unpickled"
+    payload = np.array([Exploit(marker)], dtype=object)
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, item=payload)
+    with pytest.raises(ValueError, match="pickle|[Oo]bject"):
+        decode_npz(buf.getvalue())
+    assert not marker.exists()
+
+
+class Exploit:
+    """Unpickling this writes a file: the proof that pickle ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
