@@ -41,6 +41,10 @@ class DataConfig:
 
     path: str = MISSING
     batch_size: int = 64
+    # > 0: training batches by cost instead of members: rows join a batch while their summed
+    # cost (``row_cost``: events plus attention's length²) stays within that of this many
+    # events in full-length rows, so every rank's step costs about the same
+    tokens_per_batch: int = 0
     eval_batch_size: int = 256
     max_len: int = 50
     num_workers: int = 1
@@ -190,10 +194,19 @@ def collate(rows: list[dict[str, Any]]) -> SequenceBatch:
         if uplift else None)
 
 
+def row_cost(length: int, max_len: int) -> float:
+    """A row's relative training cost: its events, plus attention's pairs (length²) scaled
+    so that a full-length row costs twice its events."""
+    return length + length * length / max_len
+
+
 def _batch(src: Iterable[dict[str, Any]], *, batch_size: int, handler: ErrorPolicy,
-           collate: Callable[[list[dict[str, Any]]], Any] = collate) -> Iterator[SequenceBatch]:
+           collate: Callable[[list[dict[str, Any]]], Any] = collate,
+           cost: Callable[[dict[str, Any]], float] | None = None,
+           budget: float = 0.0) -> Iterator[SequenceBatch]:
     """Rows → batches (the last one partial), each carrying the skips of this process since
-    its previous batch.
+    its previous batch. A batch holds ``batch_size`` rows, or with ``cost``, the rows that fit
+    in ``budget`` (at least one).
 
     A full batch goes out when the row after it arrives, and the last batch only once the
     source is exhausted, so skips met after the last row (a corrupt shard at the end of the
@@ -201,7 +214,7 @@ def _batch(src: Iterable[dict[str, Any]], *, batch_size: int, handler: ErrorPoli
     has nothing to carry its count; its warnings still report it.
     """
     rows: list[dict[str, Any]] = []
-    reported = handler.skipped
+    reported, spent = handler.skipped, 0.0
 
     def emit() -> Any:
         nonlocal reported
@@ -210,10 +223,13 @@ def _batch(src: Iterable[dict[str, Any]], *, batch_size: int, handler: ErrorPoli
         return batch
 
     for row in src:
-        if len(rows) == batch_size:
+        price = cost(row) if cost is not None else 0.0
+        full = spent + price > budget if cost is not None else len(rows) == batch_size
+        if rows and full:
             yield emit()
-            rows = []
+            rows, spent = [], 0.0
         rows.append(row)
+        spent += price
     if rows:
         yield emit()
 
@@ -248,15 +264,20 @@ def shard_urls(path: str | Path, split: str, manifest: dict[str, Any] | None = N
 def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, mode: str = "sequence",
-                 on_error: str = "raise", skip_ids: np.ndarray | None = None) -> DataLoader:
+                 on_error: str = "raise", skip_ids: np.ndarray | None = None,
+                 tokens_per_batch: int = 0) -> DataLoader:
     """One epoch of ``split`` for this rank as SequenceBatches (DataLoader, batch_size=None),
-    without the samples ``skip_ids`` names."""
+    without the samples ``skip_ids`` names; ``tokens_per_batch`` > 0 batches by cost
+    (``DataConfig.tokens_per_batch``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if max_len < 2 or batch_size < 1:
         raise ValueError(f"need max_len >= 2 and batch_size >= 1, got {max_len}, {batch_size}")
+    if 0 < tokens_per_batch < max_len:
+        raise ValueError(f"data.tokens_per_batch={tokens_per_batch} is below data.max_len="
+                         f"{max_len}: a batch must hold at least one full-length row")
     handler = ErrorPolicy(on_error)
     # The shard seed depends only on (seed, epoch): every rank and worker sees the same order.
     shard_seed = seed * 1_000_003 + epoch if shuffle else None
@@ -276,7 +297,10 @@ def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int,
     if shuffle and shuffle_buffer > 1:
         stages.append(partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch,
                               rank=rank))
-    stages.append(partial(_batch, batch_size=batch_size, handler=handler))
+    by_cost = {} if not tokens_per_batch else {
+        "cost": lambda row: row_cost(len(row["item"]), max_len),
+        "budget": row_cost(max_len, max_len) * tokens_per_batch / max_len}
+    stages.append(partial(_batch, batch_size=batch_size, handler=handler, **by_cost))
     # An own generator: creating the iterator draws a base seed from it, and drawing from the
     # global RNG instead would shift dropout and sampling after a resume.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)

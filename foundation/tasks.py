@@ -75,6 +75,9 @@ class Task:
     data_mode: ClassVar[str] = "sequence"  # what the loader yields: sequence | ranking | items
     eval_metric: ClassVar[str]  # headline validation metric (higher is better)
     export_kind: ClassVar[BundleKind | None] = None  # the serving bundle its runs export to
+    # Whether the training loss is a mean over ``loss_terms`` (so data.tokens_per_batch can
+    # weight batches of any size to the mean over every rank's terms).
+    token_batches: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig, manifest: dict[str, Any], item_counts: np.ndarray):
         self.cfg, self.recipe, self.manifest = cfg, cfg.recipe, manifest
@@ -254,6 +257,10 @@ class Task:
         return self.recipe if "mode" in self.recipe else None
 
     # -- a training step -------------------------------------------------------------
+    def loss_terms(self, batch: SequenceBatch) -> int:
+        """How many terms this rank's training loss averages over: its next-item pairs."""
+        return int((batch.lengths - 1).clamp(min=0).sum())
+
     def features(self, batch: SequenceBatch) -> tuple[KeyedJaggedTensor, dict[str, Tensor]]:
         """Item lookups for one training step, and extra inputs of the dense forward."""
         return sparse_features(batch, candidates=batch.candidates,

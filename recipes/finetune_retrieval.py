@@ -73,6 +73,7 @@ class FinetuneRetrieval(PretrainMemberFM):
                "full-catalogue and ANN recall")
     eval_metric = "hr@10"  # one target per member: HR@K is recall@K
     model_class = TwoTowerRetrieval
+    token_batches = False  # a mean over the label events among the pairs
     new_keys = ("member_head.",)
 
     def __init__(self, cfg, manifest, item_counts):

@@ -231,6 +231,7 @@ class PretrainMemberFM(Task):
     summary = "member foundation model: causal transformer, next-item sampled softmax"
     eval_metric = "hr@10"
     export_kind = BundleKind.member_model
+    token_batches = True  # a mean over next-item pairs
     model_class: ClassVar[type[NextItemModel]] = NextItemModel
 
     def build_dense(self) -> nn.Module:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST
 from foundation.recipes import RECIPES
 from omegaconf import OmegaConf
 
@@ -124,6 +125,19 @@ def test_search_queries_read_the_text_tower_only_where_the_model_reads_item_text
     with pytest.raises(ValueError, match=r"add model\.item_content=\[text\]"):
         FinetuneSearch(compose("train", [*search, "recipe.query_encoder=text_tower"]), manifest,
                        torch.ones(101))
+
+
+def test_token_budget_batches_are_refused_where_the_loss_is_not_a_mean_over_pairs(synth_shards,
+                                                                                  tmp_path):
+    """finetune_retrieval averages over label events only: data.tokens_per_batch could not
+    weight its batches to the global mean, so the run stops before training, naming why."""
+    result = subprocess.run([sys.executable, "-m", "foundation.cli", "train",
+                             "recipe=finetune_retrieval", f"data.path={synth_shards}",
+                             f"run_dir={tmp_path}", "data.tokens_per_batch=1024", *FAST],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "recipe finetune_retrieval does not average its loss" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_data_path_is_named(tmp_path):

@@ -317,3 +317,59 @@ def test_the_fast_npz_reader_reads_what_numpy_reads():
         for name, array in arrays.items():
             assert decoded[name].dtype == array.dtype and decoded[name].shape == array.shape
             np.testing.assert_array_equal(decoded[name], array)
+
+
+@pytest.fixture(scope="module")
+def zipf_shards(tmp_path_factory) -> Path:
+    """Members with Zipf-distributed history lengths (most short, a few at max_len and
+    beyond), built through the sasrec_txt importer into 8 train shards."""
+    from foundation.data.sources import SourceConfig
+    from foundation.data.writer import BuildConfig, build_shards
+
+    root = tmp_path_factory.mktemp("zipf")
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(3 + rng.zipf(1.4, size=1200), 120)
+    lines = [" ".join([str(member)] + [str(i) for i in rng.integers(1, 500, size=n)])
+             for member, n in enumerate(lengths, start=1)]
+    (root / "seq.txt").write_text("\n".join(lines) + "\n")
+    build_shards(BuildConfig(source=SourceConfig(format="sasrec_txt", path=str(root / "seq.txt")),
+                             output=str(root / "shards"), split="leave_one_out"))
+    return root / "shards"
+
+
+def step_costs(path: Path, rank: int, **batching) -> tuple[list[float], list[int]]:
+    """Each batch's summed row cost on ``rank`` of 2, and the sample ids of the epoch."""
+    from foundation.data.loader import row_cost
+
+    costs, ids = [], []
+    for batch in build_loader(path, "train", max_len=50, seed=3, rank=rank, world_size=2,
+                              **batching):
+        costs.append(sum(row_cost(int(n), 50) for n in batch.lengths))
+        ids += batch.sample_ids.tolist()
+    return costs, ids
+
+
+def test_token_budget_batches_balance_ranks_by_cost_and_keep_every_sample_once(zipf_shards):
+    """data.tokens_per_batch on Zipf lengths: each step's cost on the two ranks within 10%
+    (the last, partial batches aside), while batches of 32 members differ far more; one
+    epoch over both ranks holds every training sample exactly once."""
+    manifest = load_manifest(zipf_shards)
+    by_cost = [step_costs(zipf_shards, rank, batch_size=32, tokens_per_batch=1024)
+               for rank in (0, 1)]
+    by_rows = [step_costs(zipf_shards, rank, batch_size=32) for rank in (0, 1)]
+    ids = by_cost[0][1] + by_cost[1][1]
+    assert len(ids) == len(set(ids)) == manifest["splits"]["train"]["samples"]
+    assert sorted(ids) == sorted(by_rows[0][1] + by_rows[1][1])
+
+    def worst_gap(runs) -> float:
+        steps = min(len(runs[0][0]), len(runs[1][0])) - 1  # both ranks' full batches
+        return max(abs(a - b) / max(a, b) for a, b in zip(runs[0][0][:steps], runs[1][0][:steps]))
+
+    assert worst_gap(by_cost) <= 0.10
+    assert worst_gap(by_rows) > 0.3  # what a fixed member count gives on these lengths
+    assert max(by_cost[0][0]) <= 2 * 1024  # the budget: 1,024 events in full-length rows
+
+
+def test_a_token_budget_below_one_full_row_is_refused(zipf_shards):
+    with pytest.raises(ValueError, match="tokens_per_batch=40 is below data.max_len=50"):
+        build_loader(zipf_shards, "train", batch_size=8, max_len=50, tokens_per_batch=40)

@@ -95,6 +95,18 @@ def test_the_sharded_full_softmax_equals_the_single_process_one(tmp_path):
             assert r[diff] <= 1e-5, (diff, r)
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_batches_of_any_size_train_on_the_global_mean(tmp_path, stage):
+    """data.tokens_per_batch's weighting: the same 12 rows split 6/6 or 1/11 over two ranks
+    give a DeepSpeed engine (ZeRO 0 and 2) the gradients of one process's mean over all of
+    them, within fp32 rounding."""
+    run_torchrun(["tests/workers/token_weighting.py", str(tmp_path), str(stage)])
+    for rank in read_reports(tmp_path):
+        for split in ("even", "uneven"):
+            assert rank[split]["zero_stage"] == stage
+            assert rank[split]["max_grad_diff"] <= 1e-6, (split, rank)
+
+
 def test_full_softmax_on_a_sharded_table_never_looks_up_the_whole_catalogue(tmp_path,
                                                                            synth_shards):
     ranks = train_two_ranks(tmp_path, synth_shards, "sharding=column_wise",

@@ -45,6 +45,19 @@ def other_ranks(*local: Tensor) -> tuple[Tensor, ...]:
     return tuple(gather_rows(t, counts)[keep] for t in local)
 
 
+def global_mean_weight(local_terms: int) -> float:
+    """The factor that turns this rank's mean loss over ``local_terms`` terms into its share
+    of the mean over every rank's terms, once data-parallel gradients are averaged over
+    ranks: ``local_terms × world size / all terms`` (a collective). Ranks whose batches
+    differ in size then train on the global mean, whatever the split."""
+    rank, size = world()
+    if size == 1:
+        return 1.0
+    total = torch.tensor([local_terms], dtype=torch.int64)
+    dist.all_reduce(total)
+    return local_terms * size / max(int(total.item()), 1)
+
+
 def catalogue_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
     """The items ``[start, end)`` of 1..num_items-1 (0 is padding) that ``rank`` scores: one
     contiguous, near-equal slice per rank."""

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError) as err:
         log.error(err)
         return 2
+    except ConfigError as err:  # settings that compose but do not fit the recipe
+        log.error(f"config: {err}")
+        return 2
     except FloatingPointError as err:  # trainer.on_nan=stop
         log.error(err)
         return 3

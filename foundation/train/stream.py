@@ -56,8 +56,9 @@ class EpochStream:
     def __iter__(self) -> Iterator[SequenceBatch]:
         while True:
             empty, replayed, self.taken = True, self.consumed, []
-            for index, batch in enumerate(self.loader(self.cfg.train_split, epoch=self.epoch,
-                                                      shuffle=True, skip_ids=self.skip)):
+            for index, batch in enumerate(self.loader(
+                    self.cfg.train_split, epoch=self.epoch, shuffle=True, skip_ids=self.skip,
+                    tokens_per_batch=self.cfg.tokens_per_batch)):
                 empty = False
                 self.taken.append(batch.sample_ids.numpy())
                 if index < replayed:  # consumed before the checkpoint this run resumed from
@@ -71,7 +72,8 @@ class EpochStream:
             self.epoch, self.consumed, self.skip, self.taken = self.epoch + 1, 0, NONE, []
 
     def loader(self, split: str, *, epoch: int = 0, shuffle: bool = False,
-               batch_size: int | None = None, skip_ids: np.ndarray | None = None):
+               batch_size: int | None = None, skip_ids: np.ndarray | None = None,
+               tokens_per_batch: int = 0):
         if self.mode == "items":
             return build_item_loader(
                 self.cfg.path, split, batch_size=batch_size or self.cfg.batch_size,
@@ -84,4 +86,4 @@ class EpochStream:
             max_len=self.cfg.max_len, seed=self.seed, epoch=epoch, rank=self.rank,
             world_size=self.world_size, num_workers=self.cfg.num_workers, shuffle=shuffle,
             shuffle_buffer=self.cfg.shuffle_buffer, mode=self.mode, on_error=self.cfg.on_error,
-            skip_ids=skip_ids)
+            skip_ids=skip_ids, tokens_per_batch=tokens_per_batch)

@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from foundation.compose import ConfigError
 from foundation.data.batch import SequenceBatch
+from foundation.distributed.collectives import global_mean_weight
 from foundation.distributed.engine import uses_bf16
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
 from foundation.recipes import build_task
@@ -57,6 +59,13 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.checkpoints = Checkpointer(cfg, self.env)
         self.task = build_task(cfg)
+        self.token_batches = bool(cfg.data.tokens_per_batch)
+        if self.token_batches and not (self.task.token_batches
+                                       and self.task.data_mode == "sequence"):
+            raise ConfigError(f"data.tokens_per_batch={cfg.data.tokens_per_batch}: recipe "
+                             f"{self.task.name} does not average its loss over next-item "
+                             f"pairs, so its batches cannot be sized by cost; use "
+                             f"data.batch_size")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         resume_path = self.checkpoints.resume_path()
         self.warm_start = self.checkpoints.warm_start(self.task.init_from(), resume_path)
@@ -200,6 +209,8 @@ class Trainer:
                 self.ledger.record(step, self.stream.epoch, batch.sample_ids.tolist())
             features, extra = self.task.features(batch)
             loss = self.model.dense(batch, self.model.embed(features), **extra)
+            if self.token_batches:  # ranks' batches differ: weight to the global mean
+                loss = loss * global_mean_weight(self.task.loss_terms(batch))
             if not self.all_finite(loss):
                 if self.cfg.trainer.on_nan == "stop":
                     raise FloatingPointError(
