@@ -181,7 +181,8 @@ class Telemetry:
                                else float("nan"))
         self.window = self._empty()
         row = {**rates, "data_wait_share": max(r[1] for r in ranks),
-               "memory_mib": [round(r[0], 1) for r in ranks]}
+               "memory_mib": [round(r[0], 1) for r in ranks],
+               "train_seconds": round(self.total["seconds"], 3)}
         if self.communication_share is not None:
             row["communication_share"] = max(r[2] for r in ranks)
         return row
