@@ -19,8 +19,8 @@ from foundation.distributed.engine import EngineConfig, OptimConfig
 from foundation.distributed.sharding import ShardingConfig, ShardingType
 from foundation.models.losses import Loss
 from foundation.models.member import MemberModelConfig
+from foundation.telemetry import TelemetryConfig
 from foundation.tracking import LoggerConfig
-from foundation.train.telemetry import TelemetryConfig
 
 
 class OnNan(str, Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from foundation.train.telemetry import StepMeasurement, Telemetry, TelemetryConfig, describe
+from foundation.telemetry import StepMeasurement, Telemetry, TelemetryConfig, describe
 
 
 def test_a_measured_step_counts_forward_and_backward_flops():

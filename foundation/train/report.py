@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from foundation.telemetry import describe
 from foundation.tracking import best_validation
 from foundation.train.plots import plot_run
-from foundation.train.telemetry import describe
 
 log = logging.getLogger(__name__)
 

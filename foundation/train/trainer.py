@@ -22,6 +22,7 @@ from foundation.distributed.collectives import global_mean_weight
 from foundation.distributed.engine import uses_bf16
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
 from foundation.recipes import build_task
+from foundation.telemetry import Telemetry, describe
 from foundation.tracking import RunLogger
 from foundation.train import checkpoint
 from foundation.train.checkpointer import Checkpointer
@@ -30,7 +31,6 @@ from foundation.train.model import ShardedModel
 from foundation.train.plots import plot_run
 from foundation.train.preemption import PreemptionFlag
 from foundation.train.stream import EpochStream
-from foundation.train.telemetry import Telemetry, describe
 
 log = logging.getLogger(__name__)
 
