@@ -60,6 +60,10 @@ class TrainerConfig:
     collective_timeout_s: float = 600.0  # a hung rank fails the job after this long
     resume: str = "auto"  # auto (newest committed checkpoint in run_dir) | never | a checkpoint path
     reshard: Reshard = Reshard.continue_epoch
+    # After the last step, evaluate the final model on this split (e.g. test) in the same
+    # processes and write RUN/eval.json as `foundation eval` does ("": none; needs patience=0,
+    # where the final model is the result).
+    final_eval_split: str = ""
     optim: OptimConfig = field(default_factory=OptimConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 

@@ -27,12 +27,11 @@ CONTENT = ["model.item_content=[text]", "model.id_dropout=0.3", "model.content_m
 @pytest.fixture(scope="module")
 def runs(cold_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("cold_runs")
-    common = [f"data.path={cold_world}", "trainer.eval_every=0", "trainer.eval_batches=2", *FAST]
+    common = [f"data.path={cold_world}", "trainer.eval_every=0", "trainer.eval_batches=2",
+              "trainer.final_eval_split=test", *FAST]
     foundation("train", f"run_dir={root / 'ids'}", "trainer.max_steps=60", *common)
     foundation("train", "--nproc=2", f"run_dir={root / 'text'}", "trainer.max_steps=250",
                *CONTENT, f"model.cold_reference={root / 'ids'}", *common)
-    for run in ("text", "ids"):
-        foundation("eval", f"run_dir={root / run}", "split=test")
     return root
 
 

@@ -30,15 +30,21 @@ def pretrain_run(synth_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("pretrain")
     out = foundation("train", "--nproc=2", "recipe=pretrain_member_fm", f"data.path={synth_shards}",
                      f"run_dir={run}", "trainer.max_steps=300", "trainer.eval_every=0",
-                     "trainer.eval_batches=2", *FAST, *MODEL)
+                     "trainer.eval_batches=2", "trainer.final_eval_split=test", *FAST, *MODEL)
     assert "pretrain_member_fm: 300 steps" in out  # the one-line summary
+    assert "eval pretrain_member_fm [test, step-300]" in out  # trainer.final_eval_split
     return run
 
 
 def test_pretrained_model_beats_popularity_on_held_out_members(pretrain_run):
+    """The test split, evaluated at the end of training (trainer.final_eval_split), is what
+    `foundation eval` reports on the saved checkpoint."""
+    at_the_end = json.loads((pretrain_run / "eval.json").read_text())
     out = foundation("eval", f"run_dir={pretrain_run}", "split=test")
     report = json.loads((pretrain_run / "eval.json").read_text())
     assert report["split"] == "test" and "hr@10" in out
+    assert at_the_end["metrics"] == report["metrics"]
+    assert at_the_end["baselines"] == report["baselines"]
     model, popular = report["metrics"], report["baselines"]["most_popular"]
     assert model["users"] >= 250
     assert model["hr@10"] >= 2 * popular["hr@10"], report
@@ -68,8 +74,8 @@ def test_warm_started_ranking_beats_scratch_and_popularity(pretrain_run, synth_s
     for name, extra in (("warm", [f"recipe.init_from={pretrain_run}"]), ("scratch", [])):
         foundation("train", "--nproc=2", "recipe=finetune_ranking", f"data.path={synth_shards}",
                    f"run_dir={runs[name]}", "trainer.max_steps=150", "trainer.eval_every=0",
-                   "trainer.eval_batches=1", "sharding.lr=0.01", *FAST, *MODEL, *extra)
-        foundation("eval", f"run_dir={runs[name]}", "split=test")
+                   "trainer.eval_batches=1", "sharding.lr=0.01", "trainer.final_eval_split=test",
+                   *FAST, *MODEL, *extra)
     warm = runs["warm"]
     assert evaluation(warm)["headline"] == "auc"
     verdicts = {name: compared(against, warm)["auc"]  # members resampled
@@ -94,8 +100,7 @@ def retrieval_runs(pretrain_run, synth_shards, tmp_path_factory):
     for name, extra in (("scratch", []), ("full", [warm]), ("lora", [warm, "recipe.mode=lora"])):
         runs[name] = root / name
         foundation("train", "--nproc=2", *RETRIEVAL, f"data.path={synth_shards}",
-                   f"run_dir={runs[name]}", *FAST, *extra)
-        foundation("eval", f"run_dir={runs[name]}", "split=test")
+                   f"run_dir={runs[name]}", "trainer.final_eval_split=test", *FAST, *extra)
     return runs
 
 
@@ -180,8 +185,7 @@ def search_runs(pretrain_run, synth_shards, tmp_path_factory):
                         ("no_member", [warm, "recipe.member_state=false"])):
         runs[name] = root / name
         foundation("train", "--nproc=2", *SEARCH, f"data.path={synth_shards}",
-                   f"run_dir={runs[name]}", *FAST, *extra)
-        foundation("eval", f"run_dir={runs[name]}", "split=test")
+                   f"run_dir={runs[name]}", "trainer.final_eval_split=test", *FAST, *extra)
     return runs
 
 
@@ -232,8 +236,7 @@ def notification_runs(pretrain_run, synth_shards, tmp_path_factory):
     for name, extra in (("warm", [f"recipe.init_from={pretrain_run}"]), ("scratch", [])):
         runs[name] = root / name
         foundation("train", "--nproc=2", *NOTIFICATION, f"data.path={synth_shards}",
-                   f"run_dir={runs[name]}", *FAST, *extra)
-        foundation("eval", f"run_dir={runs[name]}", "split=test")
+                   f"run_dir={runs[name]}", "trainer.final_eval_split=test", *FAST, *extra)
     return runs
 
 
@@ -295,8 +298,8 @@ def test_warm_start_from_another_model_names_the_mismatch(pretrain_run, synth_sh
 
 
 def test_compare_finds_a_run_significantly_better_than_its_most_popular_baseline(pretrain_run):
-    """The offline A/B test on a real run (two seeds of a converged run: docs/benchmarks.md)."""
-    foundation("eval", f"run_dir={pretrain_run}", "split=test")
+    """The offline A/B test on a real run (two seeds of a converged run: docs/benchmarks.md);
+    the run's test split was evaluated when it finished."""
     out = foundation("eval", "compare", f"{pretrain_run}@most_popular", str(pretrain_run),
                      "--output", str(pretrain_run / "compare.json"))
     assert "compare: ndcg@10" in out and "| hr@10 |" in out

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from foundation.eval.run import RANKS_FILE, SCORES_FILE
 from foundation.metrics import auc, per_user
+from foundation.metrics.report import RANKS_FILE, SCORES_FILE
 from foundation.metrics.uplift import uplift_metrics
 from foundation.tasks import ROW_SLOTS
 

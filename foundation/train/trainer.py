@@ -21,6 +21,7 @@ from foundation.data.batch import SequenceBatch
 from foundation.distributed.collectives import global_mean_weight
 from foundation.distributed.engine import uses_bf16
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
+from foundation.metrics.report import write_evaluation
 from foundation.recipes import build_task
 from foundation.telemetry import Telemetry, describe
 from foundation.tracking import RunLogger
@@ -66,6 +67,11 @@ class Trainer:
                              f"{self.task.name} does not average its loss over next-item "
                              f"pairs, so its batches cannot be sized by cost; use "
                              f"data.batch_size")
+        if cfg.trainer.final_eval_split and cfg.trainer.patience:
+            raise ConfigError(f"trainer.final_eval_split={cfg.trainer.final_eval_split} "
+                              f"evaluates the final model, but with trainer.patience the result "
+                              f"is the best checkpoint: evaluate it with `foundation eval "
+                              f"run_dir=RUN split={cfg.trainer.final_eval_split}`")
         seed_everything(cfg.seed)  # the same initial weights on every rank
         resume_path = self.checkpoints.resume_path()
         self.warm_start = self.checkpoints.warm_start(self.task.init_from(), resume_path)
@@ -126,7 +132,20 @@ class Trainer:
         if self.checkpoints.last_saved != cfg.max_steps:
             self.save(cfg.max_steps)
         self.logger.close()
-        return self.summarise(losses, time.perf_counter() - start, final)
+        summary = self.summarise(losses, time.perf_counter() - start, final)
+        if cfg.final_eval_split:
+            self.evaluate_final(cfg.final_eval_split, cfg.max_steps)
+        return summary
+
+    def evaluate_final(self, split: str, step: int) -> dict[str, Any]:
+        """The final model on the whole ``split``: what `foundation eval run_dir=RUN
+        split=SPLIT checkpoint=step-N` reports, without loading it again."""
+        self.model.train(False)
+        loader = self.stream.loader(split, batch_size=self.cfg.data.eval_batch_size)
+        result = self.task.evaluate(self.model, loader, split=split)
+        return write_evaluation(self.run_dir, result, split=split, checkpoint=f"step-{step}",
+                                recipe=self.task.name, headline=self.task.eval_metric,
+                                is_main=self.env.is_main)
 
     def track_best(self, step: int, result: dict[str, Any]) -> bool:
         """Whether this validation is the best so far; with ``trainer.patience`` > 0 each new
