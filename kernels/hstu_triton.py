@@ -54,12 +54,33 @@ def _load_block(X, start, index, length, head, heads, dims, head_dim):
 
 
 @triton.jit
+def _store_block(X, value, start, index, length, head, heads, dims, head_dim):
+    ok = (index[:, None] < length) & (dims[None, :] < head_dim)
+    tl.store(X + ((start + index[:, None]) * heads + head) * head_dim + dims[None, :],
+             value.to(X.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _program(Offsets):
+    """This program's block, head, and its row's first event and length."""
+    block, row, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(Offsets + row)
+    return block, head, start, tl.load(Offsets + row + 1) - start
+
+
+@triton.jit
+def _keys(K, V, Times, start, cols, length, head, heads, dims, head_dim):
+    """A block of a row's keys, values and their timestamps."""
+    k = _load_block(K, start, cols, length, head, heads, dims, head_dim)
+    v = _load_block(V, start, cols, length, head, heads, dims, head_dim)
+    return k, v, tl.load(Times + start + cols, mask=cols < length, other=0)
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, Out, Offsets, Times, PB, TB, heads, head_dim, positions,
                     scale, inv_max_len, buckets: tl.constexpr, unit: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    block, row, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(Offsets + row)
-    length = tl.load(Offsets + row + 1) - start
+    block, head, start, length = _program(Offsets)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q = _load_block(Q, start, rows, length, head, heads, dims, head_dim)
@@ -67,16 +88,12 @@ def _forward_kernel(Q, K, V, Out, Offsets, Times, PB, TB, heads, head_dim, posit
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for first in range(0, tl.minimum((block + 1) * BLOCK_M, length), BLOCK_N):
         cols = first + tl.arange(0, BLOCK_N)
-        k = _load_block(K, start, cols, length, head, heads, dims, head_dim)
-        v = _load_block(V, start, cols, length, head, heads, dims, head_dim)
-        tk = tl.load(Times + start + cols, mask=cols < length, other=0)
+        k, v, tk = _keys(K, V, Times, start, cols, length, head, heads, dims, head_dim)
         s, valid, _, _ = _scores(q, k, rows, cols, length, tq, tk, PB, TB, head, heads, scale,
                                  positions, buckets, unit)
         w = tl.where(valid, s * tl.sigmoid(s) * inv_max_len, 0.0)
         acc += tl.dot(w.to(v.dtype), v)
-    ok = (rows[:, None] < length) & (dims[None, :] < head_dim)
-    tl.store(Out + ((start + rows[:, None]) * heads + head) * head_dim + dims[None, :],
-             acc.to(Out.dtype.element_ty), mask=ok)
+    _store_block(Out, acc, start, rows, length, head, heads, dims, head_dim)
 
 
 @triton.jit
@@ -91,14 +108,10 @@ def _score_grad(s, valid, do, v, inv_max_len):
 def _key_grad_kernel(Q, K, V, DO, DK, DV, DPB, DTB, Offsets, Times, PB, TB, heads, head_dim,
                      positions, scale, inv_max_len, buckets: tl.constexpr, unit: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    block, row, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(Offsets + row)
-    length = tl.load(Offsets + row + 1) - start
+    block, head, start, length = _program(Offsets)
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_block(K, start, cols, length, head, heads, dims, head_dim)
-    v = _load_block(V, start, cols, length, head, heads, dims, head_dim)
-    tk = tl.load(Times + start + cols, mask=cols < length, other=0)
+    k, v, tk = _keys(K, V, Times, start, cols, length, head, heads, dims, head_dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for first in range((block * BLOCK_N // BLOCK_M) * BLOCK_M, length, BLOCK_M):
@@ -114,19 +127,15 @@ def _key_grad_kernel(Q, K, V, DO, DK, DV, DPB, DTB, Offsets, Times, PB, TB, head
         dk += tl.dot(tl.trans(ds).to(q.dtype), q) * scale
         tl.atomic_add(DPB + pos * heads + head, ds, mask=valid)
         tl.atomic_add(DTB + bucket * heads + head, ds, mask=valid)
-    ok = (cols[:, None] < length) & (dims[None, :] < head_dim)
-    out = ((start + cols[:, None]) * heads + head) * head_dim + dims[None, :]
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=ok)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=ok)
+    _store_block(DK, dk, start, cols, length, head, heads, dims, head_dim)
+    _store_block(DV, dv, start, cols, length, head, heads, dims, head_dim)
 
 
 @triton.jit
 def _query_grad_kernel(Q, K, V, DO, DQ, Offsets, Times, PB, TB, heads, head_dim, positions,
                        scale, inv_max_len, buckets: tl.constexpr, unit: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    block, row, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(Offsets + row)
-    length = tl.load(Offsets + row + 1) - start
+    block, head, start, length = _program(Offsets)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q = _load_block(Q, start, rows, length, head, heads, dims, head_dim)
@@ -135,16 +144,12 @@ def _query_grad_kernel(Q, K, V, DO, DQ, Offsets, Times, PB, TB, heads, head_dim,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for first in range(0, tl.minimum((block + 1) * BLOCK_M, length), BLOCK_N):
         cols = first + tl.arange(0, BLOCK_N)
-        k = _load_block(K, start, cols, length, head, heads, dims, head_dim)
-        v = _load_block(V, start, cols, length, head, heads, dims, head_dim)
-        tk = tl.load(Times + start + cols, mask=cols < length, other=0)
+        k, v, tk = _keys(K, V, Times, start, cols, length, head, heads, dims, head_dim)
         s, valid, _, _ = _scores(q, k, rows, cols, length, tq, tk, PB, TB, head, heads, scale,
                                  positions, buckets, unit)
         ds = _score_grad(s, valid, do, v, inv_max_len)
         dq += tl.dot(ds.to(k.dtype), k) * scale
-    ok = (rows[:, None] < length) & (dims[None, :] < head_dim)
-    tl.store(DQ + ((start + rows[:, None]) * heads + head) * head_dim + dims[None, :],
-             dq.to(DQ.dtype.element_ty), mask=ok)
+    _store_block(DQ, dq, start, rows, length, head, heads, dims, head_dim)
 
 
 def _common(q: Tensor, offsets: Tensor, position_bias: Tensor, time_bias: Tensor,
