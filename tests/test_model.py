@@ -77,6 +77,29 @@ def test_states_do_not_depend_on_batch_padding(attention):
     assert torch.allclose(padded_states[0, :3], alone_states[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["pytorch", "triton"])
+def test_pointwise_layers_on_jagged_rows_equal_the_padded_program(kernel):
+    """Training runs HSTU layers on jagged rows through foundation.kernels (Triton here in its
+    CPU interpreter); the exported program runs them padded. Same states and gradients."""
+    torch.manual_seed(0)
+    cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0,
+                            max_len=12, attention="pointwise", kernel=kernel)
+    encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
+    batch = make_batch([3, 0, 12, 1, 7])
+    batch.timestamp = torch.arange(int(batch.lengths.sum())) * 3600  # one bucket per hour
+    emb = table(sparse_features(batch))
+    jagged, mask = encoder(emb, batch.lengths, newest_is_target=True, timestamps=batch.timestamp)
+    tokens = sum(emb[k] * encoder.token_scale(k) for k in encoder.token_features)
+    padded = encoder.encode_padded(pad_jagged(tokens, batch.lengths)[0], mask, skip_newest=1,
+                                   timestamps=pad_jagged(batch.timestamp, batch.lengths)[0])
+    torch.testing.assert_close(jagged[mask], padded[mask], atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(jagged[mask])
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad((jagged[mask] * weights).sum(), params),
+                    torch.autograd.grad((padded[mask] * weights).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_next_item_pairs_point_at_the_following_event():
     lengths = torch.tensor([3, 1, 2])
     values = torch.arange(6)  # events 0..5 laid out jagged

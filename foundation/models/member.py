@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 from foundation.choices import choice
 from foundation.data.schema import EventSchema, default_features
-from foundation.kernels.hstu import time_bucket
-from foundation.kernels.jagged import pad_jagged
+from foundation.kernels.dispatch import Kernel
+from foundation.kernels.hstu import hstu_attention, time_bucket
+from foundation.kernels.jagged import offsets_from_lengths, pad_jagged, row_index
 from foundation.models.towers import Modality, TextTowerConfig
 
 # Table names must not shadow nn.ModuleDict attributes (a table named "items" breaks TorchRec).
@@ -79,6 +80,9 @@ class MemberModelConfig:
     # (Zhai et al., 2024): SiLU attention weights without softmax normalisation, so how much
     # of the history matters is learnt too, plus learned relative position and time biases.
     attention: Attention = Attention.softmax
+    # Pointwise attention runs on jagged rows (values + offsets, no padding) through this
+    # implementation (foundation.kernels): pytorch, triton (CUDA), or auto (triton on CUDA).
+    kernel: Kernel = Kernel.auto
     # Item content added to every item's embedding (data/items.py, models/content.py): each
     # modality's frozen tower vectors, cached per run, through a trained adapter.
     item_content: list[Modality] = field(default_factory=list)
@@ -201,9 +205,27 @@ class EventEncoder(nn.Module):
         training), so positions count back from the event before it, as when serving.
         """
         tokens = sum(emb[key] * self.token_scale(key) for key in self.token_features)
+        if self.pointwise:
+            if timestamps is None:
+                raise ValueError("pointwise attention needs the events' timestamps")
+            return pad_jagged(self.encode_jagged(tokens, lengths, int(newest_is_target),
+                                                 timestamps), lengths)
         x, mask = pad_jagged(tokens, lengths)
-        times = pad_jagged(timestamps, lengths)[0] if self.uses_time else None
-        return self.encode_padded(x, mask, int(newest_is_target), times), mask
+        return self.encode_padded(x, mask, int(newest_is_target)), mask
+
+    def encode_jagged(self, tokens: Tensor, lengths: Tensor, skip_newest: int,
+                      timestamps: Tensor) -> Tensor:
+        """Pointwise layers on jagged tokens ``[sum(lengths), D]`` → states, jagged alike
+        (what ``encode_padded`` computes, without padding)."""
+        rows, cols = row_index(lengths)
+        recency = (lengths - 1 - skip_newest)[rows] - cols  # as in encode_padded
+        x = tokens + self.position(recency.clamp(0, self.cfg.max_len - 1))
+        x = self.dropout(self.input_norm(x))
+        offsets = offsets_from_lengths(lengths)
+        longest = int(lengths.max()) if lengths.numel() else 0
+        for layer in self.layers:
+            x = layer.jagged(x, offsets, timestamps, longest)
+        return self.output_norm(x)
 
     @property
     def uses_time(self) -> bool:
@@ -265,6 +287,7 @@ class PointwiseAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.position_bias = nn.Embedding(cfg.max_len, self.heads)  # by distance i - j
         self.time_bias = nn.Embedding(RELATIVE_TIME_BUCKETS, self.heads)
+        self.kernel = choice(Kernel, cfg.kernel, "model.kernel")
         nn.init.zeros_(self.position_bias.weight)
         nn.init.zeros_(self.time_bias.weight)
 
@@ -280,6 +303,16 @@ class PointwiseAttention(nn.Module):
         weights = F.silu(scores) * attend.unsqueeze(1) / self.max_len
         mixed = (weights @ v).transpose(1, 2).reshape(batch, length, dim)
         return x + self.dropout(self.out(self.mix_norm(mixed) * u))
+
+    def jagged(self, x: Tensor, offsets: Tensor, timestamps: Tensor, longest: int) -> Tensor:
+        """``forward`` on jagged rows: ``x`` ``[T, D]``, ``offsets`` ``[B + 1]``,
+        ``timestamps`` ``[T]``; the attention runs through ``foundation.kernels``."""
+        tokens, dim = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm(x))).chunk(4, dim=-1)
+        q, k, v = (t.reshape(tokens, self.heads, -1) for t in (q, k, v))
+        mixed = hstu_attention(q, k, v, offsets, timestamps, self.position_bias.weight,
+                               self.time_bias.weight, self.max_len, longest, self.kernel)
+        return x + self.dropout(self.out(self.mix_norm(mixed.reshape(tokens, dim)) * u))
 
 
 class ReadsItemsLikeThePretrain:
