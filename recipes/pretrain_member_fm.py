@@ -198,7 +198,8 @@ class NextItemModel(nn.Module):
         if Loss(self.recipe.loss) == Loss.full_softmax:  # negatives: items in order
             if self.item_table is None:  # sharded: this rank's slice of the catalogue
                 return sharded_softmax_loss(queries, targets, negative_vectors,
-                                            int(negatives[0]), absent, offsets)
+                                            int(negatives[0]), absent, offsets,
+                                            kernel=self.encoder.cfg.kernel)
             return full_softmax_loss(queries, targets, negative_vectors, absent, offsets)
         target_vectors = self.scored_items(emb["item"][target_index], targets,
                                            None if use_id is None else use_id[target_index])

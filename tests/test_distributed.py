@@ -85,13 +85,15 @@ def test_column_wise_item_table_is_split_across_ranks(tmp_path, synth_shards):
 
 def test_the_sharded_full_softmax_equals_the_single_process_one(tmp_path):
     """Loss and gradients (queries, catalogue rows, history offsets) of the 2-rank exact
-    softmax, each rank holding half the catalogue, against one process holding all of it."""
+    softmax, each rank holding half the catalogue, against one process holding all of it;
+    without offsets, through the fused log-sum-exp kernel."""
     run_torchrun(["tests/workers/sharded_softmax.py", str(tmp_path)])
     ranks = read_reports(tmp_path)
     assert [r["slice"] for r in ranks] == [[1, 51], [51, 101]]
     for r in ranks:
         assert r["rows_held"] < r["catalogue"] and r["other_ranks_exact"], r
-        for diff in ("loss_diff", "queries_grad_diff", "shard_grad_diff", "offsets_grad_diff"):
+        for diff in ("loss_diff", "queries_grad_diff", "shard_grad_diff", "offsets_grad_diff",
+                     "fused_loss_diff", "fused_queries_grad_diff", "fused_shard_grad_diff"):
             assert r[diff] <= 1e-5, (diff, r)
 
 

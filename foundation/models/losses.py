@@ -10,6 +10,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from foundation.distributed.collectives import gather_rows, row_counts, world
+from foundation.kernels.dispatch import Kernel
+from foundation.kernels.softmax import scores_logsumexp
 from foundation.models.history import add_pairs
 
 
@@ -132,29 +134,49 @@ NO_ITEM = -1e30  # a left-out item's logit: finite, so a slice with none left ha
 
 def sharded_softmax_loss(queries: Tensor, target_ids: Tensor, shard: Tensor, start: int,
                          absent: Tensor | None = None, offsets: Offsets | None = None,
-                         chunk: int = SCORE_CHUNK) -> Tensor:
+                         chunk: int = SCORE_CHUNK, kernel: Kernel | str = Kernel.auto) -> Tensor:
     """``full_softmax_loss`` with the catalogue split across ranks, never gathered: this
     rank holds ``shard``, the vectors of items ``start .. start + len(shard) - 1``
     (``collectives.catalogue_slice``), and scores every rank's queries against them, ``chunk``
     items at a time (recomputed in backward, so the logits held are queries × ``chunk``);
-    each query's log-sum-exp and target logit are combined over chunks and ranks. Gradients
-    reach each slice's rows on its own rank only. ``absent`` ([V] bool) and ``offsets``
-    (this rank's queries') as in ``full_softmax_loss``. Collective: every rank calls it."""
+    each query's log-sum-exp and target logit are combined over ranks. Without ``offsets`` the
+    slice's log-sum-exp is ``kernels.scores_logsumexp`` (``kernel``: its implementation).
+    Gradients reach each slice's rows on its own rank only. ``absent`` ([V] bool) and
+    ``offsets`` (this rank's queries') as in ``full_softmax_loss``. Collective: every rank
+    calls it."""
     rank, size = world()
     if size == 1:
         return full_softmax_loss(queries, target_ids, shard, absent, offsets)
     counts = row_counts(len(queries))
     first = sum(counts[:rank])  # this rank's first row among all queries
     everyone, targets = gather_rows(queries, counts), gather_rows(target_ids, counts)
-    pairs = None if offsets is None else _gathered_offsets(offsets, first)
-    chunks = torch.stack([  # [chunks, 2, all queries]
-        checkpoint(_score_columns, everyone, targets, shard[c:c + chunk], start + c, absent,
-                   pairs, use_reentrant=False)
-        for c in range(0, len(shard), chunk)])
-    local = torch.stack([chunks[:, 0].logsumexp(0), chunks[:, 1].sum(0)])
+    if offsets is None:
+        local = _slice_scores(everyone, targets, shard, start, absent, chunk, kernel)
+    else:
+        pairs = _gathered_offsets(offsets, first)
+        chunks = torch.stack([  # [chunks, 2, all queries]
+            checkpoint(_score_columns, everyone, targets, shard[c:c + chunk], start + c, absent,
+                       pairs, use_reentrant=False)
+            for c in range(0, len(shard), chunk)])
+        local = torch.stack([chunks[:, 0].logsumexp(0), chunks[:, 1].sum(0)])
     ranks = gather_rows(local.unsqueeze(0), [1] * size)
     loss = ranks[:, 0].logsumexp(0) - ranks[:, 1].sum(0)  # every query's cross-entropy
     return loss[first:first + len(queries)].mean()
+
+
+def _slice_scores(queries: Tensor, targets: Tensor, shard: Tensor, start: int,
+                  absent: Tensor | None, chunk: int, kernel: Kernel | str) -> Tensor:
+    """``[2, queries]``: each query's log-sum-exp over the slice (the fused kernel, never
+    holding more than ``chunk`` items' logits) and its target's logit where it is in it."""
+    bias = None if absent is None else shard.new_zeros(len(shard)).masked_fill(
+        absent[start:start + len(shard)], NO_ITEM)
+    lse = scores_logsumexp(queries, shard, bias, kernel=kernel,
+                           chunk_elements=chunk * max(1, len(queries)))
+    column = targets - start
+    owned = ((column >= 0) & (column < len(shard))).nonzero().squeeze(1)
+    logit = (queries[owned] * shard[column[owned]]).sum(-1)
+    target = queries.new_zeros(len(queries)).index_put((owned,), logit)
+    return torch.stack([lse.to(queries.dtype), target])
 
 
 def _score_columns(queries: Tensor, targets: Tensor, columns: Tensor, start: int,

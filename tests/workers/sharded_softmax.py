@@ -25,6 +25,29 @@ ITEMS, DIM, OFFSETS = 101, 16, 300
 CHUNK = 16  # items scored at once: several chunks per slice, the last one short
 
 
+def fused_against_reference(rank, world, counts, catalogue, queries, targets, absent) -> dict:
+    """Without history offsets each slice's log-sum-exp is the fused kernel's (here the
+    PyTorch path, several chunks per slice): the same comparison, loss and gradients."""
+    first, count = sum(counts[:rank]), counts[rank]
+    ref_catalogue, ref_queries = (t.clone().requires_grad_() for t in (catalogue, queries))
+    sum(full_softmax_loss(ref_queries[sum(counts[:r]):sum(counts[:r + 1])],
+                          targets[sum(counts[:r]):sum(counts[:r + 1])], ref_catalogue, absent)
+        for r in range(world)).backward()
+    start, end = catalogue_slice(ITEMS, rank, world)
+    shard, own = (t.clone().requires_grad_() for t in (catalogue[start - 1:end - 1],
+                                                       queries[first:first + count]))
+    loss = sharded_softmax_loss(own, targets[first:first + count], shard, start, absent,
+                                chunk=CHUNK, kernel="pytorch")
+    loss.backward()
+    reference = full_softmax_loss(queries[first:first + count], targets[first:first + count],
+                                  catalogue, absent)
+    return {"fused_loss_diff": (loss - reference).abs().item(),
+            "fused_queries_grad_diff": float((own.grad - ref_queries.grad[first:first + count])
+                                             .abs().max()),
+            "fused_shard_grad_diff": float((shard.grad - ref_catalogue.grad[start - 1:end - 1])
+                                           .abs().max())}
+
+
 def main() -> None:
     report_dir = Path(sys.argv[1])
     env = init_distributed(timeout_s=120)
@@ -62,7 +85,8 @@ def main() -> None:
                                 (pairs[0][mine] - rows.start, pairs[1][mine], values),
                                 chunk=CHUNK)
     loss.backward()
-    report = {
+    fused = fused_against_reference(rank, world, counts, catalogue, queries, targets, absent)
+    report = {**fused,
         "rank": rank,
         "loss": loss.item(), "loss_diff": (loss - reference[rank]).abs().item(),
         "queries_grad_diff": float((own_queries.grad - ref_queries.grad[rows]).abs().max()),
