@@ -22,10 +22,12 @@ from torch import Tensor
 CHUNK_ELEMENTS = 1 << 24  # logits held at once by the PyTorch path (64 MiB in fp32)
 
 
-def _chunk_scores(queries: Tensor, items: Tensor, bias: Tensor, ids: Tensor,
-                  exclude: Tensor) -> Tensor:
+def _chunk_scores(queries: Tensor, items: Tensor, bias: Tensor, ids: Tensor | None,
+                  exclude: Tensor | None) -> Tensor:
     """A chunk's fp32 logits, left-out pairs at −inf (a fresh buffer: callers work in place)."""
     scores = torch.addmm(bias.float(), queries.float(), items.float().T)
+    if ids is None:  # nothing left out per query
+        return scores
     return scores.masked_fill_(ids.unsqueeze(0) == exclude.unsqueeze(1), float("-inf"))
 
 
@@ -42,7 +44,8 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         ctx.elements = elements
         lse = queries.new_full((queries.shape[0],), float("-inf"), dtype=torch.float32)
         for part in _chunks(queries, items, ctx.elements):
-            scores = _chunk_scores(queries, items[part], bias[part], ids[part], exclude)
+            scores = _chunk_scores(queries, items[part], bias[part],
+                                   None if ids is None else ids[part], exclude)
             lse = torch.logaddexp(lse, scores.logsumexp(1))
         ctx.save_for_backward(queries, items, bias, ids, exclude, lse)
         return lse
@@ -54,7 +57,8 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         ditems = torch.empty_like(items, dtype=torch.float32)
         dbias = torch.empty_like(bias, dtype=torch.float32)
         for part in _chunks(queries, items, ctx.elements):
-            scores = _chunk_scores(queries, items[part], bias[part], ids[part], exclude)
+            scores = _chunk_scores(queries, items[part], bias[part],
+                                   None if ids is None else ids[part], exclude)
             weights = scores.sub_(lse.unsqueeze(1)).exp_().mul_(grad.unsqueeze(1))
             dq += weights @ items[part].float()
             ditems[part] = weights.T @ queries.float()
@@ -113,12 +117,13 @@ def scores_logsumexp(queries: Tensor, items: Tensor, bias: Tensor | None = None,
     ``chunk_elements``: logits the PyTorch path forms at once."""
     count, rows = items.shape[0], queries.shape[0]
     bias = items.new_zeros(count) if bias is None else bias
+    if resolve_kernel(kernel, queries.device) == Kernel.pytorch:
+        if ids is None or exclude is None:
+            ids = exclude = None
+        return _ChunkedLogSumExp.apply(queries, items, bias, ids, exclude, chunk_elements)
     ids = torch.zeros(count, dtype=torch.long, device=items.device) if ids is None else ids
     if exclude is None:
         exclude = torch.full((rows,), -1, dtype=torch.long, device=queries.device)
-    if resolve_kernel(kernel, queries.device) == Kernel.pytorch:
-        return _ChunkedLogSumExp.apply(queries, items, bias, ids.long(), exclude.long(),
-                                      chunk_elements)
     return _lse_triton(queries.contiguous(), items.contiguous(), bias.contiguous(),
                        ids.long().contiguous(), exclude.long().contiguous())
 
