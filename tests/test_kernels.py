@@ -198,7 +198,7 @@ def test_dispatcher_picks_and_refuses_with_the_fix(monkeypatch):
 
 def test_fused_cross_entropy_peak_memory_is_under_a_quarter_of_materialised():
     """Each variant measured in its own process (bench/fused_ce_memory.py; at 8k tokens ×
-    100k items it reports the figure in docs/benchmarks.md)."""
+    100k items it reports the figure in docs/speed.md)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from fused_ce_memory import compare
