@@ -39,8 +39,10 @@ class TelemetryConfig:
 def measured_gemm_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
     """FLOP/s of a square matmul on ``device``, the best of repeated timings."""
     size = 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # A private generator: drawing from the global one would shift dropout and sampling
+    # after a resume, and a resumed run must continue exactly as an uninterrupted one.
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         begin = time.perf_counter()

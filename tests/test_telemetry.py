@@ -40,3 +40,10 @@ def test_rates_shares_and_mfu_follow_from_the_recorded_steps():
     assert summary["tokens_per_s"] == pytest.approx(150.0)
     assert summary["data_wait_share"] == pytest.approx(1.1 / 4)
     assert "150 tokens/s" in describe(summary) and "data wait 27.5%" in describe(summary)
+
+
+def test_measuring_the_peak_leaves_the_global_random_state_alone():
+    """Telemetry starts after a resume restored the RNG: it must not draw from it."""
+    before = torch.get_rng_state()
+    Telemetry(TelemetryConfig(), torch.device("cpu"), world_size=1, bf16=False)
+    assert torch.equal(torch.get_rng_state(), before)
