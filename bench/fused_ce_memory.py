@@ -11,15 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import subprocess
 import sys
 
 log = logging.getLogger("fused_ce_memory")
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(variant: str, tokens: int, items: int, dim: int, chunk_elements: int) -> dict:
@@ -27,6 +22,7 @@ def measure(variant: str, tokens: int, items: int, dim: int, chunk_elements: int
     import torch
     from foundation.kernels import catalogue_cross_entropy
     from foundation.kernels.softmax import materialised_cross_entropy
+    from foundation.telemetry import peak_resident_mib
 
     torch.manual_seed(0)
     queries = torch.randn(tokens, dim, requires_grad=True)
@@ -36,7 +32,7 @@ def measure(variant: str, tokens: int, items: int, dim: int, chunk_elements: int
     small = torch.randn(4, dim, requires_grad=True)
     catalogue_cross_entropy(small, small, small, kernel="pytorch").backward()
     materialised_cross_entropy(small, small, torch.arange(4)).backward()
-    base = _peak_mib()
+    base = peak_resident_mib()
     if variant == "fused":
         loss = catalogue_cross_entropy(queries, catalogue[target], catalogue, target_ids=target,
                                        item_ids=torch.arange(items), kernel="pytorch",
@@ -44,7 +40,7 @@ def measure(variant: str, tokens: int, items: int, dim: int, chunk_elements: int
     else:
         loss = materialised_cross_entropy(queries, catalogue, target)
     loss.backward()
-    return {"variant": variant, "peak_mib": round(_peak_mib() - base, 1), "loss": loss.item()}
+    return {"variant": variant, "peak_mib": round(peak_resident_mib() - base, 1), "loss": loss.item()}
 
 
 def compare(tokens: int, items: int, dim: int, chunk_elements: int) -> dict[str, dict]:

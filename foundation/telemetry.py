@@ -69,6 +69,19 @@ def peak_memory_mib(device: torch.device) -> float:
     """Peak memory of this rank: allocated on the GPU, resident on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_resident_mib()
+
+
+def peak_resident_mib() -> float:
+    """This process's peak resident memory since it started its program (Linux: VmHWM, which
+    exec resets; ru_maxrss would carry the RSS of the process it was forked from)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
