@@ -22,6 +22,7 @@ def measure(variant: str, tokens: int, items: int, dim: int, chunk_elements: int
     import torch
     from foundation.kernels import catalogue_cross_entropy
     from foundation.kernels.softmax import materialised_cross_entropy
+
     from foundation.telemetry import peak_resident_mib
 
     torch.manual_seed(0)
