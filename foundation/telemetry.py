@@ -1,19 +1,16 @@
 """Where a training step's time goes: tokens/s, model FLOPs and MFU, the share of the step
-spent waiting for data and in collectives, and peak memory per rank.
+spent waiting for data, and peak memory per rank.
 
 Every step is timed; one step in ``trainer.telemetry.measure_every`` is also measured: its
 FLOPs are counted op by op (``torch.utils.flop_counter``: the FLOPs the model really runs,
-whatever the recipe) and its collectives timed by the profiler (gloo / NCCL events, waiting
-for slower ranks included). MFU is model FLOP/s per rank over the device's peak: the GPU's
+whatever the recipe). MFU is model FLOP/s per rank over the device's peak: the GPU's
 dense spec for the training dtype, or on CPU a GEMM peak measured at start by all ranks at
 once (so ranks sharing cores each get their share).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -28,12 +25,11 @@ log = logging.getLogger(__name__)
 GPU_PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 494.0}, "H100": {"bf16": 989.0, "fp32": 494.0},
                    "A100": {"bf16": 312.0, "fp32": 156.0}, "L40S": {"bf16": 362.0, "fp32": 183.0},
                    "A10": {"bf16": 125.0, "fp32": 62.5}}
-COMMUNICATION_EVENTS = ("gloo:", "nccl:")
 
 
 @dataclass
 class TelemetryConfig:
-    measure_every: int = 50  # one step in N also counts its FLOPs and times its collectives (0: none)
+    measure_every: int = 50  # one step in N also counts its FLOPs (0: none)
 
 
 def measured_gemm_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
@@ -85,51 +81,23 @@ def peak_resident_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@contextlib.contextmanager
-def _stderr_silenced():
-    """The profiler's C++ layer prints a line to stderr at each start and stop."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 class StepMeasurement:
-    """Counts one step's FLOPs and times its collectives (a context manager)."""
+    """Counts one step's FLOPs (a context manager). Time in collectives is not measured: the
+    profiler that timed them left a thread that aborted some ranks at exit."""
 
     def __init__(self, device: torch.device):
-        from torch.profiler import ProfilerActivity, profile
         from torch.utils.flop_counter import FlopCounterMode
 
-        activities = [ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(ProfilerActivity.CUDA)
-        self.profiler = profile(activities=activities)
         self.counter = FlopCounterMode(display=False)
-        self.flops, self.communication_s = 0, 0.0
+        self.flops = 0
 
     def __enter__(self) -> StepMeasurement:
-        with _stderr_silenced():
-            self.profiler.start()
         self.counter.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.counter.__exit__(*exc)
-        with _stderr_silenced():
-            self.profiler.stop()
         self.flops = self.counter.get_total_flops()
-        total_us = 0.0
-        for event in self.profiler.key_averages():
-            if event.key.startswith(COMMUNICATION_EVENTS):
-                total_us += event.cpu_time_total
-            elif "nccl" in event.key.lower():  # the kernels, on the GPU's timeline
-                total_us += getattr(event, "device_time_total", 0.0)
-        self.communication_s = total_us / 1e6
 
 
 class Telemetry:
@@ -142,7 +110,6 @@ class Telemetry:
             dist.barrier()  # ranks that share cores measure the peak together
         self.peak, self.peak_source = peak_flops(device, bf16)
         self.flops_per_token: float | None = None
-        self.communication_share: float | None = None
         self.window, self.total = self._empty(), self._empty()
 
     @staticmethod
@@ -167,7 +134,6 @@ class Telemetry:
             totals["data_wait"] += data_wait
         if measured is not None and local_tokens:
             self.flops_per_token = measured.flops / local_tokens
-            self.communication_share = measured.communication_s / seconds
 
     def _rates(self, totals: dict[str, float]) -> dict[str, float]:
         seconds = max(totals["seconds"], 1e-9)
@@ -191,15 +157,11 @@ class Telemetry:
     def row(self) -> dict[str, Any]:
         """The telemetry since the last row, and each rank's peak memory and shares."""
         rates = self._rates(self.window)
-        ranks = self._per_rank(peak_memory_mib(self.device), rates["data_wait_share"],
-                               self.communication_share if self.communication_share is not None
-                               else float("nan"))
+        ranks = self._per_rank(peak_memory_mib(self.device), rates["data_wait_share"])
         self.window = self._empty()
         row = {**rates, "data_wait_share": max(r[1] for r in ranks),
                "memory_mib": [round(r[0], 1) for r in ranks],
                "train_seconds": round(self.total["seconds"], 3)}
-        if self.communication_share is not None:
-            row["communication_share"] = max(r[2] for r in ranks)
         return row
 
     def summary(self) -> dict[str, Any]:
@@ -209,19 +171,15 @@ class Telemetry:
         summary = {**rates, "data_wait_share": max(r[1] for r in ranks),
                    "peak_memory_mib": [round(r[0], 1) for r in ranks],
                    "peak_tflops_per_rank": self.peak / 1e12, "peak_source": self.peak_source}
-        if self.communication_share is not None:
-            summary["communication_share"] = self.communication_share
         return summary
 
 
 def describe(telemetry: dict[str, Any]) -> str:
-    """One line: tokens/s, MFU, data waiting, collectives, peak memory."""
+    """One line: tokens/s, MFU, data waiting, peak memory."""
     parts = [f"{telemetry['tokens_per_s']:,.0f} tokens/s"]
     if "mfu" in telemetry:
         parts.append(f"MFU {100 * telemetry['mfu']:.1f}%")
     parts.append(f"data wait {100 * telemetry['data_wait_share']:.1f}%")
-    if "communication_share" in telemetry:
-        parts.append(f"collectives {100 * telemetry['communication_share']:.0f}%")
     memory = telemetry.get("peak_memory_mib") or telemetry.get("memory_mib")
     if memory:
         parts.append(f"peak memory {max(memory) / 1024:.2f} GiB/rank")
