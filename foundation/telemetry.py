@@ -85,7 +85,7 @@ class StepMeasurement:
     """Counts one step's FLOPs (a context manager). Time in collectives is not measured: the
     profiler that timed them left a thread that aborted some ranks at exit."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self):
         from torch.utils.flop_counter import FlopCounterMode
 
         self.counter = FlopCounterMode(display=False)
@@ -121,7 +121,7 @@ class Telemetry:
         return bool(every) and step % every == 1 % every  # the first step of each period
 
     def measure(self) -> StepMeasurement:
-        return StepMeasurement(self.device)
+        return StepMeasurement()
 
     def record(self, tokens: int, seconds: float, data_wait: float,
                measured: StepMeasurement | None = None, local_tokens: int = 0) -> None:

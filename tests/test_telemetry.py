@@ -12,7 +12,7 @@ def test_a_measured_step_counts_forward_and_backward_flops():
     """A linear layer's step is 2·B·I·O FLOPs forward and twice that backward (the
     gradients of its weight and of its input)."""
     layer, batch = torch.nn.Linear(64, 32, bias=False), torch.randn(16, 64, requires_grad=True)
-    with StepMeasurement(torch.device("cpu")) as measured:
+    with StepMeasurement() as measured:
         layer(batch).sum().backward()
     assert measured.flops == 6 * 16 * 64 * 32
 
