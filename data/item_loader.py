@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 from foundation.data.batch import ItemBatch
 from foundation.data.items import decode_item
-from foundation.data.loader import ErrorPolicy, _batch, _seeded_shuffle, skip_consumed
+from foundation.data.loader import PREFETCH, ErrorPolicy, _batch, _seeded_shuffle, skip_consumed
 from foundation.data.writer import load_manifest
 from torch.utils.data import DataLoader, get_worker_info
 
@@ -100,4 +100,4 @@ def build_item_loader(path: str | Path, split: str, *, batch_size: int, modaliti
                           collate=partial(collate_items, modalities=modalities)))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
     return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, generator=generator)
+                      prefetch_factor=PREFETCH if num_workers else None, generator=generator)

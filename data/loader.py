@@ -33,6 +33,8 @@ from foundation.choices import RAISE, OnError, choice
 MODES = ("sequence", "ranking", "search", "notification")
 # everything else is rejected
 ENTRIES = frozenset({"seq.npz", "imp.npz", "search.npz", "sends.npz", "meta.json"})
+# Batches each loader worker keeps ready: enough to ride out a slow shard or a busy core.
+PREFETCH = 4
 
 
 @dataclass
@@ -305,4 +307,4 @@ def build_loader(path: str | Path, split: str, *, batch_size: int, max_len: int,
     # global RNG instead would shift dropout and sampling after a resume.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
     return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, generator=generator)
+                      prefetch_factor=PREFETCH if num_workers else None, generator=generator)

@@ -37,29 +37,34 @@ def _chunks(queries: Tensor, items: Tensor, elements: int):
 
 
 class _ChunkedLogSumExp(torch.autograd.Function):
-    """The PyTorch implementation: chunked forward, chunked recomputing backward."""
+    """The PyTorch implementation: chunked forward, chunked recomputing backward. When all
+    the logits fit in one chunk they are kept for the backward pass instead (memory stays
+    within one chunk; the backward saves a quarter of the FLOPs)."""
 
     @staticmethod
     def forward(ctx, queries, items, bias, ids, exclude, elements):
         ctx.elements = elements
         lse = queries.new_full((queries.shape[0],), float("-inf"), dtype=torch.float32)
-        for part in _chunks(queries, items, ctx.elements):
+        parts = _chunks(queries, items, ctx.elements)
+        for part in parts:
             scores = _chunk_scores(queries, items[part], bias[part],
                                    None if ids is None else ids[part], exclude)
             lse = torch.logaddexp(lse, scores.logsumexp(1))
-        ctx.save_for_backward(queries, items, bias, ids, exclude, lse)
+        ctx.kept = len(parts) == 1
+        ctx.save_for_backward(queries, items, bias, ids, exclude, lse,
+                              scores if ctx.kept else None)
         return lse
 
     @staticmethod
     def backward(ctx, grad):
-        queries, items, bias, ids, exclude, lse = ctx.saved_tensors
+        queries, items, bias, ids, exclude, lse, kept = ctx.saved_tensors
         dq = torch.zeros_like(queries, dtype=torch.float32)
         ditems = torch.empty_like(items, dtype=torch.float32)
         dbias = torch.empty_like(bias, dtype=torch.float32)
         for part in _chunks(queries, items, ctx.elements):
-            scores = _chunk_scores(queries, items[part], bias[part],
-                                   None if ids is None else ids[part], exclude)
-            weights = scores.sub_(lse.unsqueeze(1)).exp_().mul_(grad.unsqueeze(1))
+            scores = kept if ctx.kept else _chunk_scores(
+                queries, items[part], bias[part], None if ids is None else ids[part], exclude)
+            weights = torch.sub(scores, lse.unsqueeze(1)).exp_().mul_(grad.unsqueeze(1))
             dq += weights @ items[part].float()
             ditems[part] = weights.T @ queries.float()
             dbias[part] = weights.sum(0)

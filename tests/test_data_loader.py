@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 import tarfile
 from pathlib import Path
@@ -273,6 +274,25 @@ def test_moving_a_batch_keeps_its_skip_count():
     assert moved.skipped == 3 and moved.candidates is None and torch.equal(moved.item, batch.item)
     assert batch._map(lambda t: t + 1).skipped == 3  # only tensors are mapped
     assert SequenceBatch(**{**batch.__dict__, "skipped": 0}).skipped == 0
+
+
+def test_a_batch_travels_between_processes_by_value():
+    """Loader workers hand batches over as pickled arrays, not shared-memory handles."""
+    from multiprocessing.reduction import ForkingPickler  # with torch's reducers registered
+
+    import torch.multiprocessing  # noqa: F401
+
+    batch = SequenceBatch(sample_ids=torch.arange(2), lengths=torch.tensor([2, 1]),
+                          item=torch.arange(3), timestamp=torch.arange(3),
+                          events={"action": torch.arange(3)}, labels=torch.ones(3),
+                          sent=torch.tensor([True, False, True]), queries=["a"], skipped=2)
+    payload = bytes(ForkingPickler.dumps(batch))
+    assert b"torch.multiprocessing.reductions" not in payload  # no shared-memory handles
+    arrived = pickle.loads(payload)
+    assert arrived.skipped == 2 and arrived.queries == ["a"] and arrived.candidates is None
+    for key in ("sample_ids", "lengths", "item", "labels", "sent"):
+        assert torch.equal(getattr(arrived, key), getattr(batch, key)), key
+    assert torch.equal(arrived.events["action"], batch.events["action"])
 
 
 def test_a_shard_cut_at_a_member_boundary_is_caught_by_its_sample_count(shards, tmp_path):

@@ -77,13 +77,15 @@ def test_states_do_not_depend_on_batch_padding(attention):
     assert torch.allclose(padded_states[0, :3], alone_states[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["pytorch", "triton"])
-def test_pointwise_layers_on_jagged_rows_equal_the_padded_program(kernel):
-    """Training runs HSTU layers on jagged rows through foundation.kernels (Triton here in its
-    CPU interpreter); the exported program runs them padded. Same states and gradients."""
+@pytest.mark.parametrize(("attention", "kernel"), [("pointwise", "pytorch"),
+                                                   ("pointwise", "triton"), ("softmax", "auto")])
+def test_layers_on_jagged_rows_equal_the_padded_program(attention, kernel):
+    """Training runs the layers on jagged rows (HSTU's attention through foundation.kernels,
+    Triton here in its CPU interpreter; softmax attention padded for the attention alone); the
+    exported program runs them padded. Same states and gradients."""
     torch.manual_seed(0)
     cfg = MemberModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0,
-                            max_len=12, attention="pointwise", kernel=kernel)
+                            max_len=12, attention=attention, kernel=kernel)
     encoder, table = EventEncoder(cfg).eval(), SparseArch(50, 16)
     batch = make_batch([3, 0, 12, 1, 7])
     batch.timestamp = torch.arange(int(batch.lengths.sum())) * 3600  # one bucket per hour

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from foundation.distributed.collectives import gather_rows, row_counts, world
 from foundation.kernels.dispatch import Kernel
-from foundation.kernels.softmax import scores_logsumexp
+from foundation.kernels.softmax import CHUNK_ELEMENTS, scores_logsumexp
 from foundation.models.history import add_pairs
 
 
@@ -138,7 +138,8 @@ def sharded_softmax_loss(queries: Tensor, target_ids: Tensor, shard: Tensor, sta
     """``full_softmax_loss`` with the catalogue split across ranks, never gathered: this
     rank holds ``shard``, the vectors of items ``start .. start + len(shard) - 1``
     (``collectives.catalogue_slice``), and scores every rank's queries against them, ``chunk``
-    items at a time (recomputed in backward, so the logits held are queries × ``chunk``);
+    items at a time (recomputed in backward, so the logits held are at most queries ×
+    ``chunk`` and, through the fused kernel, ``CHUNK_ELEMENTS``);
     each query's log-sum-exp and target logit are combined over ranks. Without ``offsets`` the
     slice's log-sum-exp is ``kernels.scores_logsumexp`` (``kernel``: its implementation).
     Gradients reach each slice's rows on its own rank only. ``absent`` ([V] bool) and
@@ -171,7 +172,7 @@ def _slice_scores(queries: Tensor, targets: Tensor, shard: Tensor, start: int,
     bias = None if absent is None else shard.new_zeros(len(shard)).masked_fill(
         absent[start:start + len(shard)], NO_ITEM)
     lse = scores_logsumexp(queries, shard, bias, kernel=kernel,
-                           chunk_elements=chunk * max(1, len(queries)))
+                           chunk_elements=min(CHUNK_ELEMENTS, chunk * max(1, len(queries))))
     column = targets - start
     owned = ((column >= 0) & (column < len(shard))).nonzero().squeeze(1)
     logit = (queries[owned] * shard[column[owned]]).sum(-1)

@@ -205,26 +205,28 @@ class EventEncoder(nn.Module):
         training), so positions count back from the event before it, as when serving.
         """
         tokens = sum(emb[key] * self.token_scale(key) for key in self.token_features)
-        if self.pointwise:
-            if timestamps is None:
-                raise ValueError("pointwise attention needs the events' timestamps")
-            return pad_jagged(self.encode_jagged(tokens, lengths, int(newest_is_target),
-                                                 timestamps), lengths)
-        x, mask = pad_jagged(tokens, lengths)
-        return self.encode_padded(x, mask, int(newest_is_target)), mask
+        if self.pointwise and timestamps is None:
+            raise ValueError("pointwise attention needs the events' timestamps")
+        states = self.encode_jagged(tokens, lengths, int(newest_is_target), timestamps)
+        return pad_jagged(states, lengths)
 
     def encode_jagged(self, tokens: Tensor, lengths: Tensor, skip_newest: int,
-                      timestamps: Tensor) -> Tensor:
-        """Pointwise layers on jagged tokens ``[sum(lengths), D]`` → states, jagged alike
-        (what ``encode_padded`` computes, without padding)."""
+                      timestamps: Tensor | None = None) -> Tensor:
+        """The layers on jagged tokens ``[sum(lengths), D]`` → states, jagged alike (what
+        ``encode_padded`` computes, without padding: projections, feed-forward and dropout
+        touch real events only; softmax attention alone pads, to the batch's longest row)."""
         rows, cols = row_index(lengths)
         recency = (lengths - 1 - skip_newest)[rows] - cols  # as in encode_padded
         x = tokens + self.position(recency.clamp(0, self.cfg.max_len - 1))
         x = self.dropout(self.input_norm(x))
-        offsets = offsets_from_lengths(lengths)
         longest = int(lengths.max()) if lengths.numel() else 0
-        for layer in self.layers:
-            x = layer.jagged(x, offsets, timestamps, longest)
+        if self.pointwise:
+            offsets = offsets_from_lengths(lengths)
+            for layer in self.layers:
+                x = layer.jagged(x, offsets, timestamps, longest)
+        else:
+            for layer in self.layers.layers:
+                x = softmax_layer_jagged(layer, x, rows, cols, lengths.numel(), longest)
         return self.output_norm(x)
 
     @property
@@ -265,6 +267,25 @@ class EventEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, attend, distance, elapsed)
         return x
+
+
+def softmax_layer_jagged(layer: nn.TransformerEncoderLayer, x: Tensor, rows: Tensor,
+                         cols: Tensor, batch: int, longest: int) -> Tensor:
+    """A pre-norm causal ``TransformerEncoderLayer`` on jagged tokens ``x`` ``[T, D]`` (token
+    i at ``rows[i], cols[i]``), with the layer's own weights: only the attention itself runs
+    on rows padded to ``longest``. Rows are left-aligned, so a causal mask alone keeps every
+    real query off the padding."""
+    attention = layer.self_attn
+    heads, dim = attention.num_heads, x.shape[1]
+    qkv = F.linear(layer.norm1(x), attention.in_proj_weight, attention.in_proj_bias)
+    padded = qkv.new_zeros(batch, longest, 3 * dim).index_put((rows, cols), qkv)
+    q, k, v = padded.view(batch, longest, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    mixed = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=attention.dropout if layer.training else 0.0, is_causal=True)
+    mixed = mixed.transpose(1, 2).reshape(batch, longest, dim)[rows, cols]
+    x = x + layer.dropout1(attention.out_proj(mixed))
+    hidden = layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))
+    return x + layer.dropout2(layer.linear2(hidden))
 
 
 class PointwiseAttention(nn.Module):

@@ -54,11 +54,14 @@ class EpochStream:
         self.epoch, self.consumed, self.skip, self.taken = epoch, 0, np.unique(consumed), []
 
     def __iter__(self) -> Iterator[SequenceBatch]:
+        batches = self._epoch(self.epoch, self.skip)
         while True:
-            empty, replayed, self.taken = True, self.consumed, []
-            for index, batch in enumerate(self.loader(
-                    self.cfg.train_split, epoch=self.epoch, shuffle=True, skip_ids=self.skip,
-                    tokens_per_batch=self.cfg.tokens_per_batch)):
+            empty, replayed, self.taken, upcoming = True, self.consumed, [], None
+            for index, batch in enumerate(batches):
+                if upcoming is None and self.cfg.num_workers:
+                    # the next epoch's workers start now, so its first batches are waiting
+                    # when this epoch ends instead of the shuffle buffer being filled then
+                    upcoming = self._epoch(self.epoch + 1, NONE)
                 empty = False
                 self.taken.append(batch.sample_ids.numpy())
                 if index < replayed:  # consumed before the checkpoint this run resumed from
@@ -70,6 +73,12 @@ class EpochStream:
                                    f"{self.cfg.path}/{self.cfg.train_split}: write more shards "
                                    f"than ranks × workers, or lower data.batch_size")
             self.epoch, self.consumed, self.skip, self.taken = self.epoch + 1, 0, NONE, []
+            batches = upcoming if upcoming is not None else self._epoch(self.epoch, NONE)
+
+    def _epoch(self, epoch: int, skip: np.ndarray) -> Iterator[SequenceBatch]:
+        """Epoch ``epoch``'s training batches; with workers, they start loading at once."""
+        return iter(self.loader(self.cfg.train_split, epoch=epoch, shuffle=True, skip_ids=skip,
+                                tokens_per_batch=self.cfg.tokens_per_batch))
 
     def loader(self, split: str, *, epoch: int = 0, shuffle: bool = False,
                batch_size: int | None = None, skip_ids: np.ndarray | None = None,
