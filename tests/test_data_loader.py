@@ -276,8 +276,8 @@ def test_moving_a_batch_keeps_its_skip_count():
     assert SequenceBatch(**{**batch.__dict__, "skipped": 0}).skipped == 0
 
 
-def test_a_batch_travels_between_processes_by_value():
-    """Loader workers hand batches over as pickled arrays, not shared-memory handles."""
+def test_a_batch_travels_between_processes_as_one_buffer():
+    """Loader workers hand a batch over through one shared-memory handle, not one per tensor."""
     from multiprocessing.reduction import ForkingPickler  # with torch's reducers registered
 
     import torch.multiprocessing  # noqa: F401
@@ -286,13 +286,15 @@ def test_a_batch_travels_between_processes_by_value():
                           item=torch.arange(3), timestamp=torch.arange(3),
                           events={"action": torch.arange(3)}, labels=torch.ones(3),
                           sent=torch.tensor([True, False, True]), queries=["a"], skipped=2)
-    payload = bytes(ForkingPickler.dumps(batch))
-    assert b"torch.multiprocessing.reductions" not in payload  # no shared-memory handles
-    arrived = pickle.loads(payload)
+    arrived = pickle.loads(bytes(ForkingPickler.dumps(batch)))
     assert arrived.skipped == 2 and arrived.queries == ["a"] and arrived.candidates is None
     for key in ("sample_ids", "lengths", "item", "labels", "sent"):
-        assert torch.equal(getattr(arrived, key), getattr(batch, key)), key
+        got, want = getattr(arrived, key), getattr(batch, key)
+        assert got.dtype == want.dtype and torch.equal(got, want), key
     assert torch.equal(arrived.events["action"], batch.events["action"])
+    storages = {t.untyped_storage().data_ptr() for t in (
+        arrived.sample_ids, arrived.item, arrived.labels, arrived.sent, arrived.events["action"])}
+    assert len(storages) == 1
 
 
 def test_a_shard_cut_at_a_member_boundary_is_caught_by_its_sample_count(shards, tmp_path):
