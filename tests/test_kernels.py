@@ -161,6 +161,19 @@ def test_scores_logsumexp_leaves_out_excluded_and_minus_infinity_items():
             torch.testing.assert_close(g, w, atol=TOLERANCE, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("kernel, elements", [(Kernel.pytorch, 6), (Kernel.pytorch, 1 << 20),
+                                              (Kernel.triton, 1 << 20)])
+def test_a_query_with_every_item_left_out_gets_minus_infinity_and_no_gradient(kernel, elements):
+    """Chunked (recomputing), kept-in-one-chunk and Triton paths alike: no NaN anywhere."""
+    queries = torch.randn(3, 4, requires_grad=True)
+    items = torch.randn(5, 4, requires_grad=True)
+    lse = scores_logsumexp(queries, items, None, torch.zeros(5, dtype=torch.long),
+                           torch.tensor([0, 1, 1]), kernel=kernel, chunk_elements=elements)
+    assert lse[0] == float("-inf") and lse[1:].isfinite().all()
+    dq, ditems = torch.autograd.grad(lse[1:].sum(), (queries, items))
+    assert (dq[0] == 0).all() and dq.isfinite().all() and ditems.isfinite().all()
+
+
 def test_custom_ops_fake_implementations_match_the_real_ones():
     """``opcheck``: schema, fake (meta) implementation and registered autograd agree with
     the real kernel, so torch.compile and torch.export can trace the ops."""
