@@ -200,7 +200,8 @@ class NextItemModel(nn.Module):
                 return sharded_softmax_loss(queries, targets, negative_vectors,
                                             int(negatives[0]), absent, offsets,
                                             kernel=self.encoder.cfg.kernel)
-            return full_softmax_loss(queries, targets, negative_vectors, absent, offsets)
+            return full_softmax_loss(queries, targets, negative_vectors, absent, offsets,
+                                     self.encoder.cfg.kernel)
         target_vectors = self.scored_items(emb["item"][target_index], targets,
                                            None if use_id is None else use_id[target_index])
         return sampled_softmax_loss(

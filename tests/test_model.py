@@ -121,6 +121,13 @@ def test_sampled_softmax_with_all_items_equals_full_softmax():
     full = F.cross_entropy(queries @ table[1:].T, targets - 1)
     assert torch.allclose(loss, full, atol=1e-6)
     assert torch.allclose(full_softmax_loss(queries, targets, table[everything]), full, atol=1e-6)
+    absent = torch.zeros(30, dtype=torch.bool)
+    absent[[2, 5, 11]] = True  # left out of the softmax (never targets)
+    logits = (queries @ table[1:].T).masked_fill(absent[1:], float("-inf"))
+    catalogue = table[everything].requires_grad_()
+    left_out = full_softmax_loss(queries, targets, catalogue, absent)
+    assert torch.allclose(left_out, F.cross_entropy(logits, targets - 1), atol=1e-6)
+    assert (torch.autograd.grad(left_out, catalogue)[0][absent[1:]] == 0).all()
 
 
 def test_logq_correction_and_accidental_hits():

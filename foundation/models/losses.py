@@ -115,14 +115,19 @@ def _add_offsets(logits: Tensor, pos_logit: Tensor, cand_ids: Tensor, target_ids
 
 
 def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor,
-                      absent: Tensor | None = None, offsets: Offsets | None = None) -> Tensor:
+                      absent: Tensor | None = None, offsets: Offsets | None = None,
+                      kernel: Kernel | str = Kernel.auto) -> Tensor:
     """Cross-entropy over the whole catalogue; ``catalogue`` holds items 1..V-1 in order (id 0
     is padding). The limit of the sampled loss, without its candidate bookkeeping.
     ``absent`` ([V] bool) leaves items out of the softmax (never a training target);
-    ``offsets`` are added to the logits of the items they name."""
-    logits = queries @ catalogue.T
-    if offsets is not None:
-        logits = add_pairs(logits, offsets, column_offset=1)
+    ``offsets`` are added to the logits of the items they name. Without offsets the logits
+    are never materialised (``kernels.scores_logsumexp``, ``kernel``: its implementation)."""
+    if offsets is None:
+        bias = None if absent is None else catalogue.new_zeros(len(catalogue)).masked_fill(
+            absent[1:], NO_ITEM)
+        target = (queries * catalogue[target_ids - 1]).sum(-1)
+        return (scores_logsumexp(queries, catalogue, bias, kernel=kernel) - target).mean()
+    logits = add_pairs(queries @ catalogue.T, offsets, column_offset=1)
     if absent is not None:
         logits = logits.masked_fill(absent[1:], float("-inf"))
     return F.cross_entropy(logits, target_ids - 1)
@@ -147,7 +152,7 @@ def sharded_softmax_loss(queries: Tensor, target_ids: Tensor, shard: Tensor, sta
     calls it."""
     rank, size = world()
     if size == 1:
-        return full_softmax_loss(queries, target_ids, shard, absent, offsets)
+        return full_softmax_loss(queries, target_ids, shard, absent, offsets, kernel)
     counts = row_counts(len(queries))
     first = sum(counts[:rank])  # this rank's first row among all queries
     everyone, targets = gather_rows(queries, counts), gather_rows(target_ids, counts)
