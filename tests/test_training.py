@@ -53,7 +53,7 @@ def test_pretrained_model_beats_popularity_on_held_out_members(pretrain_run):
     assert (pretrain_run / "config.yaml").exists()
 
 
-def test_the_run_reports_its_speed_mfu_data_waiting_collectives_and_memory(pretrain_run):
+def test_the_run_reports_its_speed_mfu_data_waiting_and_memory(pretrain_run):
     """Every log row has tokens/s, the data-waiting share and each rank's peak memory; the
     measured steps add FLOPs and MFU, and
     ``foundation report`` prints them with the plots."""

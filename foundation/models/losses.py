@@ -122,11 +122,10 @@ def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor,
     ``absent`` ([V] bool) leaves items out of the softmax (never a training target);
     ``offsets`` are added to the logits of the items they name. Without offsets the logits
     are never materialised (``kernels.scores_logsumexp``, ``kernel``: its implementation)."""
-    if offsets is None:
-        bias = None if absent is None else catalogue.new_zeros(len(catalogue)).masked_fill(
-            absent[1:], NO_ITEM)
-        target = (queries * catalogue[target_ids - 1]).sum(-1)
-        return (scores_logsumexp(queries, catalogue, bias, kernel=kernel) - target).mean()
+    if offsets is None:  # the whole catalogue as one slice, starting at item 1
+        lse, target = _slice_scores(queries, target_ids, catalogue, 1, absent, SCORE_CHUNK,
+                                    kernel)
+        return (lse - target).mean()
     logits = add_pairs(queries @ catalogue.T, offsets, column_offset=1)
     if absent is not None:
         logits = logits.masked_fill(absent[1:], float("-inf"))
