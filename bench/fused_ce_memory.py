@@ -20,9 +20,9 @@ log = logging.getLogger("fused_ce_memory")
 def measure(variant: str, tokens: int, items: int, dim: int, chunk_elements: int) -> dict:
     """In this process: the peak resident memory the loss's forward and backward add."""
     import torch
+
     from foundation.kernels import catalogue_cross_entropy
     from foundation.kernels.softmax import materialised_cross_entropy
-
     from foundation.telemetry import peak_resident_mib
 
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+
 from foundation.kernels import (
     Kernel,
     catalogue_cross_entropy,

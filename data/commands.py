@@ -6,10 +6,11 @@ import dataclasses
 import logging
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from foundation.data.configs import BuildCommandConfig, SynthCommandConfig
 from foundation.data.synthetic import synthesize
 from foundation.data.writer import BuildConfig, build_shards
-from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 

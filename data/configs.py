@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from foundation.data.synthetic import SynthConfig
-from foundation.data.writer import BuildConfig
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from foundation.data.synthetic import SynthConfig
+from foundation.data.writer import BuildConfig
 
 
 @dataclass

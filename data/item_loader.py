@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
 from foundation.data.batch import ItemBatch
 from foundation.data.items import decode_item
 from foundation.data.loader import PREFETCH, ErrorPolicy, _batch, _seeded_shuffle, skip_consumed
 from foundation.data.writer import load_manifest
-from torch.utils.data import DataLoader, get_worker_info
 
 ITEM_SPLITS = ("train", "val")
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+
+from foundation.checksum import sha256
 from foundation.data.media import (
     MEDIA_ENTRIES,
     MediaError,
@@ -30,8 +32,6 @@ from foundation.data.media import (
     media_file,
 )
 from foundation.data.sources import SourceConfig, unisrec_file
-
-from foundation.checksum import sha256
 
 ITEM_ENTRIES = frozenset({"meta.json", "txt", "vec.npy", *MEDIA_ENTRIES})  # nothing else
 ITEMS_PER_SHARD = 2000

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from foundation.data.batch import SequenceBatch
-from foundation.data.npz import decode_npz
-from foundation.data.schema import EventSchema
-from foundation.data.writer import load_manifest
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, get_worker_info
 
 from foundation.choices import RAISE, OnError, choice
+from foundation.data.batch import SequenceBatch
+from foundation.data.npz import decode_npz
+from foundation.data.schema import EventSchema
+from foundation.data.writer import load_manifest
 
 MODES = ("sequence", "ranking", "search", "notification")
 # everything else is rejected

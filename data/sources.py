@@ -19,6 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from omegaconf import MISSING
+
+from foundation.choices import Choice
 from foundation.data.schema import (
     EVENT_COLUMNS,
     IMPRESSION_COLUMNS,
@@ -26,9 +29,6 @@ from foundation.data.schema import (
     SEND_COLUMNS,
     EventSchema,
 )
-from omegaconf import MISSING
-
-from foundation.choices import Choice
 
 
 class SourceFormat(Choice):

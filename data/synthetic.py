@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from omegaconf import MISSING
+
 from foundation.data.schema import ACTIONS, DEVICE_NAMES, DEVICES
 from foundation.data.sources import SourceConfig
 from foundation.data.writer import BuildConfig, build_shards
-from omegaconf import MISSING
 
 T0 = 1_600_000_000  # 2020-09-13, start of the synthetic calendar
 DAY, MINUTE = 86_400, 60

@@ -33,6 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
+from omegaconf import MISSING
+from tqdm import tqdm
+
+from foundation.checksum import sha256
+from foundation.choices import RAISE, Choice, OnError, choice
 from foundation.data.items import content_items, read_item_content, write_item_shards
 from foundation.data.npz import encode_npz
 from foundation.data.schema import EventSchema, default_features
@@ -45,11 +50,6 @@ from foundation.data.sources import (
     read_sends,
     read_table,
 )
-from omegaconf import MISSING
-from tqdm import tqdm
-
-from foundation.checksum import sha256
-from foundation.choices import RAISE, Choice, OnError, choice
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")

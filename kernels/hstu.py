@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from foundation.kernels.dispatch import Kernel, resolve_kernel
 from foundation.kernels.jagged import pad_jagged
-from torch import Tensor
 
 SECONDS_PER_BUCKET_UNIT = 60  # bucket b holds gaps of 60·(2^b − 1) ≤ seconds < 60·(2^(b+1) − 1)
 

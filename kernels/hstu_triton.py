@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from foundation.kernels.hstu import SECONDS_PER_BUCKET_UNIT
 from torch import Tensor
+
+from foundation.kernels.hstu import SECONDS_PER_BUCKET_UNIT
 
 BLOCK = 32
 

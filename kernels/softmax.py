@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from foundation.kernels.dispatch import Kernel, resolve_kernel
 from torch import Tensor
+
+from foundation.kernels.dispatch import Kernel, resolve_kernel
 
 CHUNK_ELEMENTS = 1 << 24  # logits held at once by the PyTorch path (64 MiB in fp32)
 

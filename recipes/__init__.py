@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from foundation.data.writer import load_manifest
 from omegaconf import DictConfig
 
+from foundation.data.writer import load_manifest
 from foundation.tasks import RECIPES, Task
 
 RECIPE_DIRS_ENV = "FOUNDATION_RECIPES"

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from foundation.data.batch import SequenceBatch
-from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig, PretrainMemberFM
 from torch import Tensor, nn
 
+from foundation.data.batch import SequenceBatch
 from foundation.models.finetune import FinetuneConfig
+from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig, PretrainMemberFM
 from foundation.tasks import register_recipe, split_at_last
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from foundation.data.items import load_item_content
-from foundation.data.text import hashed_ngrams, text_tokens
 from torch import Tensor, nn
 
 from foundation.choices import BundleKind, Choice
+from foundation.data.items import load_item_content
+from foundation.data.text import hashed_ngrams, text_tokens
 from foundation.metrics import rank_metrics, target_ranks
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.losses import log_item_probability, sampled_softmax_loss

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from foundation.data.batch import ItemBatch
-from foundation.data.items import iter_items
 from torch import nn
 
+from foundation.data.batch import ItemBatch
+from foundation.data.items import iter_items
 from foundation.models.encoders import (
     TOKENIZER_FILE,
     ItemEncoderConfig,

@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from foundation.data.batch import SequenceBatch
 from torch import Tensor, nn
 
 from foundation.choices import BundleKind
+from foundation.data.batch import SequenceBatch
 from foundation.distributed.collectives import catalogue_slice, other_ranks, world
 from foundation.metrics import per_user, rank_metrics, sampled_ranks, target_ranks, top_k_items
 from foundation.metrics.ann import ann_target_ranks, hnsw_index

@@ -41,6 +41,7 @@ def _report(run) -> dict:
 
 def test_cold_items_stay_in_the_catalogue_but_out_of_training(cold_world):
     import numpy as np
+
     from foundation.data.loader import build_loader
 
     manifest = json.loads((cold_world / "manifest.json").read_text())
@@ -141,8 +142,8 @@ def test_a_new_title_like_the_history_is_recommended_at_once(bundle, cold_world)
     """A title added to the bundle after export, with the text of a history's items, ranks
     in the top 10% of the catalogue for that history; recommend and score return it."""
     import numpy as np
-    from foundation.data.loader import build_loader
 
+    from foundation.data.loader import build_loader
     from foundation.export import History, load_bundle
 
     titles = dict(line.split("\t") for line in

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST
-from foundation.recipes import RECIPES
 from omegaconf import OmegaConf
 
 from foundation.compose import ConfigError, compose
 from foundation.config import TrainConfig
+from foundation.recipes import RECIPES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -32,9 +32,8 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
                         lambda *args: (torch.randn(101, 384, device="cpu"),
                                        torch.ones(101, dtype=torch.bool, device="cpu")))
     # The item encoder's text tower learns its vocabulary from the item shards: a stand-in.
-    from foundation.recipes.pretrain_item_encoder import PretrainItemEncoder
-
     from foundation.models.encoders import train_tokenizer
+    from foundation.recipes.pretrain_item_encoder import PretrainItemEncoder
 
     monkeypatch.setattr(PretrainItemEncoder, "tokenizer",
                         lambda self: train_tokenizer(["a tiny catalogue of titles"], 50))

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from foundation.compose import ConfigError, compose
 from foundation.data.commands import run_build
 from foundation.data.schema import ACTIONS
 from foundation.data.sources import SourceConfig, read_table
 from foundation.data.writer import BuildConfig, build_shards
-
-from foundation.compose import ConfigError, compose
 
 SASREC = "7 30 10 20 40\n5 20 10\n\n9 30 10 20\n"  # member 5 has 2 events: too short for LOO
 
@@ -195,6 +195,7 @@ def test_a_validation_sample_whose_target_is_cold_is_left_out(tmp_path):
 def test_sends_are_stored_per_member_and_bad_arms_are_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from foundation.data.sources import read_sends
 
     events = {"member_id": [1, 1, 2, 2], "item_id": [10, 20, 10, 30],

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from foundation.data.batch import SequenceBatch
 from foundation.data.loader import build_loader
 from foundation.data.synthetic import SynthConfig, synthesize

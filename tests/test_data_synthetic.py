@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from foundation.data.commands import run_synth
-from foundation.data.synthetic import SynthConfig, generate, synthesize, title_words
 
 from foundation.compose import ConfigError, compose
+from foundation.data.commands import run_synth
+from foundation.data.synthetic import SynthConfig, generate, synthesize, title_words
 
 SMALL = {"members": 300, "items": 200, "shards_per_split": 4}
 

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+
+from foundation.compose import ConfigError, compose
 from foundation.data.commands import run_build
 from foundation.data.schema import ACTIONS, hour_of_day, time_gap_bucket
 from foundation.data.sources import SourceConfig
 from foundation.data.synthetic import SynthConfig, generate
 from foundation.data.writer import BuildConfig, build_shards, choose_cold_items, load_manifest
-
-from foundation.compose import ConfigError, compose
 
 RENAMED = {"member_id": "user", "item_id": "movie", "timestamp": "ts"}
 

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
-from foundation.data.batch import SequenceBatch
 from safetensors.torch import save_file
 from torch import nn
 
+from foundation.data.batch import SequenceBatch
 from foundation.models.finetune import (
     FinetuneConfig,
     FinetuneMode,

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from foundation.data.items import iter_items, load_item_content, read_item_text
 from foundation.data.sources import SourceConfig, read_table
 from foundation.data.writer import BuildConfig, build_shards
-
 from foundation.models.towers import MiniLMTextTower, TextTowerConfig, VectorTower, encode_texts
 
 HEADER = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
@@ -154,11 +154,11 @@ def test_a_tuned_text_tower_trains_on_each_batch_and_refreshes_the_catalogue():
     """Top layer trained with the member model: the batch's items are encoded afresh with
     gradients, the rest of the catalogue comes from the last refresh, and a refresh (every
     ``refresh_every`` steps, and before any evaluation) equals the whole tower run again."""
-    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
     from test_model import make_batch
 
     from foundation.models.content import ItemContent, TunedTextAdapter, lower_token_states
     from foundation.models.member import MemberModelConfig
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
 
     torch.manual_seed(0)
     cfg = TextTowerConfig(max_tokens=16, trainable_layers=1, refresh_every=2)
@@ -195,10 +195,9 @@ def test_a_tuned_text_tower_trains_on_each_batch_and_refreshes_the_catalogue():
 
 
 def test_content_reaches_item_vectors_and_unseen_or_dropped_ids_use_the_fallback():
-    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
-
     from foundation.models.content import ContentAdapter, ItemContent
     from foundation.models.member import MemberModelConfig
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
 
     torch.manual_seed(0)
     vectors = torch.randn(6, 8)
@@ -260,11 +259,11 @@ def test_frozen_content_is_encoded_once_per_run_and_cached(tmp_path, monkeypatch
 def test_items_training_never_shows_are_not_negatives_of_a_content_model():
     """Cold items are always absent from training: as negatives the model would learn to
     bury exactly them (their content included). Changing them leaves the loss unchanged."""
-    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
     from test_model import make_batch
 
     from foundation.models.content import ContentAdapter, ItemContent
     from foundation.models.member import MemberModelConfig
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
 
     torch.manual_seed(0)
     batch = make_batch([5, 4])  # items 1..49
@@ -292,11 +291,11 @@ def test_content_match_scores_items_by_the_recency_weighted_content_of_the_histo
     (centred, unit-length frozen vectors) of the events up to each position by learned
     recency weights; u is the item's unit, weighted by whether the item is scored with its
     ID. Training moves the cold-item weight (dropped IDs teach it)."""
-    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
     from test_model import make_batch
 
     from foundation.models.content import ContentAdapter, ItemContent
     from foundation.models.member import MemberModelConfig
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
 
     torch.manual_seed(0)
     batch = make_batch([5, 3])

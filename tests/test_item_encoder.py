@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, foundation, run_torchrun
+
+from foundation.compose import compose
 from foundation.data.commands import run_synth
 from foundation.data.items import iter_items
 from foundation.data.media import MediaError
 from foundation.data.writer import BuildConfig, build_shards
-
-from foundation.compose import compose
 from foundation.models.encoders import (
     AudioTower,
     AudioTowerConfig,

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from foundation.kernels import (
     Kernel,
     catalogue_cross_entropy,
@@ -22,8 +25,6 @@ from foundation.kernels import (
     time_bucket,
 )
 from foundation.kernels.jagged import offsets_from_lengths
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 64

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from foundation.data.batch import SequenceBatch
 
+from foundation.data.batch import SequenceBatch
 from foundation.models.losses import full_softmax_loss, next_item_pairs, sampled_softmax_loss
 from foundation.models.member import (
     DEFAULT_SCHEMA,
@@ -207,9 +207,8 @@ def test_the_last_training_query_is_encoded_exactly_as_when_serving(attention):
 
 
 def test_a_replicated_item_table_lives_in_the_dense_model_not_the_sharded_arch():
-    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
-
     from foundation.compose import compose
+    from foundation.recipes.pretrain_member_fm import NextItemModel, PretrainConfig
 
     cfg = MemberModelConfig(embedding_dim=16, num_layers=1, num_heads=2, item_table="replicated")
     model = NextItemModel(cfg, PretrainConfig(loss="full_softmax"), torch.zeros(50))
@@ -408,14 +407,13 @@ def test_the_exported_candidate_program_scores_padded_rows_as_the_model_scores_j
 def test_the_exported_search_program_reads_query_text_as_the_model_does():
     """Query n-grams + the query's text tower vector (through the titles' text adapter) +
     the member's state: the program's padded inputs give the training path's vectors."""
+    from foundation.models.content import ContentAdapter, ItemContent
     from foundation.recipes.finetune_search import (
         PersonalisedSearch,
         SearchConfig,
         SearchQueryProgram,
         ngram_rows,
     )
-
-    from foundation.models.content import ContentAdapter, ItemContent
 
     torch.manual_seed(0)
     content = ItemContent({"text": ContentAdapter(torch.randn(50, 6), torch.ones(50).bool(), 8,

@@ -25,9 +25,9 @@ from conftest import (
     wait_for_step,
     worker_pids,
 )
-from foundation.data.loader import build_loader
 from safetensors.torch import load_file
 
+from foundation.data.loader import build_loader
 from foundation.train.ledger import SampleLedger
 
 pytestmark = pytest.mark.slow

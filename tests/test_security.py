@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, REPO
-from foundation.data.loader import build_loader
-from foundation.data.synthetic import SynthConfig, synthesize
-from foundation.data.writer import load_manifest
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from foundation.data.loader import build_loader
+from foundation.data.synthetic import SynthConfig, synthesize
+from foundation.data.writer import load_manifest
 from foundation.train import checkpoint
 
 
