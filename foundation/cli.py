@@ -9,13 +9,15 @@ import sys
 
 from foundation.compose import ConfigError, compose
 from foundation.console import setup_logging
+from foundation.launch.config import LauncherName, LaunchError
 
 log = logging.getLogger(__name__)
 
 USAGE = """\
 foundation data synth output=DIR [world.members=N ...]        synthetic member world → shards
 foundation data build source.format=F source.path=P output=DIR  event tables → shards
-foundation train [--nproc N] [--max-restarts K] recipe=NAME data.path=DIR run_dir=RUN [...]
+foundation train [--nproc N] [--launcher slurm|k8s|accelerate --nnodes M --dry-run] recipe=NAME
+                data.path=DIR run_dir=RUN [...]          train here, or on a cluster
 foundation eval run_dir=RUN [split=test]                        writes RUN/eval.json
 foundation eval compare RUN_A RUN_B|RUN_A@most_popular [--group cold]  offline A/B test
 foundation export [--nproc N] run_dir=RUN output=BUNDLE           serving bundle + parity gate
@@ -41,11 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     train = _with_overrides(sub.add_parser(
         "train", help="train a recipe", epilog=_train_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter))
-    train.add_argument("--nproc", type=int, default=1, help="ranks on this node (torchrun)")
-    train.add_argument("--nnodes", type=int, default=1, help="nodes in the job (multi-node)")
-    train.add_argument("--node-rank", type=int, default=0, help="this node's index")
-    train.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
-    train.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
+    train.add_argument("--launcher", choices=[n.value for n in LauncherName],
+                       help="where the job runs (launcher=...; default local): slurm, k8s and "
+                            "accelerate write what the cluster runs into RUN/launch/ and submit it")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the command, sbatch script, manifest or accelerate config, "
+                            "and submit nothing")
+    train.add_argument("--nproc", type=int, help="processes (GPUs) per node (launcher.nproc)")
+    train.add_argument("--nnodes", type=int, help="nodes in the job (launcher.nnodes)")
+    train.add_argument("--node-rank", type=int,
+                       help="this node's index (accelerate; torchrun's rendezvous assigns it)")
+    train.add_argument("--master-addr", help="node 0's address (local, accelerate)")
+    train.add_argument("--master-port", type=int, help="the rendezvous port on node 0")
+    train.add_argument("--max-restarts", type=int, help="torchrun restarts after a failure")
     _with_overrides(sub.add_parser("eval", help="evaluate a run: RUN/eval.json"))
     export = _with_overrides(sub.add_parser(
         "export", help="export a member model to a serving bundle (docs/serving.md)",
@@ -79,15 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["eval", "compare"]:
         return _compare(argv[2:])
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_overrides_last(argv))
     from foundation.export.exporter import ExportError
     from foundation.train.checkpoint import CheckpointError
 
     try:
         return _dispatch(args)
-    except (ConfigError, CheckpointError, ExportError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, LaunchError, CheckpointError, ExportError, FileNotFoundError,
+            FileExistsError) as err:
         log.error(err)
         return 2
+
+
+def _overrides_last(argv: list[str]) -> list[str]:
+    """``key=value`` overrides after the flags, so that flags may follow overrides (argparse
+    stops taking positionals at the first flag)."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return [a for a in argv if a not in overrides] + overrides
 
 
 def _compare(argv: list[str]) -> int:
@@ -158,6 +176,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args.dir, nproc=args.nproc)
     name = CONFIG_OF[args.action if args.command == "data" else args.command]
+    if args.command == "train":
+        args.overrides = [*_launcher_overrides(args), *args.overrides]
     cfg = compose(name, args.overrides)  # validates before anything starts
     if args.cfg:
         from omegaconf import OmegaConf
@@ -188,25 +208,34 @@ def _export(args: argparse.Namespace, cfg) -> int:
 
         export_run(cfg)
         return 0
-    from foundation.launch.torchrun import LaunchSpec, run_torchrun
+    from foundation.launch.config import LauncherConfig
+    from foundation.launch.torchrun import run_local
 
-    return run_torchrun(LaunchSpec(nproc=args.nproc), "foundation.export", args.overrides)
+    return run_local(LauncherConfig(nproc=args.nproc), "foundation.export", args.overrides)
+
+
+def _launcher_overrides(args: argparse.Namespace) -> list[str]:
+    """The launcher flags as overrides (the config records how the run was launched)."""
+    group = [f"launcher={args.launcher}"] if args.launcher else []
+    keys = {"nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
+            "master_addr": args.master_addr, "master_port": args.master_port,
+            "max_restarts": args.max_restarts}
+    return group + [f"launcher.{key}={value}" for key, value in keys.items() if value is not None]
 
 
 def _train(args: argparse.Namespace, cfg) -> int:
-    from foundation.data.writer import load_manifest
+    launcher = cfg.launcher
+    if launcher.name == LauncherName.local and not args.dry_run:
+        from foundation.data.writer import load_manifest
 
-    load_manifest(cfg.data.path)  # a missing data path fails here, not in N ranks
-    if args.nproc * args.nnodes == 1 and args.max_restarts == 0:
-        from foundation.train.__main__ import main as train_main
+        load_manifest(cfg.data.path)  # a missing data path fails here, not in N ranks
+        if launcher.nproc * launcher.nnodes == 1 and launcher.max_restarts == 0:
+            from foundation.train.__main__ import main as train_main
 
-        return train_main(args.overrides)
-    from foundation.launch.torchrun import LaunchSpec, run_torchrun
+            return train_main(args.overrides)
+    from foundation.launch.launcher import launch
 
-    spec = LaunchSpec(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                      master_addr=args.master_addr, max_restarts=args.max_restarts)
-    return run_torchrun(spec, "foundation.train", args.overrides)
-
+    return launch(cfg, args.overrides, dry_run=args.dry_run)
 
 if __name__ == "__main__":
     sys.exit(main())

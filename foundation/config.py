@@ -17,6 +17,7 @@ from foundation.choices import Choice
 from foundation.data.loader import DataConfig
 from foundation.distributed.engine import EngineConfig, OptimConfig
 from foundation.distributed.sharding import ShardingConfig, ShardingType
+from foundation.launch.config import LauncherConfig
 from foundation.models.losses import Loss
 from foundation.models.member import MemberModelConfig
 from foundation.telemetry import TelemetryConfig
@@ -77,6 +78,7 @@ class TrainConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     seed: int = 0
     run_dir: str = MISSING
 

@@ -25,9 +25,8 @@ FAST = ["logger=jsonl", "logger.progress=false", "data.num_workers=0"]
 
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory) -> Path:
-    from foundation.data.commands import run_synth
-
     from foundation.compose import compose
+    from foundation.data.commands import run_synth
 
     out = tmp_path_factory.mktemp("synth")
     run_synth(compose("data_synth", [f"output={out}", *TEST_WORLD]))
@@ -76,7 +75,9 @@ def worker_pids(marker: str) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except FileNotFoundError:
             continue
-        if "-m foundation.train" in cmdline and "torch.distributed.run" in _parent_cmdline(pid):
+        parent = _parent_cmdline(pid)
+        if "-m foundation.train" in cmdline and ("torch.distributed.run" in parent
+                                                 or "foundation.launch.agent" in parent):
             pids.append(pid)  # a rank: its parent is torchrun (not a DataLoader worker)
     return pids
 

@@ -66,6 +66,24 @@ def uses_bf16(cfg: EngineConfig, device: torch.device) -> bool:
                                    and torch.cuda.is_bf16_supported())
 
 
+def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, *, micro_batch: int, grad_accum: int,
+                     bf16: bool) -> dict[str, Any]:
+    """DeepSpeed's config for the dense engine (also what launchers hand to ``accelerate``)."""
+    ds_config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.offload_optimizer:
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return ds_config
+
+
 class DeepSpeedDenseEngine:
     def __init__(self, module: nn.Module, cfg: EngineConfig, optim: OptimConfig, *,
                  micro_batch: int, grad_accum: int, total_steps: int, device: torch.device):
@@ -75,19 +93,9 @@ class DeepSpeedDenseEngine:
         import deepspeed  # after DS_ACCELERATOR is set
 
         self.cfg = cfg
-        self.bf16 = bf16 = uses_bf16(cfg, device)
-        ds_config: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": grad_accum,
-            "gradient_clipping": optim.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        if cfg.offload_optimizer:
-            ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        self.bf16 = uses_bf16(cfg, device)
+        ds_config = deepspeed_config(cfg, optim, micro_batch=micro_batch, grad_accum=grad_accum,
+                                     bf16=self.bf16)
         decay, no_decay = _decay_groups(module)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": optim.weight_decay},

@@ -26,3 +26,13 @@ class PreemptionFlag:
         if world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def requeue_on_preemption(cfg) -> bool:
+    """After Slurm's warning (SIGUSR1) was answered with a committed checkpoint: requeue the
+    job (``launcher.slurm.requeue``); it restarts and resumes from that checkpoint."""
+    if cfg.launcher.name != "slurm" or not cfg.launcher.slurm.requeue:
+        return False
+    from foundation.launch.slurm import requeue_after_preemption
+
+    return requeue_after_preemption()

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import logging
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from foundation.data.batch import SequenceBatch
 from foundation.distributed.collectives import global_mean_weight
 from foundation.distributed.engine import uses_bf16
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
+from foundation.launch.config import LaunchError, check_global_batch
 from foundation.metrics.report import write_evaluation
 from foundation.recipes import build_task
 from foundation.telemetry import Telemetry, describe
@@ -30,7 +32,7 @@ from foundation.train.checkpointer import Checkpointer
 from foundation.train.ledger import SampleLedger
 from foundation.train.model import ShardedModel
 from foundation.train.plots import plot_run
-from foundation.train.preemption import PreemptionFlag
+from foundation.train.preemption import PreemptionFlag, requeue_on_preemption
 from foundation.train.stream import EpochStream
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class Trainer:
                               f"evaluates the final model, but with trainer.patience the result "
                               f"is the best checkpoint: evaluate it with `foundation eval "
                               f"run_dir=RUN split={cfg.trainer.final_eval_split}`")
+        self.check_global_batch()
         seed_everything(cfg.seed)  # the same initial weights on every rank
         resume_path = self.checkpoints.resume_path()
         self.warm_start = self.checkpoints.warm_start(self.task.init_from(), resume_path)
@@ -177,12 +180,25 @@ class Trainer:
                      f"{self.best['value']:.4f} at step {self.best['step']}, is checkpoint=best")
         return self.summarise(losses, seconds, result)
 
+    def check_global_batch(self) -> None:
+        """The launcher's promise (launcher.global_batch_size) against the world that started."""
+        cfg = self.cfg
+        if cfg.data.tokens_per_batch:
+            return
+        try:
+            check_global_batch(cfg.launcher.global_batch_size, cfg.data.batch_size,
+                               cfg.trainer.grad_accum, self.env.world_size)
+        except LaunchError as err:
+            raise ConfigError(str(err)) from None
+
     def stop_preempted(self, step: int) -> dict[str, Any]:
         path = self.save(step)
         self.logger.close()
         if self.env.is_main:
             log.info(f"{self.task.name}: preempted, checkpoint committed at {path}; run the same "
                      f"command again to resume")
+            if self.preemption.signal == signal.SIGUSR1 and requeue_on_preemption(self.cfg):
+                log.info("requeued the Slurm job: it resumes from that checkpoint")
         return {"recipe": self.task.name, "preempted": True, "step": step,
                 "run_dir": str(self.run_dir)}
 

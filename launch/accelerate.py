@@ -1,0 +1,53 @@
+"""Accelerate: ``accelerate launch`` with a generated config whose DeepSpeed section is a file
+holding the run's own engine config (one source for ZeRO stage, batch and clipping)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from foundation.launch.config import LauncherConfig
+
+CONFIG, DEEPSPEED = "accelerate.yaml", "deepspeed.json"
+
+
+def accelerate_config(cfg: LauncherConfig, launch_dir: str) -> dict[str, Any]:
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "DEEPSPEED",
+        # Only where DeepSpeed's config is and how nodes start: every DeepSpeed key lives in it.
+        "deepspeed_config": {"deepspeed_config_file": f"{launch_dir}/{DEEPSPEED}",
+                             "deepspeed_multinode_launcher": "standard"},
+        "machine_rank": 0,
+        "main_process_ip": cfg.master_addr,
+        "main_process_port": cfg.master_port,
+        "main_training_function": "main",
+        "mixed_precision": cfg.accelerate.mixed_precision,
+        "num_machines": cfg.nnodes,
+        "num_processes": cfg.world_size,
+        "rdzv_backend": "c10d" if cfg.nnodes > 1 else "static",
+        "same_network": False,
+        "use_cpu": False,
+    }
+
+
+def command(cfg: LauncherConfig, launch_dir: str, module: str, args: list[str]) -> list[str]:
+    """The command each node runs (node k: ``--machine_rank k``)."""
+    rank = ["--machine_rank", "$NODE_RANK"] if cfg.nnodes > 1 else []
+    return ["accelerate", "launch", "--config_file", f"{launch_dir}/{CONFIG}", *rank,
+            "-m", module, *args]
+
+
+def files(cfg: LauncherConfig, launch_dir: str, engine: dict[str, Any]) -> dict[str, str]:
+    """File name → text: the accelerate config and the DeepSpeed config it points to."""
+    return {CONFIG: yaml.safe_dump(accelerate_config(cfg, launch_dir), sort_keys=False),
+            DEEPSPEED: json.dumps(engine, indent=2) + "\n"}
+
+
+def write(launch_dir: Path, texts: dict[str, str]) -> None:
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (launch_dir / name).write_text(text)
