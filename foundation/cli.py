@@ -18,6 +18,7 @@ foundation data synth output=DIR [world.members=N ...]        synthetic member w
 foundation data build source.format=F source.path=P output=DIR  event tables → shards
 foundation train [--nproc N] [--launcher slurm|k8s|accelerate --nnodes M --dry-run] recipe=NAME
                 data.path=DIR run_dir=RUN [...]          train here, or on a cluster
+foundation train -m key=a,b other=c,d ... run_dir=RUN             a sweep: RUN/0, RUN/1, ...
 foundation eval run_dir=RUN [split=test]                        writes RUN/eval.json
 foundation eval compare RUN_A RUN_B|RUN_A@most_popular [--group cold]  offline A/B test
 foundation export [--nproc N] run_dir=RUN output=BUNDLE           serving bundle + parity gate
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--launcher", choices=[n.value for n in LauncherName],
                        help="where the job runs (launcher=...; default local): slurm, k8s and "
                             "accelerate write what the cluster runs into RUN/launch/ and submit it")
+    train.add_argument("-m", "--multirun", action="store_true",
+                       help="a sweep: key=a,b other=c,d runs each combination in RUN/0, RUN/1, "
+                            "... (foundation report RUN tabulates them)")
     train.add_argument("--dry-run", action="store_true",
                        help="print the command, sbatch script, manifest or accelerate config, "
                             "and submit nothing")
@@ -178,6 +182,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     name = CONFIG_OF[args.action if args.command == "data" else args.command]
     if args.command == "train":
         args.overrides = [*_launcher_overrides(args), *args.overrides]
+        if args.multirun:
+            from foundation.launch.sweep import run_sweep
+
+            return run_sweep(args.overrides, dry_run=args.dry_run)
     cfg = compose(name, args.overrides)  # validates before anything starts
     if args.cfg:
         from omegaconf import OmegaConf

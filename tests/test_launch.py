@@ -180,3 +180,30 @@ def test_accelerate_launch_trains_exactly_as_torchrun(synth_shards, tmp_path):
     assert written["train_micro_batch_size_per_gpu"] == 16
     recorded = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     assert recorded["launcher"]["name"] == "accelerate"  # the run says how it was launched
+
+
+@pytest.mark.slow
+def test_a_two_by_two_sweep_runs_four_runs_and_the_report_lists_them(synth_shards, tmp_path):
+    sweep = tmp_path / "sweep"
+    foundation("train", "-m", "trainer.optim.lr=1e-3,3e-3", "model.dropout=0.1,0.3",
+               f"data.path={synth_shards}", f"run_dir={sweep}", *FAST, *RUN,
+               "trainer.max_steps=3")
+    runs = json.loads((sweep / "sweep.json").read_text())["runs"]
+    combos = [(lr, p) for lr in ("0.001", "0.003") for p in ("0.1", "0.3")]
+    assert [tuple(r["overrides"].values()) for r in runs] == combos
+    for run, (lr, dropout) in zip(runs, combos, strict=True):
+        cfg = yaml.safe_load((sweep / run["dir"] / "config.yaml").read_text())
+        assert (cfg["trainer"]["optim"]["lr"], cfg["model"]["dropout"]) == (float(lr), float(dropout))
+        assert (sweep / run["dir"] / "summary.json").is_file()
+    table = foundation("report", str(sweep)).splitlines()
+    header = table[0].split()
+    assert header[:5] == ["run", "trainer.optim.lr", "model.dropout", "steps", "hr@10"]
+    rows = [line.split() for line in table[1:] if line.strip()]
+    assert [(row[1], row[2], row[3]) for row in rows] == [(lr, p, "3") for lr, p in combos]
+
+
+def test_a_sweep_with_a_bad_value_fails_before_any_run_starts(synth_shards, tmp_path):
+    done = foundation("train", "-m", "trainer.optim.lr=1e-3,fast", f"data.path={synth_shards}",
+                      f"run_dir={tmp_path / 'sweep'}", *FAST, check=False)
+    assert done.returncode == 2 and "trainer.optim.lr" in done.stdout + done.stderr
+    assert not (tmp_path / "sweep").exists()

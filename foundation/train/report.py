@@ -38,9 +38,25 @@ def run_report(run: Path) -> dict[str, Any]:
             "telemetry": summary.get("telemetry", {})}
 
 
+def sweep_members(runs: list[Path]) -> list[tuple[Path, dict[str, str]]]:
+    """Each run with the overrides it was swept with; a sweep's directory (sweep.json, from
+    ``foundation train -m``) stands for its runs."""
+    members = []
+    for run in runs:
+        sweep = run / "sweep.json"
+        if sweep.is_file():
+            members += [(run / entry["dir"], entry["overrides"])
+                        for entry in json.loads(sweep.read_text())["runs"]]
+        else:
+            members.append((run, {}))
+    return members
+
+
 def report(runs: list[Path]) -> list[dict[str, Any]]:
     """Print the report of ``runs`` (and redraw a single run's plots)."""
-    rows = [run_report(run) for run in runs]
+    members = sweep_members(runs)
+    read = run_report if len(members) == 1 else _report_or_unfinished
+    rows = [{**read(run), "swept": swept} for run, swept in members]
     if len(rows) == 1:
         row = rows[0]
         metric = next(iter(row["validation"]), None)
@@ -60,9 +76,12 @@ def report(runs: list[Path]) -> list[dict[str, Any]]:
         if plot:
             print(f"  plots: {plot}")
         return rows
-    keys = list(rows[0]["validation"])[:4]
-    header = ["run", "steps", *keys, "tokens/s", "MFU %", "data wait %"]
-    table = [header] + [[row["run"], str(row["steps"]),
+    finished = [row for row in rows if "recipe" in row]
+    keys = list(finished[0]["validation"])[:4] if finished else []
+    swept = list(dict.fromkeys(key for row in rows for key in row["swept"]))
+    header = ["run", *swept, "steps", *keys, "tokens/s", "MFU %", "data wait %"]
+    table = [header] + [[row["run"], *(row["swept"].get(key, "") for key in swept),
+                         str(row.get("steps", "unfinished")),
                          *(f"{row['validation'].get(k, float('nan')):.4f}" for k in keys),
                          f"{row['telemetry'].get('tokens_per_s', float('nan')):,.0f}",
                          f"{100 * row['telemetry'].get('mfu', float('nan')):.1f}",
@@ -72,3 +91,12 @@ def report(runs: list[Path]) -> list[dict[str, Any]]:
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
     return rows
+
+
+def _report_or_unfinished(run: Path) -> dict[str, Any]:
+    """A run's report; in a table, a run without a summary (failed, still running) is a row
+    that says so rather than the end of the report."""
+    try:
+        return run_report(run)
+    except FileNotFoundError:
+        return {"run": str(run), "validation": {}, "telemetry": {}}
