@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -18,6 +20,7 @@ import pytest
 import torch
 from conftest import (
     FAST,
+    REPO,
     communicate_or_dump_stacks,
     rank_of,
     run_torchrun,
@@ -167,6 +170,44 @@ def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_if_uninterrupted(
     assert set(epoch0.values()) == {1}
     assert set(epoch0) == training_ids(synth_shards)
     assert any(e["epoch"] == 1 for entries in ledger.values() for e in entries)
+
+
+def test_two_nodes_on_one_machine_recover_when_a_node_dies_and_restarts(
+        synth_shards, uninterrupted, tmp_path):
+    """2 nodes × 1 rank through the launcher's multi-node path (two agents, c10d rendezvous
+    over 127.0.0.1): node 1 dies (CLI, agent and rank), the scheduler starts it again, and the
+    job ends as if uninterrupted."""
+    full, run = uninterrupted, tmp_path / "nodes"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    node = [sys.executable, "-m", "foundation.cli", "train", "--nnodes=2", "--nproc=1",
+            "--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=2",
+            "launcher.single_machine=true", f"data.path={synth_shards}", f"run_dir={run}", *FAST,
+            *RUN, *KILLED]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def start_node(log: str) -> subprocess.Popen:  # in its own session: a node dies whole
+        with (tmp_path / log).open("w") as out:
+            return subprocess.Popen(node, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    head = start_node("head.log")  # the first agent hosts the rendezvous store
+    time.sleep(3)
+    other = start_node("node1.log")
+    wait_for_step(run, 6, head)
+    os.killpg(other.pid, signal.SIGKILL)
+    other.wait()
+    other = start_node("node1-again.log")  # the scheduler brings it back; it rejoins
+    communicate_or_dump_stacks(head, str(run), timeout=400)
+    other.wait(timeout=120)
+    logs = {name: (tmp_path / name).read_text() for name in ("head.log", "node1-again.log")}
+    assert head.returncode == 0 and other.returncode == 0, {k: v[-3000:] for k, v in logs.items()}
+    assert "resumed from" in logs["head.log"] + logs["node1-again.log"]
+    a = load_file(str(full / "checkpoints/step-24/dense.safetensors"))
+    b = load_file(str(run / "checkpoints/step-24/dense.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert SampleLedger.read(run) == SampleLedger.read(full)
 
 
 def training_ids(shards) -> set[int]:
