@@ -123,11 +123,12 @@ def test_full_softmax_on_a_sharded_table_never_looks_up_the_whole_catalogue(tmp_
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_the_consolidated_dense_state_continues_exactly_on_any_zero_stage(tmp_path):
-    """What a resharded resume loads: weights + AdamW moments + step, gathered from ZeRO's
-    partitions and re-partitioned, so training continues as if never interrupted."""
+def test_the_consolidated_dense_state_continues_exactly_on_any_zero_stage_and_engine(tmp_path):
+    """What a resharded (or other-engine) resume loads: weights + AdamW moments + step,
+    gathered from ZeRO's or FSDP's shards and re-sharded, so training continues as if never
+    interrupted: deepspeed → fsdp → deepspeed included."""
     report = tmp_path / "roundtrip.json"
-    pairs = ["0:0", "2:2", "3:3", "2:3", "3:0"]
+    pairs = ["0:0", "2:2", "3:3", "2:3", "3:0", "2:fsdp", "fsdp:fsdp", "fsdp:2", "fsdp:3"]
     run_torchrun(["tests/workers/dense_state_roundtrip.py", str(report), *pairs])
     diffs = json.loads(report.read_text())
     assert sorted(diffs) == sorted(pairs)

@@ -27,7 +27,8 @@ class Bf16(Choice):
 
 
 class EngineName(Choice):
-    deepspeed = "deepspeed"
+    deepspeed = "deepspeed"  # ZeRO stage engine.zero_stage
+    fsdp = "fsdp"  # PyTorch FSDP2: weights, gradients and AdamW state sharded (distributed/fsdp.py)
 
 
 @dataclass
@@ -223,12 +224,7 @@ class DeepSpeedDenseEngine:
             safe_set_full_optimizer_state(param, value, key)
 
     def _set_schedule(self, step: int) -> None:
-        """Put the LR schedule (and every group's lr) at ``step``, as if it had stepped there."""
-        sched = self.scheduler
-        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched.last_epoch, sched._last_lr = step, lrs
+        set_schedule(self.optimizer, self.scheduler, step)
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)
@@ -267,6 +263,14 @@ class DeepSpeedDenseEngine:
         params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3):
             return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, scheduler, step: int) -> None:
+    """Put a LambdaLR schedule (and every group's lr) at ``step``, as if it had stepped there."""
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler.last_epoch, scheduler._last_lr = step, lrs
 
 
 def WeightsOnlyCheckpointEngine():  # noqa: N802 - a class made lazily (deepspeed import)

@@ -199,15 +199,21 @@ def commit(path: Path, *, rank: int, barrier) -> None:
     barrier()
 
 
-def restore(path: Path, *, sparse: nn.Module, engine, rank: int) -> dict[str, Any]:
+def restore(path: Path, *, sparse: nn.Module, engine, rank: int,
+            same_engine: bool = True) -> dict[str, Any]:
     """Load everything ``save`` wrote back into a freshly built model (warm-started from the
-    checkpoint's ``base``, if it has one); returns this rank's state (data position)."""
+    checkpoint's ``base``, if it has one); returns this rank's state (data position). A
+    checkpoint of the other dense engine (``same_engine`` False) gives its consolidated dense
+    weights and moments."""
     if (path / "sparse").exists():
         _load_sparse_and_optimizer(path, sparse)
-    try:
-        engine.load(str(path / "engine"), trained_only=BASE in read_state(path))
-    except pickle.UnpicklingError as err:  # weights_only refused a global: name file and class
-        raise UnsafeCheckpoint(f"refused to load DeepSpeed state of {path}: {err}") from None
+    if not same_engine:
+        _load_full_dense(path, engine)
+    else:
+        try:
+            engine.load(str(path / "engine"), trained_only=BASE in read_state(path))
+        except pickle.UnpicklingError as err:  # weights_only refused a global: name it
+            raise UnsafeCheckpoint(f"refused to load DeepSpeed state of {path}: {err}") from None
     torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
     return json.loads((path / f"rank{rank}.json").read_text())
 
@@ -235,9 +241,14 @@ def restore_resharded(path: Path, *, sparse: nn.Module, engine) -> None:
     RNG and data positions belong to the old layout and are not restored."""
     if (path / "sparse").exists():
         _load_sparse_and_optimizer(path, sparse)
+    _load_full_dense(path, engine)
+
+
+def _load_full_dense(path: Path, engine) -> None:
+    """The consolidated dense weights and AdamW moments, into any engine on any layout."""
     if not (path / "dense_optim.safetensors").exists():
         raise CheckpointMismatch(f"{path} has no dense_optim.safetensors (written by an older "
-                                 f"version): resume it on its own layout")
+                                 f"version): resume it on its own layout and engine")
     engine.load_full_state(load_file(str(path / "dense.safetensors")),
                            load_file(str(path / "dense_optim.safetensors")))
 

@@ -61,9 +61,14 @@ class Checkpointer:
         with ``resharded_from`` (the old world size) when it was saved on another layout."""
         saved = checkpoint.read_state(path)
         layout = (saved["world_size"], saved.get("num_workers"))
+        engine = saved.get("config", {}).get("engine", {}).get("name", "deepspeed")
+        same_engine = engine == str(self.cfg.engine.name)
+        if not same_engine and self.env.is_main:
+            log.info(f"{path} was trained with engine={engine}: this engine="
+                     f"{self.cfg.engine.name} loads its consolidated dense weights and moments")
         if layout == (self.env.world_size, self.cfg.data.num_workers):
             rank_state = checkpoint.restore(path, sparse=model.sparse, engine=model.engine,
-                                            rank=self.env.rank)
+                                            rank=self.env.rank, same_engine=same_engine)
             stream.load_state(rank_state["stream"], checkpoint.rank_ids(path, self.env.rank))
         else:
             self._restore_resharded(path, layout, int(saved["step"]), model, stream)

@@ -10,8 +10,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from foundation.distributed.engine import DeepSpeedDenseEngine
+from foundation.distributed.engine import DeepSpeedDenseEngine, EngineName
 from foundation.distributed.env import DistEnv
+from foundation.distributed.fsdp import FsdpDenseEngine
 from foundation.distributed.planning import log_rank_bytes
 from foundation.distributed.sharding import shard_sparse_arch, table_parameters
 from foundation.models.finetune import FinetuneConfig, Tuning, apply_finetune
@@ -43,7 +44,9 @@ class ShardedModel:
         self.tuning = self._finetune(task, settings, dense, train)
         self.engine = None
         if train:
-            self.engine = DeepSpeedDenseEngine(
+            engine = {EngineName.deepspeed: DeepSpeedDenseEngine,
+                      EngineName.fsdp: FsdpDenseEngine}[EngineName(cfg.engine.name)]
+            self.engine = engine(
                 dense, cfg.engine, cfg.trainer.optim, micro_batch=cfg.data.batch_size,
                 grad_accum=cfg.trainer.grad_accum, total_steps=total_steps, device=env.device)
             self.dense = self.engine
@@ -78,7 +81,7 @@ class ShardedModel:
 
     def train(self, mode: bool = True) -> None:
         self.sparse.train(mode)
-        self.dense_module.train(mode)
+        (self.engine if self.engine is not None else self.dense).train(mode)
 
     @torch.no_grad()
     def catalogue(self, chunk: int = 65536) -> Tensor:

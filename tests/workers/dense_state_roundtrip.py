@@ -1,10 +1,11 @@
-"""Run under torchrun by tests: the consolidated dense state moves between ZeRO stages exactly.
+"""Run under torchrun by tests: the consolidated dense state moves between ZeRO stages and
+engines exactly.
 
-For each ``SAVED:LOADED`` pair of ZeRO stages: engine A trains 3 steps; engine B (other initial
+For each ``SAVED:LOADED`` pair of ZeRO stages (or ``fsdp``, the FSDP2 engine): engine A trains 3 steps; engine B (other initial
 weights) loads A's consolidated weights and AdamW moments; both train 3 more identical steps.
 Rank 0 writes the largest weight difference per pair to REPORT as JSON.
 
-usage: torchrun --nproc_per_node 2 tests/workers/dense_state_roundtrip.py REPORT 2:2 3:0 ...
+usage: torchrun --nproc_per_node 2 tests/workers/dense_state_roundtrip.py REPORT 2:2 3:0 2:fsdp ...
 """
 
 import json
@@ -12,17 +13,25 @@ import sys
 
 import torch
 
-from foundation.distributed.engine import DeepSpeedDenseEngine, EngineConfig, OptimConfig
+from foundation.distributed.engine import (
+    DeepSpeedDenseEngine,
+    EngineConfig,
+    EngineName,
+    OptimConfig,
+)
 from foundation.distributed.env import init_distributed
+from foundation.distributed.fsdp import FsdpDenseEngine
 
 
-def engine(stage: int, seed: int) -> DeepSpeedDenseEngine:
+def engine(kind: str, seed: int) -> DeepSpeedDenseEngine | FsdpDenseEngine:
     torch.manual_seed(seed)
     module = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(),
                                  torch.nn.Linear(32, 1))
-    return DeepSpeedDenseEngine(module, EngineConfig(zero_stage=stage), OptimConfig(warmup_steps=2),
-                                micro_batch=4, grad_accum=1, total_steps=10,
-                                device=torch.device("cpu"))
+    fsdp = kind == "fsdp"
+    cfg = EngineConfig(name=EngineName.fsdp) if fsdp else EngineConfig(zero_stage=int(kind))
+    return (FsdpDenseEngine if fsdp else DeepSpeedDenseEngine)(
+        module, cfg, OptimConfig(warmup_steps=2), micro_batch=4, grad_accum=1, total_steps=10,
+        device=torch.device("cpu"))
 
 
 def train(dense: DeepSpeedDenseEngine, batches) -> None:
@@ -33,7 +42,7 @@ def train(dense: DeepSpeedDenseEngine, batches) -> None:
 
 
 def main() -> None:
-    report, pairs = sys.argv[1], [tuple(map(int, p.split(":"))) for p in sys.argv[2:]]
+    report, pairs = sys.argv[1], [tuple(p.split(":")) for p in sys.argv[2:]]
     env = init_distributed(timeout_s=120)
     torch.manual_seed(100 + env.rank)
     batches = [(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(6)]
