@@ -1,5 +1,7 @@
 """Accelerate: ``accelerate launch`` with a generated config whose DeepSpeed section is a file
-holding the run's own engine config (one source for ZeRO stage, batch and clipping)."""
+holding the run's own engine config (one source for ZeRO stage, batch and clipping). Under
+``engine=fsdp`` the engine shards the dense arch itself: Accelerate only starts the processes
+(``MULTI_GPU``: torchrun)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,16 @@ from foundation.launch.config import LauncherConfig
 CONFIG, DEEPSPEED = "accelerate.yaml", "deepspeed.json"
 
 
-def accelerate_config(cfg: LauncherConfig, launch_dir: str) -> dict[str, Any]:
-    return {
-        "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "DEEPSPEED",
+def accelerate_config(cfg: LauncherConfig, launch_dir: str, deepspeed: bool = True
+                       ) -> dict[str, Any]:
+    config: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE",
+                              "distributed_type": "DEEPSPEED" if deepspeed else "MULTI_GPU"}
+    if deepspeed:
         # Only where DeepSpeed's config is and how nodes start: every DeepSpeed key lives in it.
-        "deepspeed_config": {"deepspeed_config_file": f"{launch_dir}/{DEEPSPEED}",
-                             "deepspeed_multinode_launcher": "standard"},
+        config["deepspeed_config"] = {"deepspeed_config_file": f"{launch_dir}/{DEEPSPEED}",
+                                      "deepspeed_multinode_launcher": "standard"}
+    return {
+        **config,
         "machine_rank": 0,
         "main_process_ip": cfg.master_addr,
         "main_process_port": cfg.master_port,
@@ -41,10 +46,15 @@ def command(cfg: LauncherConfig, launch_dir: str, module: str, args: list[str]) 
             "-m", module, *args]
 
 
-def files(cfg: LauncherConfig, launch_dir: str, engine: dict[str, Any]) -> dict[str, str]:
-    """File name → text: the accelerate config and the DeepSpeed config it points to."""
-    return {CONFIG: yaml.safe_dump(accelerate_config(cfg, launch_dir), sort_keys=False),
-            DEEPSPEED: json.dumps(engine, indent=2) + "\n"}
+def files(cfg: LauncherConfig, launch_dir: str, engine: dict[str, Any] | None
+          ) -> dict[str, str]:
+    """File name → text: the accelerate config and the DeepSpeed config it points to (None:
+    another engine, no DeepSpeed file)."""
+    texts = {CONFIG: yaml.safe_dump(accelerate_config(cfg, launch_dir, engine is not None),
+                                    sort_keys=False)}
+    if engine is not None:
+        texts[DEEPSPEED] = json.dumps(engine, indent=2) + "\n"
+    return texts
 
 
 def write(launch_dir: Path, texts: dict[str, str]) -> None:

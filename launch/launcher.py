@@ -84,11 +84,12 @@ def _kubectl(launch_dir: Path, texts: dict[str, str]) -> int:  # noqa: ARG001
 
 def _accelerate(cfg: DictConfig, launcher: LauncherConfig, launch_dir: Path,
                 overrides: list[str], dry_run: bool) -> int:
-    from foundation.distributed.engine import deepspeed_config
+    from foundation.distributed.engine import EngineName, deepspeed_config
 
     engine = deepspeed_config(cfg.engine, cfg.trainer.optim, micro_batch=cfg.data.batch_size,
                               grad_accum=cfg.trainer.grad_accum,
-                              bf16=cfg.engine.bf16 != "off")  # auto: on, the launch is for GPUs
+                              bf16=cfg.engine.bf16 != "off"  # auto: on, the launch is for GPUs
+                              ) if cfg.engine.name == EngineName.deepspeed else None
     texts = accelerate.files(launcher, str(launch_dir), engine)
     command = accelerate.command(launcher, str(launch_dir), MODULE, overrides)
     if dry_run:

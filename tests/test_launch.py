@@ -70,6 +70,11 @@ def test_the_accelerate_config_points_at_the_runs_own_deepspeed_config(capsys):
     assert engine["zero_optimization"]["stage"] == 3
     assert engine["gradient_accumulation_steps"] == 4
     assert engine["train_micro_batch_size_per_gpu"] == 64
+    # FSDP shards the dense arch itself: Accelerate only starts the processes.
+    printed = dry_run(capsys, "--launcher", "accelerate", "--nproc", "8", "engine=fsdp")
+    config = yaml.safe_load(printed.split("# ---- ")[1].split("\n", 1)[1])
+    assert config["distributed_type"] == "MULTI_GPU" and "deepspeed_config" not in config
+    assert "deepspeed.json" not in printed
 
 
 @pytest.mark.parametrize(("procid", "localid", "nodeid", "rank"),
