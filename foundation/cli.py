@@ -149,7 +149,8 @@ def _train_epilog() -> str:
         options = sorted(p.name[:-5] for p in (root / group).iterdir() if p.name.endswith(".yaml"))
         lines.append(f"  {group:10s} {', '.join(options)}")
     lines += ["", "common overrides: seed=0 run_dir=RUN data.path=DIR trainer.max_steps=N",
-              "  trainer.checkpoint_every=N trainer.resume=auto|never|PATH engine.zero_stage=0-3",
+              "  trainer.checkpoint_every=N trainer.resume=auto|never|PATH engine=deepspeed|fsdp",
+              "  engine.zero_stage=0-3 (deepspeed)",
               "  recipe.init_from=RUN (fine-tunes) sharding.types=[table_wise,column_wise]",
               "see every key: foundation train --cfg recipe=NAME data.path=DIR"]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import re
 
 from conftest import foundation
 
+from foundation.distributed.engine import EngineConfig, EngineName, sharding_stage
 from foundation.distributed.planning import GIB, dense_bytes, optimizer_bytes
 from foundation.distributed.sharding import SparseOptimizer
 
@@ -52,6 +53,9 @@ def test_dense_state_follows_the_zero_stage_and_tables_their_optimizer():
     # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter, split by stage
     assert [dense_bytes(params, stage, world) for stage in range(4)] == [
         16000, 8000 + 2000, 4000 + 3000, 4000]
+    # FSDP splits all of it, as ZeRO-3 does
+    assert sharding_stage(EngineConfig(name=EngineName.fsdp, zero_stage=0)) == 3
+    assert sharding_stage(EngineConfig(zero_stage=1)) == 1
     rows, cols = 10, 8
     assert optimizer_bytes(SparseOptimizer.rowwise_adagrad, rows, cols) == 4 * rows
     assert optimizer_bytes(SparseOptimizer.adagrad, rows, cols) == 4 * rows * cols

@@ -39,6 +39,11 @@ class EngineConfig:
     offload_optimizer: bool = False
 
 
+def sharding_stage(cfg: EngineConfig) -> int:
+    """The ZeRO stage the dense state is split like (FSDP splits all of it, as stage 3)."""
+    return 3 if cfg.name == EngineName.fsdp else cfg.zero_stage
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-3

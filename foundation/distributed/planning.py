@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 from omegaconf import DictConfig
 
+from foundation.distributed.engine import sharding_stage
 from foundation.distributed.sharding import SparseOptimizer, table_constraints, validate_sharding
 from foundation.models.losses import SCORE_CHUNK, Loss
 
@@ -187,7 +188,7 @@ def plan_cluster(cfg: DictConfig) -> tuple[object, list[RankBytes]]:
     items = shapes.get("items_table", next(iter(shapes.values())))[0]
     per_rank = rank_bytes(plan, shapes, world_size=cfg.world_size,
                           optimizer=cfg.sharding.optimizer, dense_params=dense_parameters(
-                              cfg.model), zero_stage=cfg.engine.zero_stage, loss=cfg.loss,
+                              cfg.model), zero_stage=sharding_stage(cfg.engine), loss=cfg.loss,
                           model=cfg.model, batch_size=cfg.batch_size, items=items,
                           num_negatives=cfg.num_negatives)
     return plan, per_rank
@@ -246,7 +247,7 @@ def log_rank_bytes(shapes: dict[str, tuple[int, int]], cfg: DictConfig, plan,
     """At the start of training: the same per-rank table for the plan the run uses."""
     per_rank = rank_bytes(plan, shapes, world_size=world_size,
                           optimizer=cfg.sharding.optimizer, dense_params=dense_params,
-                          zero_stage=cfg.engine.zero_stage,
+                          zero_stage=sharding_stage(cfg.engine),
                           loss=cfg.recipe.get("loss", Loss.sampled_softmax), model=cfg.model,
                           batch_size=cfg.data.batch_size, items=items,
                           num_negatives=cfg.recipe.get("num_negatives", 256))
