@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from foundation.launch import accelerate, k8s, slurm
 from foundation.launch.config import (
     LauncherConfig,
     LauncherName,
+    LaunchError,
     check_global_batch,
     check_head_address,
 )
@@ -76,6 +78,9 @@ def _sbatch(launch_dir: Path, texts: dict[str, str]) -> int:
 
 def _kubectl(launch_dir: Path, texts: dict[str, str]) -> int:  # noqa: ARG001
     path = launch_dir / "pytorchjob.yaml"
+    if shutil.which("kubectl") is None:
+        raise LaunchError(f"kubectl is not on PATH: apply {path} where it is (--dry-run "
+                          f"prints it)")
     code = subprocess.call(["kubectl", "apply", "-f", str(path)])
     if code == 0:
         log.info(f"applied {path}; follow it with kubectl get pytorchjobs")

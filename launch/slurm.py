@@ -7,10 +7,11 @@ import os
 import re
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 
-from foundation.launch.config import LauncherConfig, SlurmMode, check_head_address
+from foundation.launch.config import LauncherConfig, LaunchError, SlurmMode, check_head_address
 from foundation.launch.torchrun import AGENT, torchrun_args
 
 HEAD = 'HEAD_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
@@ -55,10 +56,13 @@ def _shell_join(words: list[str]) -> str:
 
 def submit(script: str) -> str:
     """``sbatch`` the script (from stdin); returns the job id."""
+    if shutil.which("sbatch") is None:
+        raise LaunchError("sbatch is not on PATH: submit from a Slurm login node (the script "
+                          "is in RUN/launch/job.sbatch; --dry-run prints it)")
     done = subprocess.run(["sbatch", "--parsable"], input=script, text=True,
                           capture_output=True, check=False)
     if done.returncode:
-        raise RuntimeError(f"sbatch failed: {done.stderr.strip()}")
+        raise LaunchError(f"sbatch refused the job: {done.stderr.strip()}")
     return done.stdout.strip().split(";")[0]
 
 

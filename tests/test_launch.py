@@ -77,6 +77,17 @@ def test_the_accelerate_config_points_at_the_runs_own_deepspeed_config(capsys):
     assert "deepspeed.json" not in printed
 
 
+def test_submitting_without_the_clusters_command_says_where_the_job_is(capsys, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, no kubectl here
+    for launcher in ("slurm", "k8s"):
+        run = tmp_path / launcher
+        assert cli(["train", "--launcher", launcher, "recipe=pretrain_member_fm",
+                    "data.path=/shared/data", f"run_dir={run}"]) == 2
+        written = next((run / "launch").iterdir())
+        assert "is not on PATH" in capsys.readouterr().err and written.stat().st_size > 0
+
+
 @pytest.mark.parametrize(("procid", "localid", "nodeid", "rank"),
                          [("0", "0", "0", "0"), ("5", "1", "1", "5"), ("7", "3", "1", "7")])
 def test_slurm_task_environments_map_to_torch_ranks(procid, localid, nodeid, rank):
