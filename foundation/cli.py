@@ -105,11 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# The flags that take a value: the word after one of them is never an override.
+VALUED = {"--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+          "--max-restarts", "--launcher", "--dir"}
+
+
 def _overrides_last(argv: list[str]) -> list[str]:
-    """``key=value`` overrides after the flags, so that flags may follow overrides (argparse
-    stops taking positionals at the first flag)."""
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    return [a for a in argv if a not in overrides] + overrides
+    """Hydra overrides (``key=value``, ``+key=``, ``~key``) after the flags, so that flags may
+    follow overrides (argparse stops taking positionals at the first flag)."""
+    flags, overrides = [], []
+    for i, word in enumerate(argv):
+        is_value = i > 0 and argv[i - 1] in VALUED
+        is_override = ("=" in word and not word.startswith("-")) or word.startswith("~")
+        (overrides if is_override and not is_value else flags).append(word)
+    return flags + overrides
 
 
 def _compare(argv: list[str]) -> int:

@@ -50,6 +50,7 @@ class K8sConfig:
     volume_claim: str = ""  # a PersistentVolumeClaim holding data and runs ("": none)
     mount_path: str = "/mnt/foundation"
     shm_gb: int = 64  # /dev/shm for loader workers (a pod's default 64 MB is too small)
+    grace_s: int = 300  # a deleted pod's time to write its preemption checkpoint
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LauncherConfig:
     master_addr: str = "127.0.0.1"  # local/accelerate: node 0's address (slurm/k8s find it)
     master_port: int = 29500
     max_restarts: int = 0  # torchrun restarts the workers this often after a failure
-    job_name: str = "foundation"  # also the rendezvous id
+    job_name: str = "foundation"  # Slurm job name; prefixes the PyTorchJob's; rendezvous id
     python: str = "python"  # the interpreter on the cluster's nodes (slurm, k8s)
     global_batch_size: int = 0  # checked = batch_size × grad_accum × world size (0: not checked)
     single_machine: bool = False  # every "node" is on this machine: a loopback head is fine

@@ -4,6 +4,8 @@ per node), which the agent's torchrun reads."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -12,7 +14,15 @@ from foundation.launch.config import LauncherConfig
 from foundation.launch.torchrun import AGENT
 
 
-def pytorchjob(cfg: LauncherConfig, module: str, args: list[str]) -> dict[str, Any]:
+def job_name(cfg: LauncherConfig, run_dir: str) -> str:
+    """A name of its own per run (a sweep's runs too), as Kubernetes allows: DNS-1123, ≤ 63."""
+    parts = [cfg.job_name, *Path(run_dir).parts[-2:]]
+    name = re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+    return name[-63:].lstrip("-") or "foundation"
+
+
+def pytorchjob(cfg: LauncherConfig, module: str, args: list[str], run_dir: str
+               ) -> dict[str, Any]:
     k8s = cfg.k8s
     container: dict[str, Any] = {
         "name": "pytorch", "image": k8s.image, "imagePullPolicy": "IfNotPresent",
@@ -27,7 +37,7 @@ def pytorchjob(cfg: LauncherConfig, module: str, args: list[str]) -> dict[str, A
                         "persistentVolumeClaim": {"claimName": k8s.volume_claim}})
     return {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": {"name": cfg.job_name, "namespace": k8s.namespace},
+        "metadata": {"name": job_name(cfg, run_dir), "namespace": k8s.namespace},
         "spec": {
             "elasticPolicy": {"rdzvBackend": "c10d", "rdzvPort": k8s.rdzv_port,
                               "minReplicas": k8s.min_nodes or cfg.nnodes,
@@ -35,9 +45,12 @@ def pytorchjob(cfg: LauncherConfig, module: str, args: list[str]) -> dict[str, A
                               "nProcPerNode": cfg.nproc},
             "pytorchReplicaSpecs": {"Worker": {
                 "replicas": cfg.nnodes, "restartPolicy": "OnFailure",
-                "template": {"spec": {"containers": [container], "volumes": volumes}}}}}}
+                "template": {"spec": {
+                    # Time to finish the step and write the preemption checkpoint.
+                    "terminationGracePeriodSeconds": k8s.grace_s,
+                    "containers": [container], "volumes": volumes}}}}}}
 
 
-def manifest(cfg: LauncherConfig, module: str, args: list[str]) -> str:
+def manifest(cfg: LauncherConfig, module: str, args: list[str], run_dir: str) -> str:
     """The manifest ``kubectl apply -f`` gets: exactly what ``--dry-run`` prints."""
-    return yaml.safe_dump(pytorchjob(cfg, module, args), sort_keys=False)
+    return yaml.safe_dump(pytorchjob(cfg, module, args, run_dir), sort_keys=False)

@@ -54,8 +54,8 @@ def launch(cfg: DictConfig, overrides: list[str], dry_run: bool = False) -> int:
         script = slurm.sbatch_script(launcher, MODULE, overrides, log_dir=f"{cfg.run_dir}/slurm")
         return _emit({"job.sbatch": script}, launch_dir, dry_run, submit=_sbatch)
     if launcher.name == LauncherName.k8s:
-        return _emit({"pytorchjob.yaml": k8s.manifest(launcher, MODULE, overrides)}, launch_dir,
-                     dry_run, submit=_kubectl)
+        manifest = k8s.manifest(launcher, MODULE, overrides, run_dir=str(cfg.run_dir))
+        return _emit({"pytorchjob.yaml": manifest}, launch_dir, dry_run, submit=_kubectl)
     return _accelerate(cfg, launcher, launch_dir, overrides, dry_run)
 
 
@@ -71,6 +71,7 @@ def _emit(texts: dict[str, str], launch_dir: Path, dry_run: bool, submit) -> int
 
 
 def _sbatch(launch_dir: Path, texts: dict[str, str]) -> int:
+    (launch_dir.parent / "slurm").mkdir(exist_ok=True)  # Slurm does not create log folders
     job = slurm.submit(texts["job.sbatch"])
     log.info(f"submitted Slurm job {job} ({launch_dir / 'job.sbatch'}); logs in the run's slurm/")
     return 0

@@ -14,7 +14,8 @@ import sys
 from foundation.launch.config import LauncherConfig, LaunchError, SlurmMode, check_head_address
 from foundation.launch.torchrun import AGENT, torchrun_args
 
-HEAD = 'HEAD_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+# sed reads the whole list (head would close the pipe early: SIGPIPE under pipefail).
+HEAD = 'HEAD_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)'
 
 
 def sbatch_script(cfg: LauncherConfig, module: str, args: list[str], log_dir: str) -> str:
@@ -32,8 +33,11 @@ def sbatch_script(cfg: LauncherConfig, module: str, args: list[str], log_dir: st
         options += [f"--signal=USR1@{slurm.signal_s}", "--requeue", "--open-mode=append"]
     options += list(slurm.sbatch)
     lines = ["#!/bin/bash", "# Written by `foundation train --launcher slurm`; submitted as is.",
-             *(f"#SBATCH {option}" for option in options), "set -euo pipefail",
-             *slurm.setup,
+             *(f"#SBATCH {option}" for option in options),
+             *slurm.setup,  # before strict mode: activation scripts often trip over set -u
+             "set -euo pipefail",
+             "# srun does not always pass --cpus-per-task on to its tasks (Slurm 22.05-23.02).",
+             "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
              "# Node 0's address, looked up when the job runs (on the head node), not at "
              "submission.", HEAD]
     train = [module, *args]

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from foundation.compose import compose
+from foundation.compose import ConfigError, compose
 from foundation.launch.config import LauncherName
 from foundation.launch.launcher import launch
 
@@ -27,12 +28,19 @@ SWEEP_FILE = "sweep.json"
 def combinations(overrides: list[str]) -> tuple[list[str], list[dict[str, str]]]:
     """The fixed overrides, and each combination of the swept ones (key → value)."""
     fixed, swept = [], []
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.is_sweep_override():
-            key = override.get_key_element()
-            swept.append([(key, value) for value in override.sweep_string_iterator()])
-        else:
-            fixed.append(override.input_line)
+    try:
+        for override in OverridesParser.create().parse_overrides(overrides):
+            key = override.get_key_element().lstrip("+~")
+            if override.is_sweep_override() and key == "run_dir":
+                raise ConfigError("run_dir cannot be swept: a sweep's runs go to RUN/0, RUN/1, "
+                                  "... under the one run_dir=RUN")
+            if override.is_sweep_override():
+                swept.append([(key, value) for value in override.sweep_string_iterator()])
+            else:
+                fixed.append(override.input_line)
+    except HydraException as err:  # glob() and interval() sweeps have no finite list here
+        raise ConfigError(f"cannot expand the sweep ({err}): sweep over lists (key=a,b), "
+                          f"range() or choice()") from None
     return fixed, [dict(combo) for combo in itertools.product(*swept)]
 
 
@@ -40,7 +48,8 @@ def run_sweep(overrides: list[str], dry_run: bool = False) -> int:
     """Compose (and so validate) every combination, then start them in order."""
     fixed, combos = combinations(overrides)
     base = Path(compose("train", fixed).run_dir)
-    fixed = [o for o in fixed if not o.startswith("run_dir=")]  # each run has its own
+    fixed = [o for o in fixed  # each run has its own run_dir
+             if o.lstrip("+~").split("=", 1)[0] != "run_dir"]
     jobs = []
     for index, combo in enumerate(combos):
         job = [*fixed, *(f"{key}={value}" for key, value in combo.items()),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +57,9 @@ def test_slurm_scripts_resolve_the_head_and_ranks_when_the_job_runs(capsys):
     per_gpu = dry_run(capsys, "--launcher", "slurm", "--nnodes", "4", "--nproc", "8",
                       "launcher.slurm.mode=per_gpu")
     assert "#SBATCH --ntasks-per-node=8" in per_gpu
+    assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in per_gpu
+    setup = dry_run(capsys, "--launcher", "slurm", "launcher.slurm.setup=[conda activate fm]")
+    assert setup.index("conda activate fm") < setup.index("set -euo pipefail")
     assert per_gpu.splitlines()[-1].startswith(
         "srun --kill-on-bad-exit=1 python -m foundation.launch.slurm foundation.train")
 
@@ -102,6 +107,33 @@ def test_slurm_task_environments_map_to_torch_ranks(procid, localid, nodeid, ran
         "MASTER_ADDR"] == "10.1.2.3"
     with pytest.raises(RuntimeError, match="SLURM_PROCID is not set"):
         torch_environment({k: v for k, v in env.items() if k != "SLURM_PROCID"})
+
+
+def test_each_run_gets_its_own_kubernetes_job_name():
+    from foundation.launch.config import LauncherConfig
+    from foundation.launch.k8s import job_name
+
+    cfg = LauncherConfig()
+    assert job_name(cfg, "/runs/sweep/0") == "foundation-sweep-0"
+    assert job_name(cfg, "/runs/sweep/1") == "foundation-sweep-1"
+    name = job_name(cfg, "/Runs/My_Experiment." + "x" * 80)
+    assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name)
+
+
+def test_flags_may_follow_overrides_and_their_values_stay_put():
+    from foundation.cli import _overrides_last
+
+    assert _overrides_last(["train", "~a.b", "--nproc", "2", "c=d", "--dry-run"]) == [
+        "train", "--nproc", "2", "--dry-run", "~a.b", "c=d"]
+    assert _overrides_last(["demo", "--dir", "a=b", "--nproc", "2"]) == [
+        "demo", "--dir", "a=b", "--nproc", "2"]
+
+
+def test_the_head_node_naming_itself_is_not_a_loopback_head():
+    from foundation.launch.agent import _is_this_machine
+
+    assert _is_this_machine(socket.gethostname())  # /etc/hosts may map it to 127.0.1.1
+    assert not _is_this_machine("localhost") and not _is_this_machine("10.0.0.1")
 
 
 def test_first_host_of_slurm_node_lists():
@@ -223,3 +255,7 @@ def test_a_sweep_with_a_bad_value_fails_before_any_run_starts(synth_shards, tmp_
                       f"run_dir={tmp_path / 'sweep'}", *FAST, check=False)
     assert done.returncode == 2 and "trainer.optim.lr" in done.stdout + done.stderr
     assert not (tmp_path / "sweep").exists()
+    for sweep, message in (("run_dir=a,b", "run_dir cannot be swept"),
+                           ("trainer.optim.lr=glob(*)", "cannot expand the sweep")):
+        done = foundation("train", "-m", sweep, f"data.path={synth_shards}", check=False)
+        assert done.returncode == 2 and message in done.stdout + done.stderr

@@ -78,7 +78,8 @@ class FsdpDenseEngine:
         if self.micro_steps % self.grad_accum:
             return
         params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
+        clip = self.optim_cfg.grad_clip  # 0: no clipping (as DeepSpeed), the norm still logged
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.last_grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.scheduler.step()

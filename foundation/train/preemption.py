@@ -14,6 +14,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class PreemptionFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.slurm_warning = False  # some rank got SIGUSR1 (known on every rank)
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -22,10 +23,12 @@ class PreemptionFlag:
 
     def requested(self, world_size: int) -> bool:
         """True on every rank as soon as any rank got a signal (ranks must stop together)."""
-        flag = torch.tensor([self.signal is not None], dtype=torch.int32)
+        flags = torch.tensor([self.signal is not None, self.signal == signal.SIGUSR1],
+                             dtype=torch.int32)
         if world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.slurm_warning = bool(flags[1].item())
+        return bool(flags[0].item())
 
 
 def requeue_on_preemption(cfg) -> bool:

@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import json
 import logging
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,7 +196,7 @@ class Trainer:
         if self.env.is_main:
             log.info(f"{self.task.name}: preempted, checkpoint committed at {path}; run the same "
                      f"command again to resume")
-            if self.preemption.signal == signal.SIGUSR1 and requeue_on_preemption(self.cfg):
+            if self.preemption.slurm_warning and requeue_on_preemption(self.cfg):
                 log.info("requeued the Slurm job: it resumes from that checkpoint")
         return {"recipe": self.task.name, "preempted": True, "step": step,
                 "run_dir": str(self.run_dir)}
