@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(prog="foundation", usage=USAGE,
                                      description="Train recommender foundation models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("data", help="write webdataset shards").add_subparsers(dest="action",
-                                                                                 required=True)
+    # prog: each command's own usage line ("foundation train [-h] ..."), not the overview's
+    sub = parser.add_subparsers(dest="command", required=True, prog="foundation")
+    data = sub.add_parser("data", help="write webdataset shards").add_subparsers(
+        dest="action", prog="foundation data", required=True)
     for action in ("synth", "build"):
         _with_overrides(data.add_parser(action, help=f"foundation data {action} key=value ..."))
     train = _with_overrides(sub.add_parser(
