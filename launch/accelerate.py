@@ -6,7 +6,6 @@ holding the run's own engine config (one source for ZeRO stage, batch and clippi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -56,8 +55,3 @@ def files(cfg: LauncherConfig, launch_dir: str, engine: dict[str, Any] | None
         texts[DEEPSPEED] = json.dumps(engine, indent=2) + "\n"
     return texts
 
-
-def write(launch_dir: Path, texts: dict[str, str]) -> None:
-    launch_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        (launch_dir / name).write_text(text)

@@ -3,10 +3,9 @@ as every launcher starts it (local, Slurm, Kubernetes).
 
 Two things torchrun alone gets wrong on clusters: a multi-node job whose head address is
 loopback on this (non-head) node forms a world of its own (refused here, before anything
-starts), and
-Slurm's SIGUSR1 warning, sent to every process of the job step, would kill the agent (its
-default action) while the workers are still writing their preemption checkpoint, so the agent
-ignores it and lets the workers (train/preemption.py) act on it.
+starts), and Slurm's SIGUSR1 warning, sent to every process of the job step, would kill the
+agent (its default action) while the workers are still writing their preemption checkpoint,
+so the agent ignores it and lets the workers (train/preemption.py) act on it.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from foundation.choices import Choice
 
 
 class LauncherName(Choice):
-    local = "local"  # torchrun on this machine (one node of a multi-node job with --node-rank)
+    local = "local"  # torchrun on this machine (each node of a multi-node job runs it)
     slurm = "slurm"  # an sbatch script
     k8s = "k8s"  # a Kubeflow PyTorchJob manifest
     accelerate = "accelerate"  # `accelerate launch` with a generated config
@@ -97,6 +97,14 @@ def check_global_batch(global_batch: int, micro_batch: int, grad_accum: int,
             f"launcher.global_batch_size={global_batch}, but data.batch_size={micro_batch} × "
             f"trainer.grad_accum={grad_accum} × {world_size} ranks = {actual} sequences per "
             f"step: set {fix}, or launcher.global_batch_size={actual}")
+
+
+def check_run_batch(cfg, world_size: int) -> None:
+    """``check_global_batch`` for a composed train config (token-budget batches have no
+    fixed sequence count, so nothing to check)."""
+    if not cfg.data.tokens_per_batch:
+        check_global_batch(cfg.launcher.global_batch_size, cfg.data.batch_size,
+                           cfg.trainer.grad_accum, world_size)
 
 
 def check_head_address(address: str, nnodes: int, single_machine: bool = False) -> None:

@@ -18,8 +18,8 @@ from foundation.launch.config import (
     LauncherConfig,
     LauncherName,
     LaunchError,
-    check_global_batch,
     check_head_address,
+    check_run_batch,
 )
 from foundation.launch.torchrun import local_command, run_local
 
@@ -33,9 +33,7 @@ def launcher_config(cfg: DictConfig) -> LauncherConfig:
 
 def check(cfg: DictConfig, launcher: LauncherConfig) -> None:
     """What must hold before any process starts (LaunchError names the fix)."""
-    if not cfg.data.tokens_per_batch:
-        check_global_batch(launcher.global_batch_size, cfg.data.batch_size,
-                           cfg.trainer.grad_accum, launcher.world_size)
+    check_run_batch(cfg, launcher.world_size)
     if launcher.name in (LauncherName.local, LauncherName.accelerate):
         check_head_address(launcher.master_addr, launcher.nnodes, launcher.single_machine)
 
@@ -64,10 +62,14 @@ def _emit(texts: dict[str, str], launch_dir: Path, dry_run: bool, submit) -> int
         for name, text in texts.items():
             print(f"# ---- {launch_dir / name} (not written: --dry-run)\n{text}", end="")
         return 0
+    _write(launch_dir, texts)
+    return submit(launch_dir, texts)
+
+
+def _write(launch_dir: Path, texts: dict[str, str]) -> None:
     launch_dir.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         (launch_dir / name).write_text(text)
-    return submit(launch_dir, texts)
 
 
 def _sbatch(launch_dir: Path, texts: dict[str, str]) -> int:
@@ -106,6 +108,6 @@ def _accelerate(cfg: DictConfig, launcher: LauncherConfig, launch_dir: Path,
         return 0
     if launcher.nnodes > 1:
         command = [w.replace("$NODE_RANK", str(launcher.node_rank)) for w in command]
-    accelerate.write(launch_dir, texts)
+    _write(launch_dir, texts)
     return subprocess.call([str(Path(sys.executable).with_name("accelerate")), *command[1:]])
 

@@ -106,19 +106,10 @@ class FsdpDenseEngine:
 
     # -- state ---------------------------------------------------------------------
     def save(self, directory: str, trained_only: bool = False) -> None:
-        """Nothing of its own: the checkpoint's consolidated dense weights and moments
-        (``consolidated_state_dict``, ``full_optimizer_state``) are this engine's state."""
+        """Nothing of its own (no ``engine/``): the checkpoint's consolidated dense weights and
+        moments (``consolidated_state_dict``, ``full_optimizer_state``) are this engine's
+        state, and restoring loads them (``load_full_state``)."""
         del directory, trained_only
-
-    def load(self, directory: str, trained_only: bool = False) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        del trained_only
-        path = Path(directory).parent
-        self.load_full_state(load_file(str(path / "dense.safetensors")),
-                             load_file(str(path / "dense_optim.safetensors")))
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights of the dense arch on every rank (a collective: all ranks call)."""
@@ -135,8 +126,9 @@ class FsdpDenseEngine:
         for name in trained:
             for key in ADAM_MOMENTS:
                 moment = state.get(name, {}).get(key)
-                out[f"{name}.{key}"] = (torch.zeros_like(self._full_param(name)) if moment is None
-                                        else moment.detach().float().cpu().clone())
+                out[f"{name}.{key}"] = (
+                    torch.zeros(self.module.get_parameter(name).shape) if moment is None
+                    else moment.detach().float().cpu().clone())
         return out
 
     def load_full_state(self, weights: dict[str, torch.Tensor],
@@ -144,7 +136,8 @@ class FsdpDenseEngine:
         """Load consolidated weights and moments saved by either engine on any layout."""
         trained = self._trained_names()
         missing = [n for n in trained if n not in weights]
-        unexpected = sorted(set(weights) - set(self._param_names()) - set(self._buffer_names()))
+        known = {n for n, _ in [*self.module.named_parameters(), *self.module.named_buffers()]}
+        unexpected = sorted(set(weights) - known)
         if missing or unexpected:
             raise KeyError(f"dense state does not fit: missing {missing}, unexpected {unexpected}")
         set_model_state_dict(self.module, weights,
@@ -163,15 +156,5 @@ class FsdpDenseEngine:
     def _units(self) -> list[FSDPModule]:
         return [m for m in self.module.modules() if isinstance(m, FSDPModule)]
 
-    def _param_names(self) -> list[str]:
-        return [n for n, _ in self.module.named_parameters()]
-
-    def _buffer_names(self) -> list[str]:
-        return [n for n, _ in self.module.named_buffers()]
-
     def _trained_names(self) -> list[str]:
         return [n for n, p in self.module.named_parameters() if p.requires_grad]
-
-    def _full_param(self, name: str) -> torch.Tensor:
-        param = self.module.get_parameter(name)
-        return torch.zeros(param.shape, dtype=torch.float32)

@@ -207,7 +207,7 @@ def restore(path: Path, *, sparse: nn.Module, engine, rank: int,
     weights and moments."""
     if (path / "sparse").exists():
         _load_sparse_and_optimizer(path, sparse)
-    if not same_engine:
+    if not same_engine or not (path / "engine").is_dir():  # the other engine's, or FSDP's
         _load_full_dense(path, engine)
     else:
         try:

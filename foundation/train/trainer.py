@@ -21,7 +21,7 @@ from foundation.data.batch import SequenceBatch
 from foundation.distributed.collectives import global_mean_weight
 from foundation.distributed.engine import uses_bf16
 from foundation.distributed.env import DistEnv, init_distributed, seed_everything
-from foundation.launch.config import LaunchError, check_global_batch
+from foundation.launch.config import LaunchError, check_run_batch
 from foundation.metrics.report import write_evaluation
 from foundation.recipes import build_task
 from foundation.telemetry import Telemetry, describe
@@ -181,12 +181,8 @@ class Trainer:
 
     def check_global_batch(self) -> None:
         """The launcher's promise (launcher.global_batch_size) against the world that started."""
-        cfg = self.cfg
-        if cfg.data.tokens_per_batch:
-            return
         try:
-            check_global_batch(cfg.launcher.global_batch_size, cfg.data.batch_size,
-                               cfg.trainer.grad_accum, self.env.world_size)
+            check_run_batch(self.cfg, self.env.world_size)
         except LaunchError as err:
             raise ConfigError(str(err)) from None
 
