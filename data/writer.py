@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +58,7 @@ SPLIT_KINDS = ("member", "leave_one_out", "time")
 # Files whose published numbers all use leave-one-out default to it.
 FORMAT_SPLITS = {"unisrec": "leave_one_out", "sasrec_txt": "leave_one_out"}
 LOO_MIN_EVENTS = 3  # leave_one_out: shorter members go to train only, whole (as SASRec does)
+NO_CUT = int(np.iinfo(np.int64).max)  # a time cut past every event
 
 
 class SplitKind(Choice):
@@ -155,21 +156,35 @@ def plan_splits(bounds: np.ndarray, timestamp: np.ndarray, cfg: BuildConfig) -> 
     exists if that event is at or after ``val_start``; test holds all and exists if the last
     event is at or after ``test_start``. Val/test samples need ≥ 2 events (target + history).
     """
+    if cfg.split != "time":
+        return plan_by_counts(bounds, cfg)
+    cuts = configured_cuts(cfg) or tuple(_time_cut(np.sort(timestamp), index) for index in
+                                          cut_indices(len(timestamp), cfg))
+    row_member = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    before = tuple(np.bincount(row_member, timestamp < cut, len(bounds) - 1).astype(np.int64)
+                   for cut in cuts)  # each member's events before the cut
+    return plan_by_time(bounds, before, cuts, cfg)
+
+
+def plan_by_counts(bounds: np.ndarray, cfg: BuildConfig) -> tuple[Plan, dict[str, Any]]:
+    """``plan_splits`` for the member and leave-one-out splits: only event counts matter."""
     starts, ends = bounds[:-1], bounds[1:]
     if cfg.split == "member":
         plan = {k: np.sort(v) for k, v in assign_splits(len(starts), cfg).items()}
         return ({k: (v, ends[v]) for k, v in plan.items()},
                 {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction})
-    if cfg.split == "leave_one_out":
-        everyone, long = np.arange(len(starts)), np.flatnonzero(ends - starts >= LOO_MIN_EVENTS)
-        train_end = ends.copy()
-        train_end[long] -= 2
-        return ({"train": (everyone, train_end), "val": (long, ends[long] - 1),
-                 "test": (long, ends[long])}, {"short_members": len(starts) - len(long)})
-    val_start, test_start = _time_cuts(timestamp, cfg)
-    row_member = np.repeat(np.arange(len(starts)), ends - starts)
-    before_val, before_test = (np.bincount(row_member, timestamp < cut, len(starts)).astype(np.int64)
-                               for cut in (val_start, test_start))  # events before the cut
+    everyone, long = np.arange(len(starts)), np.flatnonzero(ends - starts >= LOO_MIN_EVENTS)
+    train_end = ends.copy()
+    train_end[long] -= 2
+    return ({"train": (everyone, train_end), "val": (long, ends[long] - 1),
+             "test": (long, ends[long])}, {"short_members": len(starts) - len(long)})
+
+
+def plan_by_time(bounds: np.ndarray, before: tuple[np.ndarray, np.ndarray], cuts: tuple[int, int],
+                 cfg: BuildConfig) -> tuple[Plan, dict[str, Any]]:
+    """``plan_splits`` for the time split, from each member's event counts before the cuts."""
+    starts, ends = bounds[:-1], bounds[1:]
+    (before_val, before_test), (val_start, test_start) = before, cuts
     # val/test samples need a target past the cut and at least one event before it
     train, val = np.flatnonzero(before_val > 0), np.flatnonzero((before_test > before_val) & (before_test >= 2))
     test = np.flatnonzero((ends - starts > before_test) & (ends - starts >= 2))
@@ -180,22 +195,27 @@ def plan_splits(bounds: np.ndarray, timestamp: np.ndarray, cfg: BuildConfig) -> 
              "cuts": "given" if cfg.val_start is not None else "fractions"})
 
 
-def _time_cuts(timestamp: np.ndarray, cfg: BuildConfig) -> tuple[int, int]:
-    """``(val_start, test_start)`` of a time split: the configured ones, or by fractions."""
+def configured_cuts(cfg: BuildConfig) -> tuple[int, int] | None:
+    """``(val_start, test_start)`` of a time split when given, else None (cut by fractions)."""
     if (cfg.val_start is None) != (cfg.test_start is None):
         raise ValueError("split=time: give both val_start and test_start, or neither (then "
                          "val_fraction and test_fraction place the cuts)")
     if cfg.val_start is None:
         _check_fractions(cfg)
-        ordered = np.sort(timestamp)
-        return (_time_cut(ordered, cfg.val_fraction + cfg.test_fraction),
-                _time_cut(ordered, cfg.test_fraction))
+        return None
     val_start, test_start = _unix_seconds("val_start", cfg.val_start), _unix_seconds(
         "test_start", cfg.test_start)
     if val_start > test_start:
         raise ValueError(f"split=time: val_start={cfg.val_start} is after "
                          f"test_start={cfg.test_start}")
     return val_start, test_start
+
+
+def cut_indices(num_events: int, cfg: BuildConfig) -> tuple[int, int]:
+    """Where, in time order, the last ``val_fraction + test_fraction`` and the last
+    ``test_fraction`` of the events start (``num_events``: none)."""
+    return tuple(num_events - int(round(num_events * fraction))
+                 for fraction in (cfg.val_fraction + cfg.test_fraction, cfg.test_fraction))
 
 
 def _unix_seconds(key: str, value: str | int) -> int:
@@ -212,10 +232,9 @@ def _unix_seconds(key: str, value: str | int) -> int:
     return int(moment.timestamp())
 
 
-def _time_cut(ordered: np.ndarray, fraction: float) -> int:
-    """The time from which the last ``fraction`` of the events lie (int64 max: none)."""
-    k = len(ordered) - int(round(len(ordered) * fraction))
-    return int(ordered[k]) if k < len(ordered) else int(np.iinfo(np.int64).max)
+def _time_cut(ordered: np.ndarray, index: int) -> int:
+    """The time of event ``index`` in time order (int64 max past the end: nothing is cut)."""
+    return int(ordered[index]) if index < len(ordered) else NO_CUT
 
 
 def _group(member_id: np.ndarray, timestamp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -227,6 +246,21 @@ def _group(member_id: np.ndarray, timestamp: np.ndarray) -> tuple[np.ndarray, np
 
 def _tail(start: int, end: int, max_history: int | None) -> slice:
     return slice(max(start, end - max_history) if max_history else start, end)
+
+
+@dataclass
+class ItemIds:
+    """The item vocabulary: sorted raw ids, contiguous id ``i + 1`` for ``raw_items[i]`` (0 pads)."""
+
+    raw_items: np.ndarray
+
+    @property
+    def count(self) -> int:
+        """The vocab size, padding included."""
+        return len(self.raw_items) + 1
+
+    def remap(self, raw_ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.raw_items, raw_ids).astype(np.int64) + 1
 
 
 class _Tables:
@@ -245,25 +279,22 @@ class _Tables:
         raw += [table["item_id"] for table in (searches, sends) if table]
         if cat is not None:
             raw.append(cat.column("item_id").to_numpy().astype(np.int64))
-        self.raw_items = np.unique(np.concatenate(raw))  # sorted raw ids: order-independent vocab
+        self.items = ItemIds(np.unique(np.concatenate(raw)))  # sorted: order-independent vocab
         self.catalogue = cat
         order, self.members, self.bounds = _group(ev["member_id"], ev["timestamp"])
         self.events = {k: v[order] for k, v in ev.items() if k != "member_id"}
-        self.events["item"] = self.remap(self.events.pop("item_id"))
+        self.events["item"] = self.items.remap(self.events.pop("item_id"))
         self.impressions = self._per_member(imp, ("label",)) if imp else {}
         self.searches = self._per_member(searches, ("query",)) if searches else {}
         self.sends = self._per_member(sends, tuple(set(sends) - {"member_id", "item_id",
                                                                   "timestamp"})) if sends else {}
-
-    def remap(self, raw_ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.raw_items, raw_ids).astype(np.int64) + 1
 
     def _per_member(self, table: dict[str, np.ndarray], columns: tuple[str, ...]
                     ) -> dict[int, dict[str, np.ndarray]]:
         """Impressions (label), searches (query) or sends (sent, outcome[, uplift]) of each
         member, in time order, items remapped."""
         order, members, bounds = _group(table["member_id"], table["timestamp"])
-        values = {"item": self.remap(table["item_id"][order]), "timestamp": table["timestamp"][order],
+        values = {"item": self.items.remap(table["item_id"][order]), "timestamp": table["timestamp"][order],
                   **{name: table[name][order] for name in sorted(columns)}}
         return {member: {name: v[bounds[i]:bounds[i + 1]] for name, v in values.items()}
                 for i, member in enumerate(members.tolist())}
@@ -273,15 +304,8 @@ class _Tables:
         """The tar entries of member ``index`` (its sample id) up to row ``end``, and how many
         events they hold; ``drop`` (per item id) removes those items' events."""
         member = int(self.members[index])
-        rows = np.arange(int(self.bounds[index]), end)[_tail(0, end - int(self.bounds[index]),
-                                                             max_history)]
-        if drop is not None:
-            rows = rows[~drop[self.events["item"][rows]]]
-        seq = {k: self.events[k][rows] for k in self.stored}
-        out: dict[str, Any] = {"__key__": f"m{member:09d}".replace("-", "n"),
-                               "seq.npz": encode_npz(seq),
-                               "meta.json": json.dumps({"member_id": member, "sample_id": index},
-                                                       sort_keys=True).encode()}
+        rows = sample_rows(int(self.bounds[index]), end, max_history, self.events["item"], drop)
+        out = sample_entries(member, index, {k: self.events[k][rows] for k in self.stored})
         if member in self.impressions:
             out["imp.npz"] = encode_npz(self.impressions[member])
         if member in self.searches:
@@ -301,45 +325,68 @@ class _Tables:
         return np.cumsum(delta[:-1])
 
 
-def _without_removed_targets(tables: _Tables, samples: tuple[np.ndarray, np.ndarray],
-                             removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The samples whose target (last event) is not a removed item. Cut short instead, a
-    sample's target would become an earlier event, which training may hold (leave-one-out
-    and time splits share members), and validation would reward memorising it."""
+def sample_rows(start: int, end: int, max_history: int | None, item: np.ndarray,
+                drop: np.ndarray | None) -> np.ndarray:
+    """The event rows of the sample ``start:end``: its last ``max_history``, less the events
+    of items ``drop`` marks (per item id)."""
+    rows = np.arange(start, end)[_tail(0, end - start, max_history)]
+    return rows if drop is None else rows[~drop[item[rows]]]
+
+
+def sample_entries(member: int, index: int, seq: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The tar entries of a sample: its events (``seq``) and which member it is."""
+    return {"__key__": f"m{member:09d}".replace("-", "n"), "seq.npz": encode_npz(seq),
+            "meta.json": json.dumps({"member_id": member, "sample_id": index},
+                                    sort_keys=True).encode()}
+
+
+def without_removed_targets(samples: tuple[np.ndarray, np.ndarray], targets: np.ndarray,
+                            removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The samples whose target (last event's item, ``targets``) is not a removed item. Cut
+    short instead, a sample's target would become an earlier event, which training may hold
+    (leave-one-out and time splits share members), and validation would reward memorising it."""
     members, ends = samples
-    keep = ~removed[tables.events["item"][ends - 1]] if len(ends) else np.ones(0, bool)
+    keep = ~removed[targets] if len(ends) else np.ones(0, bool)
     return members[keep], ends[keep]
 
 
-def _chunks(indices: np.ndarray, num_shards: int) -> Iterator[np.ndarray]:
-    """Balanced contiguous chunks: shard sizes differ by at most one sample."""
-    n = len(indices)
-    for i in range(num_shards):
-        yield indices[i * n // num_shards:(i + 1) * n // num_shards]
+def chunk_bounds(num_samples: int, num_shards: int) -> np.ndarray:
+    """Balanced contiguous chunks: shard ``i`` holds samples ``bounds[i]:bounds[i + 1]``, shard
+    sizes differ by at most one sample."""
+    return np.arange(num_shards + 1) * num_samples // max(num_shards, 1)
+
+
+def write_shard(root: Path, rel: str, samples: Iterable[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+    """Write ``samples`` ((entries, events held) each; those holding none are left out) to the
+    tar ``root/rel``; its manifest entry."""
+    events = written = 0
+    # An int mtime: a float one gets a pax header per member, twice the tar to parse.
+    with wds.TarWriter(str(root / rel), encoder=False, mtime=0) as sink:
+        for entries, held in samples:
+            if held == 0:  # every event was a removed (cold) item
+                continue
+            sink.write(entries)
+            events, written = events + held, written + 1
+    return {"path": rel, "samples": written, "events": events, "sha256": sha256(root / rel)}
 
 
 def _write_split(tables: _Tables, split: str, samples: tuple[np.ndarray, np.ndarray],
                  cfg: BuildConfig, bar: tqdm, drop: np.ndarray | None) -> list[dict[str, Any]]:
-    root = Path(cfg.output)
-    (root / split).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output) / split).mkdir(parents=True, exist_ok=True)
     members, ends = samples
-    count = split_shard_count(split, len(members), cfg.shards_per_split)
-    shards = []
-    for i, chunk in enumerate(_chunks(np.arange(len(members)), count)):
-        rel = f"{split}/shard-{i:06d}.tar"
-        events = written = 0
-        # An int mtime: a float one gets a pax header per member, twice the tar to parse.
-        with wds.TarWriter(str(root / rel), encoder=False, mtime=0) as sink:
-            for index, end in zip(members[chunk].tolist(), ends[chunk].tolist()):
-                entries, held = tables.sample(index, end, cfg.max_history, drop)
-                bar.update(1)
-                if held == 0:  # every event was a removed (cold) item
-                    continue
-                sink.write(entries)
-                events, written = events + held, written + 1
-        shards.append({"path": rel, "samples": written, "events": events,
-                       "sha256": sha256(root / rel)})
-    return shards
+
+    def chunk(lo: int, hi: int) -> Iterator[tuple[dict[str, Any], int]]:
+        for index, end in zip(members[lo:hi].tolist(), ends[lo:hi].tolist()):
+            bar.update(1)
+            yield tables.sample(index, end, cfg.max_history, drop)
+
+    bounds = chunk_bounds(len(members), split_shard_count(split, len(members), cfg.shards_per_split))
+    return [write_shard(Path(cfg.output), shard_path(split, i), chunk(lo, hi))
+            for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist()))]
+
+
+def shard_path(split: str, index: int) -> str:
+    return f"{split}/shard-{index:06d}.tar"
 
 
 def _clean(root: Path) -> None:
@@ -353,18 +400,17 @@ def _clean(root: Path) -> None:
             old.unlink()
 
 
-def _write_catalogue(tables: _Tables, root: Path) -> str | None:
-    if tables.catalogue is None:
+def _write_catalogue(items: ItemIds, catalogue: pa.Table | None, root: Path) -> str | None:
+    if catalogue is None:
         return None
-    cat = tables.catalogue
-    new_ids = tables.remap(cat.column("item_id").to_numpy().astype(np.int64))
-    cat = cat.set_column(cat.column_names.index("item_id"), "item_id", pa.array(new_ids))
+    new_ids = items.remap(catalogue.column("item_id").to_numpy().astype(np.int64))
+    cat = catalogue.set_column(catalogue.column_names.index("item_id"), "item_id", pa.array(new_ids))
     pq.write_table(cat.take(pc.sort_indices(cat, [("item_id", "ascending")])),
                    root / "catalogue.parquet")
     return "catalogue.parquet"
 
 
-def _write_item_attributes(tables: _Tables, path: str, root: Path) -> int:
+def _write_item_attributes(items: ItemIds, path: str, root: Path) -> int:
     """``item_attributes.npz``: row i (contiguous item id, 0 = padding) holds the item's
     attribute ids ``values[offsets[i]:offsets[i + 1]]``, remapped to 1..A (0 = padding);
     ``attribute_ids`` maps them back to the raw ids. Items absent from the source are ignored,
@@ -372,13 +418,13 @@ def _write_item_attributes(tables: _Tables, path: str, root: Path) -> int:
     raw_items, lengths, raw_values = read_item_attributes(path)
     if len(np.unique(raw_items)) < len(raw_items):
         raise ValueError(f"{path} lists an item id twice (e.g. as \"7\" and \"07\")")
-    known = np.isin(raw_items, tables.raw_items)
-    item = np.repeat(tables.remap(raw_items[known]), lengths[known])
+    known = np.isin(raw_items, items.raw_items)
+    item = np.repeat(items.remap(raw_items[known]), lengths[known])
     raw_values = raw_values[np.repeat(known, lengths)]
     attribute_ids = np.unique(raw_values)
     order = np.argsort(item, kind="stable")  # rows by item id, each row in its file order
     values = (np.searchsorted(attribute_ids, raw_values) + 1)[order].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(item, minlength=len(tables.raw_items) + 1))])
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(item, minlength=items.count))])
     (root / "item_attributes.npz").write_bytes(encode_npz({
         "values": values, "offsets": offsets.astype(np.int64),
         "attribute_ids": np.concatenate([[-1], attribute_ids]).astype(np.int64)}))
@@ -387,6 +433,41 @@ def _write_item_attributes(tables: _Tables, path: str, root: Path) -> int:
 
 def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     """Read the source, write shards, item tables and (last) the manifest; return the manifest."""
+    cfg, schema, root = start_build(cfg)
+    tables = _Tables(cfg, schema)
+    plan, split_info = plan_splits(tables.bounds, tables.events["timestamp"], cfg)
+    item_files = write_item_files(root, cfg, tables.items, tables.catalogue)
+    items = write_item_shards(root, tables.content, tables.items.remap, tables.skipped_media)
+    events, removed = tables.events["item"], item_files.removed
+    plan["val"] = without_removed_targets(plan["val"], events[plan["val"][1] - 1], removed["val"])
+    manifest_splits = {}
+    total = sum(len(members) for members, _ in plan.values())
+    with tqdm(total=total, desc="shards", unit="sample", disable=not progress) as bar:
+        for split in SPLITS:
+            manifest_splits[split] = split_entry(_write_split(tables, split, plan[split], cfg, bar,
+                                                              removed.get(split)))
+    held = {split: tables.held(plan[split], cfg.max_history) for split in SPLITS}
+    for split, dropped in removed.items():  # these items' events left its samples
+        held[split] = held[split] * ~dropped[events]
+    num_items = tables.items.count
+    np.save(root / "item_counts.npy", np.bincount(events[held["train"] > 0], minlength=num_items).astype(np.int64))
+    np.save(root / "item_counts_all.npy", np.bincount(events, minlength=num_items).astype(np.int64))
+    return write_manifest(root, cfg, schema, item_files, {
+        "created_by": "foundation.data.writer.build_shards",
+        "split_info": split_info, "schema": sample_schema(tables.stored),
+        "splits": manifest_splits,
+        "items": items,  # item content shards (None without content)
+        "totals": {"members": len(tables.members),
+                   "events": int((sum(held.values()) > 0).sum()),  # distinct events stored
+                   "impressions": int(sum(len(v["item"]) for v in tables.impressions.values())),
+                   "searches": int(sum(len(v["item"]) for v in tables.searches.values())),
+                   "sends": int(sum(len(v["item"]) for v in tables.sends.values())),
+                   "items": num_items - 1}})
+
+
+def start_build(cfg: BuildConfig) -> tuple[BuildConfig, EventSchema, Path]:
+    """Check the config (the split it resolves to, the event features), then clear the output
+    of an older build; the resolved config, the schema and the output directory."""
     if not cfg.output or cfg.output == MISSING:
         raise ValueError("no output directory: pass output=DIR")
     if cfg.split == "auto":
@@ -402,59 +483,64 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     _clean(root)
-    tables = _Tables(cfg, schema)
-    plan, split_info = plan_splits(tables.bounds, tables.events["timestamp"], cfg)
-    num_items = len(tables.raw_items) + 1
-    np.save(root / "item_ids.npy", np.concatenate([[-1], tables.raw_items]).astype(np.int64))
-    vocab = {"item": num_items, **schema.sizes}
+    return cfg, schema, root
+
+
+@dataclass
+class ItemFiles:
+    """What ``write_item_files`` wrote: the vocab sizes, the cold items and each split's
+    removed items (per item id), and the manifest's file entries."""
+
+    vocab: dict[str, int]
+    cold: np.ndarray
+    val_cold: np.ndarray
+    removed: dict[str, np.ndarray]
+    files: dict[str, str | None]
+
+
+def write_item_files(root: Path, cfg: BuildConfig, items: ItemIds, catalogue: pa.Table | None
+                     ) -> ItemFiles:
+    """The item tables: ids, attributes, catalogue and the (seeded) cold items."""
+    np.save(root / "item_ids.npy", np.concatenate([[-1], items.raw_items]).astype(np.int64))
+    vocab = {"item": items.count, **EventSchema(cfg.features).sizes}
     if cfg.source.item_attributes_path:
-        vocab["attribute"] = _write_item_attributes(tables, cfg.source.item_attributes_path, root)
-    items = write_item_shards(root, tables.content, tables.remap, tables.skipped_media)
-    cold, val_cold = choose_cold_items(num_items, cfg.cold_items, cfg.cold_seed,
+        vocab["attribute"] = _write_item_attributes(items, cfg.source.item_attributes_path, root)
+    cold, val_cold = choose_cold_items(items.count, cfg.cold_items, cfg.cold_seed,
                                        cfg.cold_val_items)
     np.save(root / "cold_items.npy", np.flatnonzero(cold).astype(np.int64))
     np.save(root / "cold_val_items.npy", np.flatnonzero(val_cold).astype(np.int64))
-    removed = {"train": cold | val_cold, "val": cold}  # test samples keep every item
-    plan["val"] = _without_removed_targets(tables, plan["val"], removed["val"])
-    manifest_splits = {}
-    total = sum(len(members) for members, _ in plan.values())
-    with tqdm(total=total, desc="shards", unit="sample", disable=not progress) as bar:
-        for split in SPLITS:
-            shards = _write_split(tables, split, plan[split], cfg, bar, removed.get(split))
-            manifest_splits[split] = {"shards": shards, "samples": sum(s["samples"] for s in shards),
-                                      "events": sum(s["events"] for s in shards)}
-    events = tables.events["item"]
-    held = {split: tables.held(plan[split], cfg.max_history) for split in SPLITS}
-    for split, dropped in removed.items():  # these items' events left its samples
-        held[split] = held[split] * ~dropped[events]
-    np.save(root / "item_counts.npy", np.bincount(events[held["train"] > 0], minlength=num_items).astype(np.int64))
-    np.save(root / "item_counts_all.npy", np.bincount(events, minlength=num_items).astype(np.int64))
+    files = {"item_ids": "item_ids.npy", "item_counts": "item_counts.npy",
+             "item_counts_all": "item_counts_all.npy",
+             "item_attributes": "item_attributes.npz" if "attribute" in vocab else None,
+             "cold_items": "cold_items.npy", "cold_val_items": "cold_val_items.npy",
+             "catalogue": _write_catalogue(items, catalogue, root)}
+    return ItemFiles(vocab, cold, val_cold, {"train": cold | val_cold, "val": cold}, files)
+
+
+def split_entry(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """A split's manifest entry: its shards and their totals."""
+    return {"shards": shards, "samples": sum(s["samples"] for s in shards),
+            "events": sum(s["events"] for s in shards)}
+
+
+def write_manifest(root: Path, cfg: BuildConfig, schema: EventSchema, item_files: ItemFiles,
+                   built: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest atomically, last (a build is complete iff it exists); return it.
+    ``built`` holds what the builder measured: created_by, split_info, schema, splits, items,
+    totals."""
     manifest = {
         "format_version": FORMAT_VERSION,
-        "created_by": "foundation.data.writer.build_shards",
         "source": {"format": cfg.source.format, "path": str(cfg.source.path)},
         "seed": cfg.seed,
-        "split": cfg.split, "split_info": split_info,
-        "schema": sample_schema(tables.stored),
-        "vocab": vocab,
+        "split": cfg.split,
+        "vocab": item_files.vocab,
         "features": schema.to_manifest(),
-        "splits": manifest_splits,
-        "items": items,  # item content shards (None without content)
         "cold_items": {"fraction": cfg.cold_items, "seed": cfg.cold_seed,
-                       "count": int(cold.sum()), "removed_from": ["train", "val"]},
-        "cold_val_items": {"fraction": cfg.cold_val_items, "count": int(val_cold.sum()),
+                       "count": int(item_files.cold.sum()), "removed_from": ["train", "val"]},
+        "cold_val_items": {"fraction": cfg.cold_val_items, "count": int(item_files.val_cold.sum()),
                            "removed_from": ["train"]},
-        "totals": {"members": len(tables.members),
-                   "events": int((sum(held.values()) > 0).sum()),  # distinct events stored
-                   "impressions": int(sum(len(v["item"]) for v in tables.impressions.values())),
-                   "searches": int(sum(len(v["item"]) for v in tables.searches.values())),
-                   "sends": int(sum(len(v["item"]) for v in tables.sends.values())),
-                   "items": num_items - 1},
-        "files": {"item_ids": "item_ids.npy", "item_counts": "item_counts.npy",
-                  "item_counts_all": "item_counts_all.npy",
-                  "item_attributes": "item_attributes.npz" if "attribute" in vocab else None,
-                  "cold_items": "cold_items.npy", "cold_val_items": "cold_val_items.npy",
-                  "catalogue": _write_catalogue(tables, root)},
+        "files": item_files.files,
+        **built,
     }
     tmp = root / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
