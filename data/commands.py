@@ -9,8 +9,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from foundation.data.configs import BuildCommandConfig, SynthCommandConfig
+from foundation.data.ray_build import build_shards_ray
 from foundation.data.synthetic import synthesize
-from foundation.data.writer import BuildConfig, build_shards
+from foundation.data.writer import BuildConfig, BuildEngine, build_shards
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def run_synth(cfg: DictConfig | SynthCommandConfig) -> int:
 def run_build(cfg: DictConfig | BuildCommandConfig) -> int:
     cmd: BuildCommandConfig = _typed(cfg, BuildCommandConfig)
     fields = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(BuildConfig)}
-    manifest = build_shards(BuildConfig(**fields), progress=cmd.progress)
+    build = build_shards_ray if cmd.engine == BuildEngine.ray else build_shards
+    manifest = build(BuildConfig(**fields), progress=cmd.progress)
     log.info(_summary("built", cmd.output, manifest))
     return 0

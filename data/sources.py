@@ -60,8 +60,19 @@ class SourceConfig:
     item_media_dir: str | None = None  # ITEM_ID.jpg|png (images), ITEM_ID.wav|flac (audio)
 
 
+def parquet_files(path: Path) -> list[Path]:
+    """A parquet file, or a directory's ``*.parquet`` files in name order (its rows in order)."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no *.parquet files: pass the event table's file "
+                                "or a directory of its parquet parts as source.path")
+    return files
+
+
 def read_parquet(path: Path) -> pa.Table:
-    return pq.read_table(path)
+    return pa.concat_tables([pq.read_table(file) for file in parquet_files(path)])
 
 
 def read_csv(path: Path) -> pa.Table:
@@ -200,6 +211,7 @@ READERS: dict[str, Callable[[Path], pa.Table]] = {
     "unisrec": read_unisrec,
 }
 DIRECTORY_FORMATS = ("unisrec",)  # formats whose source.path is a directory
+PARTED_FORMATS = ("parquet",)  # formats whose source.path may also be a directory of parts
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
                   ".json": "jsonl"}
 
@@ -214,7 +226,7 @@ def read_table(path: str | Path, fmt: str | None = None) -> pa.Table:
     if fmt in DIRECTORY_FORMATS and not path.is_dir():
         raise FileNotFoundError(f"source.format={fmt} reads a dataset directory; {path} is not "
                                 f"one (pass source.path=/path/to/dataset_dir)")
-    if fmt not in DIRECTORY_FORMATS and not path.is_file():
+    if fmt not in DIRECTORY_FORMATS and not (path.is_file() or fmt in PARTED_FORMATS and path.is_dir()):
         raise FileNotFoundError(f"source file {path} does not exist: pass the event table as "
                                 f"source.path=/path/to/events.{fmt}")
     return READERS[fmt](path)
@@ -242,7 +254,12 @@ def read_events(source: SourceConfig, schema: EventSchema) -> dict[str, np.ndarr
     """Events as int64 columns member_id, item_id, timestamp and one per stored feature of
     ``schema`` (its ids; a feature whose column the file lacks gets its default)."""
     path = Path(source.path)
-    table = read_table(path, source.format)
+    return events_from_table(read_table(path, source.format), source, schema, path)
+
+
+def events_from_table(table: pa.Table, source: SourceConfig, schema: EventSchema,
+                      path: Path) -> dict[str, np.ndarray]:
+    """``read_events`` of rows already read (``path`` names them in errors)."""
     fields = (*EVENT_COLUMNS, *schema.stored)
     columns = {k: v for k, v in dict(source.columns).items() if v != k}  # the renamed ones
     unknown = set(columns) - set(fields)

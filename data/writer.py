@@ -68,10 +68,33 @@ class SplitKind(Choice):
     time = "time"
 
 
+class BuildEngine(Choice):
+    local = "local"  # this process (build_shards)
+    ray = "ray"  # Ray Data tasks on a local Ray or a cluster (data/ray_build.py): same bytes
+
+
+class RayShuffle(Choice):
+    sort = "sort"  # Ray's sort-based (pull) shuffle: tasks only, quick to start
+    hash = "hash"  # Ray's hash shuffle: aggregator actors, for the largest tables
+
+
+@dataclass
+class RayConfig:
+    """``engine=ray``: where the tasks run. Workers write the shards themselves, so on a
+    cluster ``output`` must be a directory every node sees (a shared file system)."""
+
+    address: str | None = None  # None: a Ray on this machine; "auto" or ray://HEAD:10001: a cluster
+    num_cpus: int | None = None  # the local Ray's CPUs (None: all of them)
+    partitions: int | None = None  # of each group-by shuffle (None: Ray's default, 200)
+    shuffle: RayShuffle = RayShuffle.sort
+
+
 @dataclass
 class BuildConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     output: str = MISSING
+    engine: BuildEngine = BuildEngine.local
+    ray: RayConfig = field(default_factory=RayConfig)
     split: SplitKind = SplitKind.auto  # see plan_splits
     seed: int = 0  # member split
     val_fraction: float = 0.1  # of the members (split=member) or of the events (split=time)

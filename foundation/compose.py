@@ -55,8 +55,13 @@ def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Di
             "- " + problem.replace("\n", "\n  ") for problem in problems)) from None
 
 
+# Config groups of one command only (a group named like another command's, e.g. engine)
+COMMAND_SEARCH_PATHS = {"data_build": ["pkg://foundation.data.build_configs"]}
+
+
 def _compose(config_name: str, overrides: list[str] | tuple[str, ...]) -> DictConfig:
-    dirs = [f"file://{d.resolve()}" for d in recipe_dirs()]  # the user's recipe YAMLs
+    dirs = [*COMMAND_SEARCH_PATHS.get(config_name, []),
+            *(f"file://{d.resolve()}" for d in recipe_dirs())]  # the user's recipe YAMLs
     search = [f"hydra.searchpath=[{','.join(dirs)}]"] if dirs else []
     GlobalHydra.instance().clear()
     try:
@@ -89,7 +94,8 @@ def _explain(err: Exception) -> str:
         cause = cause.__cause__
     seen, lines = set(), []
     for line in (ln.strip() for ln in text.splitlines()):
-        if line and line not in seen and not line.startswith(("object_type", "reference_type")):
+        if line and line not in seen and not line.startswith(
+                ("object_type", "reference_type", "Config search path", "provider=")):
             seen.add(line)
             lines.append(line)
     return "\n".join(lines)
