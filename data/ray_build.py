@@ -70,8 +70,9 @@ def build_shards_ray(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]
     _check_source(cfg.source)
     cfg, schema, root = start_build(cfg)
     stored = ("item", "timestamp", *schema.stored)
+    groups = _row_groups(cfg.source)  # a missing or corrupt part fails before Ray starts
     with ray_session(cfg.ray, progress):
-        events = _read_events(cfg.source, schema)
+        events = _read_events(groups, cfg.source, schema)
         catalogue = read_table(cfg.source.catalogue_path) if cfg.source.catalogue_path else None
         items, counts_all = _item_counts(events, catalogue, cfg.ray.partitions)
         cuts = (configured_cuts(cfg) or _time_cuts(events, cfg)) if cfg.split == "time" else None
@@ -157,20 +158,30 @@ def _collect(dataset: Any) -> pa.Table:
     return pa.concat_tables(tables) if tables else dataset.schema().base_schema.empty_table()
 
 
-def _read_events(source: SourceConfig, schema: EventSchema) -> Any:
-    """The events as a dataset of int64 columns (``read_events``'s) and ``ROW``, one read
-    task per parquet row group."""
-    import ray.data
-
+def _row_groups(source: SourceConfig) -> list[dict[str, Any]]:
+    """The event table's parquet row groups (read on the driver, from the footers): file,
+    index and the table row each starts at."""
     groups, offset = [], 0
     for file in parquet_files(Path(source.path)):
         if not file.is_file():
             raise FileNotFoundError(f"source file {file} does not exist: pass the event table "
                                     "as source.path=/path/to/events.parquet (or a directory)")
-        metadata = pq.ParquetFile(file).metadata
+        try:
+            metadata = pq.ParquetFile(file).metadata
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{file} is not a readable parquet file ({err}): rewrite or "
+                             "remove it from source.path") from None
         for index in range(metadata.num_row_groups):
             groups.append({"path": str(file), "row_group": index, "offset": offset})
             offset += metadata.row_group(index).num_rows
+    return groups
+
+
+def _read_events(groups: list[dict[str, Any]], source: SourceConfig, schema: EventSchema) -> Any:
+    """The events as a dataset of int64 columns (``read_events``'s) and ``ROW``, one read
+    task per parquet row group."""
+    import ray.data
+
     return ray.data.from_items(groups).map_batches(
         _read_row_groups, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"source": source, "schema": schema})

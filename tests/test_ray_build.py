@@ -4,6 +4,7 @@ writer's shards, item tables and manifest byte for byte."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,17 @@ def test_a_members_samples_do_not_depend_on_the_order_its_events_arrive_in():
     assert samples.num_rows == 1 and samples.column("held")[0].as_py() == count - 1
     for _ in range(3):
         assert _member_samples(group.take(rng.permutation(count)), **kwargs).equals(samples)
+
+
+def test_a_corrupt_part_or_a_missing_ray_is_named_with_the_fix(tmp_path, monkeypatch):
+    parts = tmp_path / "events"
+    parts.mkdir()
+    pq.write_table(pa.table({"member_id": [1], "item_id": [2], "timestamp": [3]}), parts / "a.parquet")
+    (parts / "b.parquet").write_bytes(b"not parquet")
+    cfg = BuildConfig(source=SourceConfig(path=str(parts)), output=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="b.parquet is not a readable parquet file"):
+        build_shards_ray(cfg)  # on the driver, before Ray starts
+    (parts / "b.parquet").unlink()
+    monkeypatch.setitem(sys.modules, "ray", None)  # as where the extra is not installed
+    with pytest.raises(ImportError, match=r"pip install 'foundation\[ray\]'.*engine=local"):
+        build_shards_ray(cfg)
