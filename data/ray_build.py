@@ -37,6 +37,7 @@ from foundation.data.writer import (
     SPLITS,
     BuildConfig,
     ItemIds,
+    Plan,
     RayConfig,
     RayShuffle,
     chunk_bounds,
@@ -57,8 +58,6 @@ from foundation.data.writer import (
     write_shard,
 )
 
-log = logging.getLogger(__name__)
-
 # Sources only the single-process writer reads (they are per member or per item, joined there).
 LOCAL_ONLY_SOURCES = ("impressions_path", "searches_path", "sends_path", "item_text_path",
                       "item_vectors_path", "item_media_dir")
@@ -75,39 +74,55 @@ def build_shards_ray(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]
         events = _read_events(groups, cfg.source, schema)
         catalogue = read_table(cfg.source.catalogue_path) if cfg.source.catalogue_path else None
         items, counts_all = _item_counts(events, catalogue, cfg.ray.partitions)
-        cuts = (configured_cuts(cfg) or _time_cuts(events, cfg)) if cfg.split == "time" else None
-        members = _member_summaries(events, cfg, cuts)
-        bounds = np.concatenate([[0], np.cumsum(members["count"])])
-        plan, split_info = (plan_by_counts(bounds, cfg) if cuts is None else plan_by_time(
-            bounds, (members["before_val"], members["before_test"]), cuts, cfg))
+        members, bounds, plan, split_info = _plan(events, cfg)
         item_files = write_item_files(root, cfg, items, catalogue)
-        removed = item_files.removed
         val_targets = items.remap(members["val_target"][plan["val"][0]])
-        plan["val"] = without_removed_targets(plan["val"], val_targets, removed["val"])
+        plan["val"] = without_removed_targets(plan["val"], val_targets, item_files.removed["val"])
         layout = _layout(plan, bounds, cfg)
-        for split in SPLITS:
-            (root / split).mkdir(parents=True, exist_ok=True)
-        samples = events.groupby("member_id", num_partitions=cfg.ray.partitions).map_groups(
-            _member_samples, batch_format="pyarrow", fn_kwargs={
-                "members": members["member_id"], "layout": layout, "raw_items": items.raw_items,
-                "stored": stored, "max_history": cfg.max_history, "removed": removed})
-        written = _collect(samples.groupby(["split", "shard"], num_partitions=cfg.ray.partitions)
-                           .map_groups(_write_shard, batch_format="pyarrow",
-                                       fn_kwargs={"root": str(root)}))
-    shards = _split_entries(written, layout)
-    counts = np.zeros(items.count, np.int64)  # over the train samples: popularity, logQ
-    for shard_items, shard_counts in zip(*(written.column(name).to_pylist()
-                                           for name in ("train_items", "train_counts"))):
-        counts[np.asarray(shard_items, np.int64)] += np.asarray(shard_counts, np.int64)  # items unique
-    np.save(root / "item_counts.npy", counts)
+        written = _write_samples(events, root, cfg, layout, {
+            "members": members["member_id"], "layout": layout, "raw_items": items.raw_items,
+            "stored": stored, "max_history": cfg.max_history, "removed": item_files.removed})
+    np.save(root / "item_counts.npy", _train_item_counts(written, items.count))
     np.save(root / "item_counts_all.npy", counts_all)
     return write_manifest(root, cfg, schema, item_files, {
         "created_by": "foundation.data.ray_build.build_shards_ray",
-        "split_info": split_info, "schema": sample_schema(stored), "splits": shards,
-        "items": None,
+        "split_info": split_info, "schema": sample_schema(stored),
+        "splits": _split_entries(written, layout), "items": None,
         "totals": {"members": len(members["member_id"]),
                    "events": int(written.column("distinct").to_numpy().sum()),  # distinct stored
                    "impressions": 0, "searches": 0, "sends": 0, "items": items.count - 1}})
+
+
+def _plan(events: Any, cfg: BuildConfig) -> tuple[dict[str, np.ndarray], np.ndarray, Plan, dict[str, Any]]:
+    """The member summaries, the members' row bounds (as the writer's, in member order) and
+    the writer's split plan from them."""
+    cuts = (configured_cuts(cfg) or _time_cuts(events, cfg)) if cfg.split == "time" else None
+    members = _member_summaries(events, cfg, cuts)
+    bounds = np.concatenate([[0], np.cumsum(members["count"])])
+    plan, split_info = (plan_by_counts(bounds, cfg) if cuts is None else plan_by_time(
+        bounds, (members["before_val"], members["before_test"]), cuts, cfg))
+    return members, bounds, plan, split_info
+
+
+def _write_samples(events: Any, root: Path, cfg: BuildConfig, layout: dict[str, dict[str, Any]],
+                   member_kwargs: dict[str, Any]) -> pa.Table:
+    """Each member's samples (``_member_samples``), then each shard written by one task;
+    the shard tasks' reports."""
+    for split in SPLITS:
+        (root / split).mkdir(parents=True, exist_ok=True)
+    samples = events.groupby("member_id", num_partitions=cfg.ray.partitions).map_groups(
+        _member_samples, batch_format="pyarrow", fn_kwargs=member_kwargs)
+    return _collect(samples.groupby(["split", "shard"], num_partitions=cfg.ray.partitions)
+                    .map_groups(_write_shard, batch_format="pyarrow", fn_kwargs={"root": str(root)}))
+
+
+def _train_item_counts(written: pa.Table, num_items: int) -> np.ndarray:
+    """Events per item over the train samples (popularity, logQ), from the shard reports."""
+    counts = np.zeros(num_items, np.int64)
+    for shard_items, shard_counts in zip(*(written.column(name).to_pylist()
+                                           for name in ("train_items", "train_counts"))):
+        counts[np.asarray(shard_items, np.int64)] += np.asarray(shard_counts, np.int64)  # unique
+    return counts
 
 
 def _check_source(source: SourceConfig) -> None:

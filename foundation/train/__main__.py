@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         Trainer(cfg).fit()
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still talks on it
     except (CheckpointError, FileNotFoundError) as err:
         log.error(err)
         return 2
