@@ -181,8 +181,9 @@ def plan_splits(bounds: np.ndarray, timestamp: np.ndarray, cfg: BuildConfig) -> 
     """
     if cfg.split != "time":
         return plan_by_counts(bounds, cfg)
-    cuts = configured_cuts(cfg) or tuple(_time_cut(np.sort(timestamp), index) for index in
-                                          cut_indices(len(timestamp), cfg))
+    ordered = np.sort(timestamp)
+    cuts = configured_cuts(cfg) or tuple(int(ordered[index]) if index < len(ordered) else NO_CUT
+                                         for index in cut_indices(len(ordered), cfg))
     row_member = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
     before = tuple(np.bincount(row_member, timestamp < cut, len(bounds) - 1).astype(np.int64)
                    for cut in cuts)  # each member's events before the cut
@@ -255,20 +256,11 @@ def _unix_seconds(key: str, value: str | int) -> int:
     return int(moment.timestamp())
 
 
-def _time_cut(ordered: np.ndarray, index: int) -> int:
-    """The time of event ``index`` in time order (int64 max past the end: nothing is cut)."""
-    return int(ordered[index]) if index < len(ordered) else NO_CUT
-
-
 def _group(member_id: np.ndarray, timestamp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stable (member, time) order, the sorted unique members and each one's row range start."""
     order = np.lexsort((timestamp, member_id))  # lexsort is stable: ties keep input order
     members, starts = np.unique(member_id[order], return_index=True)
     return order, members, np.append(starts, len(order))
-
-
-def _tail(start: int, end: int, max_history: int | None) -> slice:
-    return slice(max(start, end - max_history) if max_history else start, end)
 
 
 @dataclass
@@ -352,7 +344,7 @@ def sample_rows(start: int, end: int, max_history: int | None, item: np.ndarray,
                 drop: np.ndarray | None) -> np.ndarray:
     """The event rows of the sample ``start:end``: its last ``max_history``, less the events
     of items ``drop`` marks (per item id)."""
-    rows = np.arange(start, end)[_tail(0, end - start, max_history)]
+    rows = np.arange(max(start, end - max_history) if max_history else start, end)
     return rows if drop is None else rows[~drop[item[rows]]]
 
 
