@@ -227,14 +227,38 @@ def _item_counts(events: Any, catalogue: pa.Table | None, partitions: int | None
 
 def _time_cuts(events: Any, cfg: BuildConfig) -> tuple[int, int]:
     """``plan_splits``'s cuts by fractions: the times of the events at ``cut_indices`` in time
-    order, found from the count of each distinct timestamp (exact, and order-free)."""
-    counted = _collect(events.groupby("timestamp", num_partitions=cfg.ray.partitions).count())
-    order = np.argsort(counted.column("timestamp").to_numpy())
-    times = counted.column("timestamp").to_numpy()[order]
-    ends = np.cumsum(counted.column("count()").to_numpy()[order])  # events up to each time
+    order, exact, without sorting the events: events per day (per block, summed here) find
+    the day of each cut and its rank within the day; that day's timestamps, sorted, the time."""
+    timestamps = events.select_columns(["timestamp"])
+    days = _collect(timestamps.map_batches(_events_per_day, batch_format="numpy"))
+    day, block_counts = days.column("day").to_numpy(), days.column("count").to_numpy()
+    unique_days = np.unique(day)
+    ends = np.cumsum(np.bincount(np.searchsorted(unique_days, day), block_counts,
+                                 len(unique_days)).astype(np.int64))  # events up to each day
     total = int(ends[-1]) if len(ends) else 0
-    return tuple(int(times[np.searchsorted(ends, index, side="right")]) if index < total
-                 else NO_CUT for index in cut_indices(total, cfg))
+    cuts = []
+    for index in cut_indices(total, cfg):
+        if index >= total:
+            cuts.append(NO_CUT)
+            continue
+        at = int(np.searchsorted(ends, index, side="right"))
+        in_day = _collect(timestamps.map_batches(_events_on_day, batch_format="numpy",
+                                                 fn_kwargs={"day": int(unique_days[at])}))
+        rank = index - (int(ends[at - 1]) if at else 0)
+        cuts.append(int(np.sort(in_day.column("timestamp").to_numpy())[rank]))
+    return tuple(cuts)
+
+
+DAY = 86_400
+
+
+def _events_per_day(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    day, count = np.unique(batch["timestamp"] // DAY, return_counts=True)
+    return {"day": day, "count": count}
+
+
+def _events_on_day(batch: dict[str, np.ndarray], day: int) -> dict[str, np.ndarray]:
+    return {"timestamp": batch["timestamp"][batch["timestamp"] // DAY == day]}
 
 
 def _member_summaries(events: Any, cfg: BuildConfig, cuts: tuple[int, int] | None
