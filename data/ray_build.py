@@ -62,6 +62,7 @@ from foundation.data.writer import (
 LOCAL_ONLY_SOURCES = ("impressions_path", "searches_path", "sends_path", "item_text_path",
                       "item_vectors_path", "item_media_dir")
 ROW = "__row"  # an event's place in the table: the tie-break of events at the same second
+DAY = 86_400  # seconds: the buckets in which split=time finds its cuts
 
 
 def build_shards_ray(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
@@ -247,9 +248,6 @@ def _time_cuts(events: Any, cfg: BuildConfig) -> tuple[int, int]:
         rank = index - (int(ends[at - 1]) if at else 0)
         cuts.append(int(np.sort(in_day.column("timestamp").to_numpy())[rank]))
     return tuple(cuts)
-
-
-DAY = 86_400
 
 
 def _events_per_day(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
