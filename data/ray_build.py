@@ -76,7 +76,7 @@ def build_shards_ray(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]
         catalogue = read_table(cfg.source.catalogue_path) if cfg.source.catalogue_path else None
         items, counts_all = _item_counts(events, catalogue, cfg.ray.partitions)
         members, bounds, plan, split_info = _plan(events, cfg)
-        item_files = write_item_files(root, cfg, items, catalogue)
+        item_files = write_item_files(root, cfg, schema, items, catalogue)
         val_targets = items.remap(members["val_target"][plan["val"][0]])
         plan["val"] = without_removed_targets(plan["val"], val_targets, item_files.removed["val"])
         layout = _layout(plan, bounds, cfg)
@@ -179,9 +179,6 @@ def _row_groups(source: SourceConfig) -> list[dict[str, Any]]:
     index and the table row each starts at."""
     groups, offset = [], 0
     for file in parquet_files(Path(source.path)):
-        if not file.is_file():
-            raise FileNotFoundError(f"source file {file} does not exist: pass the event table "
-                                    "as source.path=/path/to/events.parquet (or a directory)")
         try:
             metadata = pq.ParquetFile(file).metadata
         except pa.ArrowInvalid as err:

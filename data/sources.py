@@ -62,8 +62,11 @@ class SourceConfig:
 
 def parquet_files(path: Path) -> list[Path]:
     """A parquet file, or a directory's ``*.parquet`` files in name order (its rows in order)."""
-    if not path.is_dir():
+    if path.is_file():
         return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"source file {path} does not exist: pass the event table as "
+                                "source.path=/path/to/events.parquet (or a directory of parts)")
     files = sorted(path.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{path} holds no *.parquet files: pass the event table's file "
@@ -226,7 +229,7 @@ def read_table(path: str | Path, fmt: str | None = None) -> pa.Table:
     if fmt in DIRECTORY_FORMATS and not path.is_dir():
         raise FileNotFoundError(f"source.format={fmt} reads a dataset directory; {path} is not "
                                 f"one (pass source.path=/path/to/dataset_dir)")
-    if fmt not in DIRECTORY_FORMATS and not (path.is_file() or fmt in PARTED_FORMATS and path.is_dir()):
+    if fmt not in DIRECTORY_FORMATS and not (path.is_file() or (fmt in PARTED_FORMATS and path.is_dir())):
         raise FileNotFoundError(f"source file {path} does not exist: pass the event table as "
                                 f"source.path=/path/to/events.{fmt}")
     return READERS[fmt](path)

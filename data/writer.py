@@ -181,9 +181,11 @@ def plan_splits(bounds: np.ndarray, timestamp: np.ndarray, cfg: BuildConfig) -> 
     """
     if cfg.split != "time":
         return plan_by_counts(bounds, cfg)
-    ordered = np.sort(timestamp)
-    cuts = configured_cuts(cfg) or tuple(int(ordered[index]) if index < len(ordered) else NO_CUT
-                                         for index in cut_indices(len(ordered), cfg))
+    cuts = configured_cuts(cfg)
+    if cuts is None:  # by fractions
+        ordered = np.sort(timestamp)
+        cuts = tuple(int(ordered[index]) if index < len(ordered) else NO_CUT
+                     for index in cut_indices(len(ordered), cfg))
     row_member = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
     before = tuple(np.bincount(row_member, timestamp < cut, len(bounds) - 1).astype(np.int64)
                    for cut in cuts)  # each member's events before the cut
@@ -361,7 +363,7 @@ def without_removed_targets(samples: tuple[np.ndarray, np.ndarray], targets: np.
     short instead, a sample's target would become an earlier event, which training may hold
     (leave-one-out and time splits share members), and validation would reward memorising it."""
     members, ends = samples
-    keep = ~removed[targets] if len(ends) else np.ones(0, bool)
+    keep = ~removed[targets]
     return members[keep], ends[keep]
 
 
@@ -451,7 +453,7 @@ def build_shards(cfg: BuildConfig, progress: bool = False) -> dict[str, Any]:
     cfg, schema, root = start_build(cfg)
     tables = _Tables(cfg, schema)
     plan, split_info = plan_splits(tables.bounds, tables.events["timestamp"], cfg)
-    item_files = write_item_files(root, cfg, tables.items, tables.catalogue)
+    item_files = write_item_files(root, cfg, schema, tables.items, tables.catalogue)
     items = write_item_shards(root, tables.content, tables.items.remap, tables.skipped_media)
     events, removed = tables.events["item"], item_files.removed
     plan["val"] = without_removed_targets(plan["val"], events[plan["val"][1] - 1], removed["val"])
@@ -513,11 +515,11 @@ class ItemFiles:
     files: dict[str, str | None]
 
 
-def write_item_files(root: Path, cfg: BuildConfig, items: ItemIds, catalogue: pa.Table | None
-                     ) -> ItemFiles:
+def write_item_files(root: Path, cfg: BuildConfig, schema: EventSchema, items: ItemIds,
+                     catalogue: pa.Table | None) -> ItemFiles:
     """The item tables: ids, attributes, catalogue and the (seeded) cold items."""
     np.save(root / "item_ids.npy", np.concatenate([[-1], items.raw_items]).astype(np.int64))
-    vocab = {"item": items.count, **EventSchema(cfg.features).sizes}
+    vocab = {"item": items.count, **schema.sizes}
     if cfg.source.item_attributes_path:
         vocab["attribute"] = _write_item_attributes(items, cfg.source.item_attributes_path, root)
     cold, val_cold = choose_cold_items(items.count, cfg.cold_items, cfg.cold_seed,
