@@ -81,6 +81,23 @@ def peak_resident_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _count_accumulating_products() -> None:
+    """``torch.utils.flop_counter`` knows ``addmm`` but not its in-place form nor ``addmv_``,
+    which the tiled softmax's backward accumulates with: count them too (once a process)."""
+    from torch.utils import flop_counter
+
+    if torch.ops.aten.addmm_ in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(torch.ops.aten.addmm_)
+    def _(self_shape, left_shape, right_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * left_shape[0] * left_shape[1] * right_shape[1]
+
+    @flop_counter.register_flop_formula(torch.ops.aten.addmv_)
+    def _(self_shape, matrix_shape, vector_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * matrix_shape[0] * matrix_shape[1]
+
+
 class StepMeasurement:
     """Counts one step's FLOPs (a context manager). Time in collectives is not measured: the
     profiler that timed them left a thread that aborted some ranks at exit."""
@@ -88,6 +105,7 @@ class StepMeasurement:
     def __init__(self):
         from torch.utils.flop_counter import FlopCounterMode
 
+        _count_accumulating_products()
         self.counter = FlopCounterMode(display=False)
         self.flops = 0
 

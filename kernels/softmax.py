@@ -2,8 +2,8 @@
 
 ``scores_logsumexp`` gives each query's log-sum-exp of ``q · item + bias`` over the items
 (leaving out, per query, the item whose id it names: its own target). The logits are formed
-a chunk of items at a time in the forward pass and again in the backward pass, so memory
-grows with tokens × chunk, not tokens × items. On it:
+a tile at a time in the forward pass and again in the backward pass, so memory grows with
+the tile, not with tokens × items. On it:
 
 - full softmax: items = the catalogue, the target's logit added back by
   ``catalogue_cross_entropy``;
@@ -21,83 +21,71 @@ from torch import Tensor
 from foundation.kernels.dispatch import Kernel, resolve_kernel
 
 CHUNK_ELEMENTS = 1 << 24  # logits held at once by the PyTorch path (64 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 18  # logits of a row block on CPU: cache-sized (1 MiB), never in memory
+MIN_BLOCK_ROWS = 32  # fewer rows make a block's matrix products slow (matrix × vector-like)
 
 
-def _chunk_scores(queries: Tensor, items: Tensor, bias: Tensor, ids: Tensor | None,
-                  exclude: Tensor | None) -> Tensor:
-    """A chunk's fp32 logits, left-out pairs at −inf (a fresh buffer: callers work in place)."""
-    scores = torch.addmm(bias.float(), queries.float(), items.float().T)
+def _tiles(rows: int, items: int, elements: int, device: torch.device
+           ) -> list[tuple[slice, slice]]:
+    """(query rows, items) tiles of at most ``elements`` logits, each formed and dropped in
+    turn: blocks of rows against every item where ``MIN_BLOCK_ROWS`` rows fit (on CPU blocks
+    small enough to stay in cache: most of the speed there), else every row against a chunk
+    of items (large catalogues)."""
+    if items == 0:
+        return []
+    if MIN_BLOCK_ROWS * items <= elements:
+        block = min(elements, BLOCK_ELEMENTS) if device.type == "cpu" else elements
+        height = max(MIN_BLOCK_ROWS, block // items)
+        return [(slice(start, start + height), slice(None)) for start in range(0, rows, height)]
+    width = max(1, elements // max(1, rows))
+    return [(slice(None), slice(start, start + width)) for start in range(0, items, width)]
+
+
+def _tile_scores(queries: Tensor, items: Tensor, bias: Tensor, ids: Tensor | None,
+                 exclude: Tensor | None, rows: slice, cols: slice) -> Tensor:
+    """A tile's fp32 logits, left-out pairs at −inf (a fresh buffer: callers work in place)."""
+    scores = torch.addmm(bias[cols].float(), queries[rows].float(), items[cols].float().T)
     if ids is None:  # nothing left out per query
         return scores
-    return scores.masked_fill_(ids.unsqueeze(0) == exclude.unsqueeze(1), float("-inf"))
+    return scores.masked_fill_(ids[cols].unsqueeze(0) == exclude[rows].unsqueeze(1),
+                               float("-inf"))
 
 
-def _chunks(queries: Tensor, items: Tensor, elements: int):
-    width = max(1, elements // max(1, queries.shape[0]))
-    return [slice(start, start + width) for start in range(0, items.shape[0], width)]
-
-
-class _ChunkedLogSumExp(torch.autograd.Function):
-    """The PyTorch implementation: chunked forward, chunked recomputing backward. When all
-    the logits fit in one chunk their exponentials are kept for the backward pass instead
-    (memory stays within one chunk; the backward skips a GEMM and an exp pass)."""
+class _TiledLogSumExp(torch.autograd.Function):
+    """The PyTorch implementation: the logits a tile at a time (``_tiles``) in the forward
+    pass, and again in the backward pass (recomputing a cache-resident tile is cheaper than
+    keeping them all: at [tokens × items] they would go to memory and back)."""
 
     @staticmethod
     def forward(ctx, queries, items, bias, ids, exclude, elements):
         ctx.elements = elements
-        parts = _chunks(queries, items, ctx.elements)
-        ctx.kept = len(parts) == 1
-        if ctx.kept:
-            lse, exps, sums = _exp_scores(_chunk_scores(queries, items, bias, ids, exclude))
-            ctx.save_for_backward(queries, items, exps, sums)
-            return lse
         lse = queries.new_full((queries.shape[0],), float("-inf"), dtype=torch.float32)
-        for part in parts:
-            scores = _chunk_scores(queries, items[part], bias[part],
-                                   None if ids is None else ids[part], exclude)
-            lse = torch.logaddexp(lse, scores.logsumexp(1))
+        for rows, cols in _tiles(len(queries), len(items), elements, queries.device):
+            scores = _tile_scores(queries, items, bias, ids, exclude, rows, cols)
+            lse[rows] = torch.logaddexp(lse[rows], scores.logsumexp(1))
         ctx.save_for_backward(queries, items, bias, ids, exclude, lse)
         return lse
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.kept:
-            queries, items, exps, sums = ctx.saved_tensors
-            # softmax × grad; a row with every item left out gets nothing
-            scale = torch.where(sums > 0, grad / sums, 0.0)
-            return (*_weighted_grads(exps * scale.unsqueeze(1), queries, items),
-                    None, None, None)
         queries, items, bias, ids, exclude, lse = ctx.saved_tensors
+        # each query's softmax over the items: the upstream ``grad`` scales the small
+        # operands (rows of queries, and dq at the end), never the tile
         dq = torch.zeros_like(queries, dtype=torch.float32)
-        ditems = torch.empty_like(items, dtype=torch.float32)
-        dbias = torch.empty_like(bias, dtype=torch.float32)
+        ditems = torch.zeros_like(items, dtype=torch.float32)
+        dbias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         shift = torch.where(lse.isfinite(), lse, 0.0).unsqueeze(1)  # an all-out row: zeros
-        for part in _chunks(queries, items, ctx.elements):
-            scores = _chunk_scores(queries, items[part], bias[part],
-                                   None if ids is None else ids[part], exclude)
-            weights = scores.sub_(shift).exp_().mul_(grad.unsqueeze(1))
-            dq += weights @ items[part].float()
-            ditems[part] = weights.T @ queries.float()
-            dbias[part] = weights.sum(0)
-        return (dq.to(queries.dtype), ditems.to(items.dtype), dbias.to(bias.dtype), None, None,
-                None)
-
-
-def _exp_scores(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-sum-exp of each row, and the row's exponentials (shifted by its max, in place of
-    ``scores``) with their sums: what the backward pass needs, in one exp pass."""
-    top = scores.amax(1, keepdim=True)
-    top = torch.where(top.isfinite(), top, 0.0)  # a row with every item left out stays −inf
-    exps = scores.sub_(top).exp_()
-    sums = exps.sum(1)
-    return top.squeeze(1) + sums.log(), exps, sums
-
-
-def _weighted_grads(weights: Tensor, queries: Tensor, items: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of queries, items and bias from each (query, item) logit's ``weights``."""
-    return ((weights @ items.float()).to(queries.dtype),
-            (weights.T @ queries.float()).to(items.dtype), weights.sum(0))
+        weighted = queries.float() * grad.unsqueeze(1)
+        for rows, cols in _tiles(len(queries), len(items), ctx.elements, queries.device):
+            probs = _tile_scores(queries, items, bias, ids, exclude, rows, cols)
+            probs = probs.sub_(shift[rows]).exp_()
+            dq[rows].addmm_(probs, items[cols].float())
+            ditems[cols].addmm_(probs.T, weighted[rows])
+            if dbias is not None:
+                dbias[cols].addmv_(probs.T, grad[rows])
+        dq.mul_(grad.unsqueeze(1))
+        return (dq.to(queries.dtype), ditems.to(items.dtype),
+                None if dbias is None else dbias.to(bias.dtype), None, None, None)
 
 
 @torch.library.custom_op("foundation::scores_logsumexp", mutates_args=())
@@ -153,7 +141,7 @@ def scores_logsumexp(queries: Tensor, items: Tensor, bias: Tensor | None = None,
     if resolve_kernel(kernel, queries.device) == Kernel.pytorch:
         if ids is None or exclude is None:
             ids = exclude = None
-        return _ChunkedLogSumExp.apply(queries, items, bias, ids, exclude, chunk_elements)
+        return _TiledLogSumExp.apply(queries, items, bias, ids, exclude, chunk_elements)
     ids = torch.zeros(count, dtype=torch.long, device=items.device) if ids is None else ids
     if exclude is None:
         exclude = torch.full((rows,), -1, dtype=torch.long, device=queries.device)

@@ -105,9 +105,9 @@ def test_fused_cross_entropy_equals_materialised_logits_for_both_kernels():
     target = torch.randint(0, 300, (70,), generator=generator)
     expected = F.cross_entropy(queries @ catalogue.T, target)
     want = torch.autograd.grad(expected, (queries, catalogue))
-    # several chunks recomputed in backward, one kept from forward, and the Triton kernel
-    for kernel, elements in ((Kernel.pytorch, 70 * 64), (Kernel.pytorch, 70 * 300),
-                             (Kernel.triton, 70 * 64)):
+    # chunks of items, blocks of rows (32, 32, 6), one tile, and the Triton kernel
+    for kernel, elements in ((Kernel.pytorch, 70 * 64), (Kernel.pytorch, 32 * 300),
+                             (Kernel.pytorch, 70 * 300), (Kernel.triton, 70 * 64)):
         loss = catalogue_cross_entropy(queries, catalogue[target], catalogue, target_ids=target,
                                        item_ids=torch.arange(300), kernel=kernel,
                                        chunk_elements=elements)
@@ -162,10 +162,40 @@ def test_scores_logsumexp_leaves_out_excluded_and_minus_infinity_items():
             torch.testing.assert_close(g, w, atol=TOLERANCE, rtol=0, msg=name)
 
 
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(0, 80), items=st.integers(0, 120), elements=st.integers(1, 6000),
+       seed=st.integers(0, 1000))
+def test_tiled_logsumexp_matches_the_reference_whatever_the_tiling(rows, items, elements, seed):
+    """Any shape against any tile budget (blocks of rows, chunks of items, one tile, none):
+    every logit in exactly one tile, so the values and every gradient match."""
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.randn(rows, 8, generator=generator, requires_grad=True)
+    catalogue = torch.randn(items, 8, generator=generator, requires_grad=True)
+    bias = torch.randn(items, generator=generator, requires_grad=True)
+    ids = torch.randint(0, 5, (items,), generator=generator)
+    exclude = torch.randint(0, 5, (rows,), generator=generator)
+    scores = (queries @ catalogue.T + bias).masked_fill(ids == exclude.unsqueeze(1),
+                                                        float("-inf"))
+    expected = scores.logsumexp(1)
+    got = scores_logsumexp(queries, catalogue, bias, ids, exclude, kernel=Kernel.pytorch,
+                           chunk_elements=elements)
+    torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
+    finite = expected.isfinite()
+    if not finite.any():
+        return
+    weights = torch.randn(rows, generator=generator)
+    want = torch.autograd.grad((expected[finite] * weights[finite]).sum(),
+                               (queries, catalogue, bias))
+    grads = torch.autograd.grad((got[finite] * weights[finite]).sum(),
+                                (queries, catalogue, bias))
+    for name, g, w in zip(("queries", "items", "bias"), grads, want):  # sums in other orders
+        torch.testing.assert_close(g, w, atol=TOLERANCE, rtol=TOLERANCE, msg=name)
+
+
 @pytest.mark.parametrize("kernel, elements", [(Kernel.pytorch, 6), (Kernel.pytorch, 1 << 20),
                                               (Kernel.triton, 1 << 20)])
 def test_a_query_with_every_item_left_out_gets_minus_infinity_and_no_gradient(kernel, elements):
-    """Chunked (recomputing), kept-in-one-chunk and Triton paths alike: no NaN anywhere."""
+    """Chunks of items, one block of rows and the Triton kernel alike: no NaN anywhere."""
     queries = torch.randn(3, 4, requires_grad=True)
     items = torch.randn(5, 4, requires_grad=True)
     lse = scores_logsumexp(queries, items, None, torch.zeros(5, dtype=torch.long),
