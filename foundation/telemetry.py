@@ -1,11 +1,13 @@
-"""Where a training step's time goes: tokens/s, model FLOPs and MFU, the share of the step
-spent waiting for data, and peak memory per rank.
+"""Where a training step's time goes: tokens/s, model FLOPs and MFU, the shares of the step
+spent waiting for data and (on CPU) in collectives, and peak memory per rank.
 
 Every step is timed; one step in ``trainer.telemetry.measure_every`` is also measured: its
 FLOPs are counted op by op (``torch.utils.flop_counter``: the FLOPs the model really runs,
 whatever the recipe). MFU is model FLOP/s per rank over the device's peak: the GPU's
 dense spec for the training dtype, or on CPU a GEMM peak measured at start by all ranks at
-once (so ranks sharing cores each get their share).
+once (so ranks sharing cores each get their share). On CPU the collectives' share is the
+step time the thread running it spent neither computing (its CPU time) nor waiting for data:
+blocked in collectives (or waiting for a core, where ranks share cores with other work).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class Telemetry:
 
     @staticmethod
     def _empty() -> dict[str, float]:
-        return {"steps": 0, "tokens": 0, "seconds": 0.0, "data_wait": 0.0}
+        return {"steps": 0, "tokens": 0, "seconds": 0.0, "data_wait": 0.0, "busy": 0.0}
 
     def measures(self, step: int) -> bool:
         every = self.cfg.measure_every
@@ -142,14 +144,17 @@ class Telemetry:
         return StepMeasurement()
 
     def record(self, tokens: int, seconds: float, data_wait: float,
-               measured: StepMeasurement | None = None, local_tokens: int = 0) -> None:
+               measured: StepMeasurement | None = None, local_tokens: int = 0,
+               busy: float = 0.0) -> None:
         """One step: ``tokens`` over all ranks; ``data_wait``: this rank's seconds waiting for
-        batches; ``measured``: this rank's measurement of the step, if it was measured."""
+        batches; ``measured``: this rank's measurement of the step, if it was measured;
+        ``busy``: the CPU seconds of the thread that ran the step."""
         for totals in (self.window, self.total):
             totals["steps"] += 1
             totals["tokens"] += tokens
             totals["seconds"] += seconds
             totals["data_wait"] += data_wait
+            totals["busy"] += busy
         if measured is not None and local_tokens:
             self.flops_per_token = measured.flops / local_tokens
 
@@ -157,6 +162,9 @@ class Telemetry:
         seconds = max(totals["seconds"], 1e-9)
         rates = {"tokens_per_s": totals["tokens"] / seconds,
                  "data_wait_share": totals["data_wait"] / seconds}
+        if self.device.type == "cpu":  # on a GPU the host also waits for the device
+            rates["collective_wait_share"] = max(
+                0.0, 1.0 - (totals["busy"] + totals["data_wait"]) / seconds)
         if self.flops_per_token is not None:
             per_rank = self.flops_per_token * rates["tokens_per_s"] / self.world_size
             rates.update(flops_per_token=self.flops_per_token, tflops_per_rank=per_rank / 1e12,
@@ -172,24 +180,27 @@ class Telemetry:
         dist.all_gather(gathered, local)
         return [g.tolist() for g in gathered]
 
+    def _across_ranks(self, rates: dict[str, float]) -> tuple[dict[str, float], list[float]]:
+        """``rates`` with the shares over all ranks (data: the slowest rank's wait;
+        collectives: the mean), and each rank's peak memory (collectives)."""
+        collective = rates.get("collective_wait_share", float("nan"))
+        ranks = self._per_rank(peak_memory_mib(self.device), rates["data_wait_share"], collective)
+        rates = {**rates, "data_wait_share": max(r[1] for r in ranks)}
+        if "collective_wait_share" in rates:
+            rates["collective_wait_share"] = sum(r[2] for r in ranks) / len(ranks)
+        return rates, [round(r[0], 1) for r in ranks]
+
     def row(self) -> dict[str, Any]:
         """The telemetry since the last row, and each rank's peak memory and shares."""
-        rates = self._rates(self.window)
-        ranks = self._per_rank(peak_memory_mib(self.device), rates["data_wait_share"])
+        rates, memory = self._across_ranks(self._rates(self.window))
         self.window = self._empty()
-        row = {**rates, "data_wait_share": max(r[1] for r in ranks),
-               "memory_mib": [round(r[0], 1) for r in ranks],
-               "train_seconds": round(self.total["seconds"], 3)}
-        return row
+        return {**rates, "memory_mib": memory, "train_seconds": round(self.total["seconds"], 3)}
 
     def summary(self) -> dict[str, Any]:
         """The whole run's telemetry (for summary.json and the closing line)."""
-        rates = self._rates(self.total)
-        ranks = self._per_rank(peak_memory_mib(self.device), rates["data_wait_share"])
-        summary = {**rates, "data_wait_share": max(r[1] for r in ranks),
-                   "peak_memory_mib": [round(r[0], 1) for r in ranks],
-                   "peak_tflops_per_rank": self.peak / 1e12, "peak_source": self.peak_source}
-        return summary
+        rates, memory = self._across_ranks(self._rates(self.total))
+        return {**rates, "peak_memory_mib": memory, "peak_tflops_per_rank": self.peak / 1e12,
+                "peak_source": self.peak_source}
 
 
 def describe(telemetry: dict[str, Any]) -> str:
@@ -198,6 +209,8 @@ def describe(telemetry: dict[str, Any]) -> str:
     if "mfu" in telemetry:
         parts.append(f"MFU {100 * telemetry['mfu']:.1f}%")
     parts.append(f"data wait {100 * telemetry['data_wait_share']:.1f}%")
+    if "collective_wait_share" in telemetry:
+        parts.append(f"collectives {100 * telemetry['collective_wait_share']:.1f}%")
     memory = telemetry.get("peak_memory_mib") or telemetry.get("memory_mib")
     if memory:
         parts.append(f"peak memory {max(memory) / 1024:.2f} GiB/rank")

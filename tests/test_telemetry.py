@@ -41,6 +41,17 @@ def test_rates_shares_and_mfu_follow_from_the_recorded_steps():
     assert "150 tokens/s" in describe(summary) and "data wait 27.5%" in describe(summary)
 
 
+def test_the_collectives_share_is_step_time_neither_computing_nor_waiting_for_data():
+    telemetry = Telemetry(TelemetryConfig(measure_every=0), torch.device("cpu"), world_size=1,
+                          bf16=False)
+    telemetry.record(tokens=100, seconds=1.0, data_wait=0.1, busy=0.6)
+    telemetry.record(tokens=100, seconds=1.0, data_wait=0.0, busy=1.0)  # all computing
+    assert telemetry.row()["collective_wait_share"] == pytest.approx(0.15)
+    summary = telemetry.summary()
+    assert summary["collective_wait_share"] == pytest.approx(0.15)
+    assert "collectives 15.0%" in describe(summary)
+
+
 def test_measuring_the_peak_leaves_the_global_random_state_alone():
     """Telemetry starts after a resume restored the RNG: it must not draw from it."""
     before = torch.get_rng_state()

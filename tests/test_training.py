@@ -54,15 +54,17 @@ def test_pretrained_model_beats_popularity_on_held_out_members(pretrain_run):
 
 
 def test_the_run_reports_its_speed_mfu_data_waiting_and_memory(pretrain_run):
-    """Every log row has tokens/s, the data-waiting share and each rank's peak memory; the
-    measured steps add FLOPs and MFU, and
-    ``foundation report`` prints them with the plots."""
+    """Every log row has tokens/s, the shares waiting for data and in collectives and each
+    rank's peak memory; the measured steps add FLOPs and MFU, and ``foundation report``
+    prints them with the plots."""
     rows = [json.loads(line) for line in (pretrain_run / "metrics.jsonl").open()]
     train = [row for row in rows if "loss" in row]
     assert all(row["tokens_per_s"] > 0 and 0 <= row["data_wait_share"] < 1
-               and len(row["memory_mib"]) == 2 for row in train)
+               and 0 <= row["collective_wait_share"] < 1 and len(row["memory_mib"]) == 2
+               for row in train)
     telemetry = json.loads((pretrain_run / "summary.json").read_text())["telemetry"]
     assert 0 < telemetry["mfu"] < 1 and telemetry["flops_per_token"] > 0
+    assert 0 < telemetry["collective_wait_share"] < 1  # two ranks wait for each other
     assert len(telemetry["peak_memory_mib"]) == 2 and min(telemetry["peak_memory_mib"]) > 100
     out = foundation("report", str(pretrain_run))
     assert "tokens/s, MFU" in out and "data wait" in out and "peak memory per rank" in out

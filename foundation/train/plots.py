@@ -39,7 +39,8 @@ def plot_run(run_dir: Path, metric: str) -> Path | None:
 
 
 def _plot_speed(axis, rows: list[dict]) -> None:
-    """Tokens/s on the left axis; MFU and the data-waiting share (%) on the right."""
+    """Tokens/s on the left axis; MFU and the shares waiting for data and in collectives (%)
+    on the right."""
     steps = [r["step"] for r in rows]
     axis.plot(steps, [r["tokens_per_s"] for r in rows], color="tab:blue")
     axis.set(title="speed", xlabel="step", ylabel="tokens/s")
@@ -49,5 +50,8 @@ def _plot_speed(axis, rows: list[dict]) -> None:
                     label="MFU %")
     shares.plot(steps, [100 * r["data_wait_share"] for r in rows], color="tab:red", ls=":",
                 label="data wait %")
+    if rows and "collective_wait_share" in rows[-1]:
+        shares.plot(steps, [100 * r.get("collective_wait_share", float("nan")) for r in rows],
+                    color="tab:purple", ls="--", label="collectives %")
     shares.set_ylabel("%")
     shares.legend(loc="lower right")

@@ -213,7 +213,7 @@ class Trainer:
 
     def train_step(self, batches: Iterator[SequenceBatch], step: int) -> float:
         """One optimizer step (timed, and on some steps measured); returns the mean loss."""
-        begin = time.perf_counter()
+        begin, busy = time.perf_counter(), time.thread_time()
         measured = self.telemetry.measure() if self.telemetry.measures(step) else None
         with measured or contextlib.nullcontext():
             done = self.optimizer_step(batches, step)
@@ -223,7 +223,8 @@ class Trainer:
             dist.all_reduce(stats)
         self.skipped_data += int(stats[2])
         self.telemetry.record(int(stats[1]), time.perf_counter() - begin, done.data_wait,
-                              measured, local_tokens=done.tokens)
+                              measured, local_tokens=done.tokens,
+                              busy=time.thread_time() - busy)
         return stats[0].item() / self.env.world_size
 
     def optimizer_step(self, batches: Iterator[SequenceBatch], step: int) -> RankStep:
