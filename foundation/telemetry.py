@@ -101,8 +101,7 @@ def _count_accumulating_products() -> None:
 
 
 class StepMeasurement:
-    """Counts one step's FLOPs (a context manager). Time in collectives is not measured: the
-    profiler that timed them left a thread that aborted some ranks at exit."""
+    """Counts one step's FLOPs (a context manager)."""
 
     def __init__(self):
         from torch.utils.flop_counter import FlopCounterMode
