@@ -43,8 +43,8 @@ def _tiles(rows: int, items: int, elements: int, device: torch.device
 
 def _tile_scores(queries: Tensor, items: Tensor, bias: Tensor, ids: Tensor | None,
                  exclude: Tensor | None, rows: slice, cols: slice) -> Tensor:
-    """A tile's fp32 logits, left-out pairs at −inf (a fresh buffer: callers work in place)."""
-    scores = torch.addmm(bias[cols].float(), queries[rows].float(), items[cols].float().T)
+    """A tile's logits, left-out pairs at −inf (a fresh buffer: callers work in place)."""
+    scores = torch.addmm(bias[cols], queries[rows], items[cols].T)
     if ids is None:  # nothing left out per query
         return scores
     return scores.masked_fill_(ids[cols].unsqueeze(0) == exclude[rows].unsqueeze(1),
@@ -60,8 +60,9 @@ class _TiledLogSumExp(torch.autograd.Function):
     def forward(ctx, queries, items, bias, ids, exclude, elements):
         ctx.elements = elements
         lse = queries.new_full((queries.shape[0],), float("-inf"), dtype=torch.float32)
+        fp32 = queries.float(), items.float(), bias.float()  # once, not per tile
         for rows, cols in _tiles(len(queries), len(items), elements, queries.device):
-            scores = _tile_scores(queries, items, bias, ids, exclude, rows, cols)
+            scores = _tile_scores(*fp32, ids, exclude, rows, cols)
             lse[rows] = torch.logaddexp(lse[rows], scores.logsumexp(1))
         ctx.save_for_backward(queries, items, bias, ids, exclude, lse)
         return lse
@@ -75,11 +76,12 @@ class _TiledLogSumExp(torch.autograd.Function):
         ditems = torch.zeros_like(items, dtype=torch.float32)
         dbias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         shift = torch.where(lse.isfinite(), lse, 0.0).unsqueeze(1)  # an all-out row: zeros
-        weighted = queries.float() * grad.unsqueeze(1)
+        fp32 = queries.float(), items.float(), bias.float()  # once, not per tile
+        weighted = fp32[0] * grad.unsqueeze(1)
         for rows, cols in _tiles(len(queries), len(items), ctx.elements, queries.device):
-            probs = _tile_scores(queries, items, bias, ids, exclude, rows, cols)
+            probs = _tile_scores(*fp32, ids, exclude, rows, cols)
             probs = probs.sub_(shift[rows]).exp_()
-            dq[rows].addmm_(probs, items[cols].float())
+            dq[rows].addmm_(probs, fp32[1][cols])
             ditems[cols].addmm_(probs.T, weighted[rows])
             if dbias is not None:
                 dbias[cols].addmv_(probs.T, grad[rows])
