@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+if TYPE_CHECKING:  # imported where batches become features: the CLI and configs stay light
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 @dataclass
@@ -47,6 +50,8 @@ class SequenceBatch:
 
     def kjt(self, keys: Sequence[str] | None = None) -> KeyedJaggedTensor:
         """Items and event features as one KeyedJaggedTensor; every key shares ``lengths``."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
         keys = list(keys) if keys is not None else ["item", *self.events]
         values = torch.cat([self.jagged(k) for k in keys])
         lengths = self.lengths.repeat(len(keys))

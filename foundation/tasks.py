@@ -8,14 +8,13 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torchrec import KeyedJaggedTensor
 
 from foundation.choices import BundleKind
 from foundation.config import TrainConfig
@@ -34,6 +33,9 @@ from foundation.models.content import (
 from foundation.models.finetune import FinetuneConfig
 from foundation.models.member import ItemAttributes, SparseArch, sharded_items, sparse_features
 from foundation.models.towers import MiniLMTextTower, Modality
+
+if TYPE_CHECKING:  # built by the batch (SequenceBatch.kjt); compose stays free of TorchRec
+    from torchrec import KeyedJaggedTensor
 
 # What a pretrain run's dense state holds besides its event encoder (the next-item model's
 # item-side parts): a downstream recipe that keeps only the encoder leaves these.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, REPO
 from omegaconf import OmegaConf
 
 from foundation.compose import ConfigError, compose
@@ -190,3 +190,13 @@ def test_a_typo_in_a_choice_names_the_allowed_values(tmp_path, command, override
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")) as err:
         compose(command, [*required, override])
     assert allowed in str(err.value)
+
+
+def test_the_cli_starts_without_importing_torchrec_deepspeed_or_checkpointing():
+    """Composing and launching reads only the schemas: every command (and ``--help``)
+    starts without the heavy libraries, which the ranks import themselves."""
+    code = ("import sys, foundation.cli; print(sorted(m for m in ('torchrec', 'deepspeed', "
+            "'torch.distributed.checkpoint') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    assert out.strip() == "[]", out

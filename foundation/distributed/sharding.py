@@ -6,29 +6,26 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec import optim as trec_optim
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.types import Topology
-from torchrec.distributed.types import ShardingPlan
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from foundation.choices import Choice, choice
 from foundation.distributed.env import DistEnv
 
-# Sharding types of EmbeddingCollection tables that work on each device type. On CPU,
-# fbgemm-gpu-cpu 1.8's dense kernel (used by data_parallel) pools sequence embeddings, so
-# data_parallel EmbeddingCollections return wrong shapes: it is refused there, with the reason.
+if TYPE_CHECKING:  # TorchRec is imported where tables are sharded: config and CLI stay light
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import ParameterConstraints
+    from torchrec.distributed.types import ShardingPlan
+
 # Topology() built directly is fine for our explicit world size; silence its nag.
 logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
 logging.getLogger("torchrec.distributed.planner.storage_reservations").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*HeuristicalStorageReservation.*")
 warnings.filterwarnings("ignore", message=".*Please use DTensor instead.*")
+
 
 class ShardingType(Choice):
     table_wise = "table_wise"
@@ -48,19 +45,26 @@ class SparseOptimizer(Choice):
     partial_rowwise_adam = "partial_rowwise_adam"
 
 
+# Sharding types of EmbeddingCollection tables that work on each device type. On CPU,
+# fbgemm-gpu-cpu 1.8's dense kernel (used by data_parallel) pools sequence embeddings, so
+# data_parallel EmbeddingCollections return wrong shapes: it is refused there, with the reason.
 SUPPORTED_TYPES = {
     "cpu": ("table_wise", "column_wise"),
     "cuda": ("table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"),
 }
-SPARSE_OPTIMIZERS = {
-    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
-    "adagrad": torch.optim.Adagrad,
-    "adam": torch.optim.Adam,
-    "partial_rowwise_adam": trec_optim.PartialRowWiseAdam,
-    "sgd": torch.optim.SGD,
-}
 # fbgemm's CPU kernels implement only the Adagrad family and SGD.
 CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+def sparse_optimizer_class(optimizer: SparseOptimizer) -> type:
+    """The optimizer class TorchRec fuses into the tables' backward."""
+    from torchrec import optim as trec_optim
+
+    return {SparseOptimizer.rowwise_adagrad: trec_optim.RowWiseAdagrad,
+            SparseOptimizer.adagrad: torch.optim.Adagrad,
+            SparseOptimizer.adam: torch.optim.Adam,
+            SparseOptimizer.partial_rowwise_adam: trec_optim.PartialRowWiseAdam,
+            SparseOptimizer.sgd: torch.optim.SGD}[optimizer]
 
 
 @dataclass
@@ -94,11 +98,17 @@ def sharding_types(cfg: ShardingConfig) -> list[str]:
 def shard_sparse_arch(module: nn.Module, cfg: ShardingConfig, env: DistEnv
                       ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan and shard ``module`` (built on the meta device); embeddings train in backward."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import Topology
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
     validate_sharding(cfg, env.device.type)
-    name = SparseOptimizer(cfg.optimizer).value
-    kwargs = {"lr": cfg.lr} if name == "sgd" else {"lr": cfg.lr, "eps": cfg.eps}
-    optimizer = SPARSE_OPTIMIZERS[name]
-    apply_optimizer_in_backward(optimizer, module.parameters(), kwargs)
+    optimizer = SparseOptimizer(cfg.optimizer)
+    kwargs = ({"lr": cfg.lr} if optimizer == SparseOptimizer.sgd
+              else {"lr": cfg.lr, "eps": cfg.eps})
+    apply_optimizer_in_backward(sparse_optimizer_class(optimizer), module.parameters(), kwargs)
     sharders = [EmbeddingCollectionSharder()]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, compute_device=env.device.type,
@@ -113,6 +123,8 @@ def table_constraints(module: nn.Module, cfg: ShardingConfig, world_size: int
                       ) -> dict[str, ParameterConstraints]:
     """What the planner may do with each table: the configured sharding types; column
     shards no narrower than the table's width over the ranks."""
+    from torchrec.distributed.planner import ParameterConstraints
+
     return {name: ParameterConstraints(sharding_types=sharding_types(cfg),
                                        min_partition=max(4, param.shape[1] // world_size))
             for name, param in table_parameters(module)}

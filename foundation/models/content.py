@@ -37,7 +37,6 @@ from foundation.models.towers import (
     length_batches,
     pool_tokens,
 )
-from foundation.train.checkpoint import resolve
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "content"
@@ -75,6 +74,8 @@ def _fingerprint(modality: Modality, manifest: dict[str, Any], text: TextTowerCo
     if modality == Modality.text:
         tower = MiniLMTextTower.fingerprint_of(text)
     elif modality in ENCODED_BY_ENCODER:
+        from foundation.train.checkpoint import resolve  # torch.distributed.checkpoint: heavy
+
         weights = resolve(_encoder_run(modality, item_encoder)) / "dense.safetensors"
         tower = f"encoder-{sha256(weights)[:16]}-{modality.value}"
     else:
@@ -151,6 +152,8 @@ def _save_cache(cache: Path, vectors: Tensor, has: Tensor, key: str) -> None:
 
 def source_cache(source: str) -> Path:
     """The content cache of a warm start's source (a run dir or one of its checkpoints)."""
+    from foundation.train.checkpoint import resolve  # torch.distributed.checkpoint: heavy
+
     return resolve(source).parent.parent / CACHE_DIR
 
 

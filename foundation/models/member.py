@@ -122,8 +122,10 @@ class SparseArch(nn.Module):
                  device: torch.device | None = None, with_items: bool = True):
         super().__init__()
         # TorchRec is imported by the sparse parts only: the dense trunk (EventEncoder) loads
-        # where TorchRec and fbgemm cannot (GPU checks, serving-side tools).
-        from torchrec import EmbeddingCollection, EmbeddingConfig
+        # where TorchRec and fbgemm cannot (GPU checks, serving-side tools). Its first import
+        # builds tensors (tensordict), which must not land on a caller's meta device.
+        with torch.device("cpu"):
+            from torchrec import EmbeddingCollection, EmbeddingConfig
 
         tables = [EmbeddingConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=num_items,
                                   feature_names=list(ITEM_FEATURES))] if with_items else []
