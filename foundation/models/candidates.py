@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from foundation.models.content import ItemContent, unit_content
+from foundation.models.dropout import Dropout
 from foundation.models.member import (
     EventEncoder,
     ItemAttributes,
@@ -40,7 +41,7 @@ class TargetAwareScorer(ReadsItemsLikeThePretrain, nn.Module):
         # would otherwise start out ignored.
         self.head = nn.Sequential(nn.LayerNorm(5 * dim + scalars),
                                   nn.Linear(5 * dim + scalars, hidden), nn.GELU(),
-                                  nn.Dropout(model.dropout), nn.Linear(hidden, outputs))
+                                  Dropout(model.dropout), nn.Linear(hidden, outputs))
 
     def logits(self, batch, emb: dict[str, Tensor]) -> Tensor:
         """``[candidates, outputs]`` for ``batch.candidates`` (embedded as ``emb["candidate"]``)."""

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from foundation.checksum import sha256
 from foundation.data.items import load_item_content
 from foundation.distributed.collectives import world
+from foundation.models.dropout import Dropout
 from foundation.models.encoders import load_item_encoder
 from foundation.models.towers import (
     EncoderSide,
@@ -186,7 +187,7 @@ class ContentAdapter(nn.Module):
         spread = (vectors[has] - self.center.detach()).norm(dim=1).mean().clamp_min(1e-6)
         # outputs at the scale of an ID row (N(0, 1/dim) per coordinate)
         nn.init.normal_(self.project.weight, std=dim ** -0.5 / float(spread))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, items: Tensor) -> Tensor:
         return self.adapt(self.tower_vectors(items)) * self.has[items].unsqueeze(-1)

@@ -31,6 +31,7 @@ from foundation.data.schema import EventSchema, default_features
 from foundation.kernels.dispatch import Kernel
 from foundation.kernels.hstu import hstu_attention, time_bucket
 from foundation.kernels.jagged import offsets_from_lengths, pad_jagged, row_index
+from foundation.models.dropout import Dropout, causal_attention, with_fast_dropout
 from foundation.models.towers import Modality, TextTowerConfig
 
 # Table names must not shadow nn.ModuleDict attributes (a table named "items" breaks TorchRec).
@@ -186,7 +187,7 @@ class EventEncoder(nn.Module):
         # Small, so the items (not their slots) dominate the first tokens the model sees.
         nn.init.normal_(self.position.weight, std=0.02)
         self.input_norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.pointwise = choice(Attention, cfg.attention, "model.attention") == Attention.pointwise
         if self.pointwise:
             self.layers = nn.ModuleList(PointwiseAttention(cfg) for _ in range(cfg.num_layers))
@@ -194,7 +195,8 @@ class EventEncoder(nn.Module):
             layer = nn.TransformerEncoderLayer(
                 dim, cfg.num_heads, dim * cfg.ffn_multiplier, cfg.dropout,
                 activation="gelu", batch_first=True, norm_first=True)
-            self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+            self.layers = with_fast_dropout(
+                nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False))
         self.output_norm = nn.LayerNorm(dim)
 
     def forward(self, emb: dict[str, Tensor], lengths: Tensor, newest_is_target: bool = False,
@@ -282,8 +284,7 @@ def softmax_layer_jagged(layer: nn.TransformerEncoderLayer, x: Tensor, rows: Ten
     qkv = F.linear(layer.norm1(x), attention.in_proj_weight, attention.in_proj_bias)
     padded = qkv.new_zeros(batch, longest, 3 * dim).index_put((rows, cols), qkv)
     q, k, v = padded.view(batch, longest, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    mixed = F.scaled_dot_product_attention(
-        q, k, v, dropout_p=attention.dropout if layer.training else 0.0, is_causal=True)
+    mixed = causal_attention(q, k, v, attention.dropout, layer.training)
     mixed = mixed.transpose(1, 2).reshape(batch, longest, dim)[rows, cols]
     x = x + layer.dropout1(attention.out_proj(mixed))
     hidden = layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))
@@ -307,7 +308,7 @@ class PointwiseAttention(nn.Module):
         self.uvqk = nn.Linear(dim, 4 * dim)
         self.mix_norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.position_bias = nn.Embedding(cfg.max_len, self.heads)  # by distance i - j
         self.time_bias = nn.Embedding(RELATIVE_TIME_BUCKETS, self.heads)
         self.kernel = choice(Kernel, cfg.kernel, "model.kernel")
