@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -49,6 +51,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
+        atexit.register(_leave_process_group)
     # DeepSpeed creates its own groups with new_group() and no timeout, which would give them
     # torch's 30-minute default: a hung rank must fail those collectives in time too.
     from torch.distributed import distributed_c10d
@@ -56,6 +59,19 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def _leave_process_group() -> None:
+    """At exit: let gloo's worker threads retire their last collectives, then leave the group.
+
+    A worker thread drops a finished collective's tensors after waking the caller, and that
+    needs the GIL; if the interpreter is already finalising, the thread is killed mid-way and
+    the process aborts ("terminate called without an active exception") though the run is
+    done. Sleeping hands the GIL over while it can still be taken.
+    """
+    time.sleep(0.05)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
