@@ -95,15 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["eval", "compare"]:
         return _compare(argv[2:])
     args = parser.parse_args(_overrides_last(argv))
+    try:
+        return _dispatch(args)
+    except Exception as err:
+        if not isinstance(err, _reported_errors()):
+            raise
+        log.error(err)
+        return 2
+
+
+def _reported_errors() -> tuple[type[Exception], ...]:
+    """The errors a command reports in one line. Imported only on failure: their modules pull
+    in torch.distributed.checkpoint, which a launching process never needs."""
     from foundation.export.exporter import ExportError
     from foundation.train.checkpoint import CheckpointError
 
-    try:
-        return _dispatch(args)
-    except (ConfigError, LaunchError, CheckpointError, ExportError, FileNotFoundError,
-            FileExistsError) as err:
-        log.error(err)
-        return 2
+    return (ConfigError, LaunchError, CheckpointError, ExportError, FileNotFoundError,
+            FileExistsError)
 
 
 # The flags that take a value: the word after one of them is never an override.
