@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 from foundation.launch.config import LauncherConfig
@@ -22,17 +21,24 @@ def torchrun_args(*, nproc: int | str, nnodes: int | str, endpoint: str | None, 
             f"--rdzv_id={rdzv_id}"]
 
 
-def local_command(cfg: LauncherConfig, module: str, args: list[str]) -> list[str]:
-    """This machine's agent: ``python -m foundation.launch.agent ... -m module args``."""
+def agent_args(cfg: LauncherConfig, module: str, args: list[str]) -> list[str]:
+    """What this machine's agent is given: torchrun's arguments, then ``-m module args``."""
     endpoint = None if cfg.nnodes == 1 else f"{cfg.master_addr}:{cfg.master_port}"
-    return [sys.executable, "-m", AGENT,
-            *torchrun_args(nproc=cfg.nproc, nnodes=cfg.nnodes, endpoint=endpoint,
+    return [*torchrun_args(nproc=cfg.nproc, nnodes=cfg.nnodes, endpoint=endpoint,
                            rdzv_id=cfg.job_name, max_restarts=cfg.max_restarts),
             "-m", module, *args]
 
 
+def local_command(cfg: LauncherConfig, module: str, args: list[str]) -> list[str]:
+    """This machine's agent as a command: ``python -m foundation.launch.agent ...``."""
+    return [sys.executable, "-m", AGENT, *agent_args(cfg, module, args)]
+
+
 def run_local(cfg: LauncherConfig, module: str, args: list[str]) -> int:
-    env = dict(os.environ)
+    """This process becomes the machine's agent: the job starts without a second interpreter
+    importing torch first."""
+    from foundation.launch.agent import main as agent_main
+
     if cfg.single_machine:
-        env["FOUNDATION_SINGLE_MACHINE"] = "1"
-    return subprocess.call(local_command(cfg, module, args), env=env)
+        os.environ["FOUNDATION_SINGLE_MACHINE"] = "1"
+    return agent_main(agent_args(cfg, module, args))

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Small enough for a 2-core CI machine, large enough that learning is measurable.
 TEST_WORLD = ["world.members=3000", "world.items=1000", "world.seed=0"]
 FAST = ["logger=jsonl", "logger.progress=false", "data.num_workers=0"]
+# The processes that start ranks: torchrun, a cluster's agent, and the CLI that is its own agent.
+AGENTS = ("torch.distributed.run", "foundation.launch.agent", "foundation.cli")
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +78,8 @@ def worker_pids(marker: str) -> list[int]:
         except FileNotFoundError:
             continue
         parent = _parent_cmdline(pid)
-        if "-m foundation.train" in cmdline and ("torch.distributed.run" in parent
-                                                 or "foundation.launch.agent" in parent):
+        if "-m foundation.train" in cmdline and any(
+                agent in parent for agent in AGENTS):
             pids.append(pid)  # a rank: its parent is torchrun (not a DataLoader worker)
     return pids
 
