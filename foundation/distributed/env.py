@@ -48,6 +48,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    else:
+        # A softmax gradient over many items is mostly subnormal floats, which x86 multiplies
+        # about 10x slower; flushed to zero, only values below 1.2e-38 change. (Per thread:
+        # threads started later inherit it.)
+        torch.set_flush_denormal(True)
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
