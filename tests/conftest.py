@@ -78,8 +78,7 @@ def worker_pids(marker: str) -> list[int]:
         except FileNotFoundError:
             continue
         parent = _parent_cmdline(pid)
-        if "-m foundation.train" in cmdline and any(
-                agent in parent for agent in AGENTS):
+        if "-m foundation.train" in cmdline and any(agent in parent for agent in AGENTS):
             pids.append(pid)  # a rank: its parent is torchrun (not a DataLoader worker)
     return pids
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
-from conftest import FAST, read_reports, run_torchrun
+from conftest import FAST, REPO, read_reports, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +137,14 @@ def test_the_consolidated_dense_state_continues_exactly_on_any_zero_stage_and_en
     for pair, diff in diffs.items():
         assert diff["weights"] <= 1e-6, (pair, diff)
         assert diff["lr_matches"], (pair, diff)
+
+
+def test_a_cpu_rank_flushes_subnormal_floats():
+    """A softmax gradient is mostly subnormal floats, ~10x slower to multiply on x86
+    (docs/speed.md): joining the group on CPU flushes them to zero."""
+    code = ("import torch; from foundation.distributed.env import init_distributed; "
+            "tiny = torch.full((8,), 1e-39); before = float((tiny * 2)[0]); init_distributed(); "
+            "print(before > 0, float((tiny * 2)[0]) == 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    assert out.split() == ["True", "True"], out
