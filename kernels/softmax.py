@@ -43,8 +43,12 @@ def _tiles(rows: int, items: int, elements: int, device: torch.device
 
 def _tile_scores(queries: Tensor, items: Tensor, bias: Tensor, ids: Tensor | None,
                  exclude: Tensor | None, rows: slice, cols: slice) -> Tensor:
-    """A tile's logits, left-out pairs at −inf (a fresh buffer: callers work in place)."""
-    scores = torch.addmm(bias[cols], queries[rows], items[cols].T)
+    """A tile's fp32 logits, left-out pairs at −inf (a fresh buffer: callers work in place);
+    the product in the operands' dtype (bf16 under mixed precision)."""
+    if queries.dtype == torch.float32:
+        scores = torch.addmm(bias[cols], queries[rows], items[cols].T)
+    else:
+        scores = torch.mm(queries[rows], items[cols].T).float().add_(bias[cols])
     if ids is None:  # nothing left out per query
         return scores
     return scores.masked_fill_(ids[cols].unsqueeze(0) == exclude[rows].unsqueeze(1),
@@ -54,15 +58,15 @@ def _tile_scores(queries: Tensor, items: Tensor, bias: Tensor, ids: Tensor | Non
 class _TiledLogSumExp(torch.autograd.Function):
     """The PyTorch implementation: the logits a tile at a time (``_tiles``) in the forward
     pass, and again in the backward pass (recomputing a cache-resident tile is cheaper than
-    keeping them all: at [tokens × items] they would go to memory and back)."""
+    keeping them all: at [tokens × items] they would go to memory and back). Products in the
+    queries' and items' dtype, exponentials and sums in fp32."""
 
     @staticmethod
     def forward(ctx, queries, items, bias, ids, exclude, elements):
         ctx.elements = elements
         lse = queries.new_full((queries.shape[0],), float("-inf"), dtype=torch.float32)
-        fp32 = queries.float(), items.float(), bias.float()  # once, not per tile
         for rows, cols in _tiles(len(queries), len(items), elements, queries.device):
-            scores = _tile_scores(*fp32, ids, exclude, rows, cols)
+            scores = _tile_scores(queries, items, bias, ids, exclude, rows, cols)
             lse[rows] = torch.logaddexp(lse[rows], scores.logsumexp(1))
         ctx.save_for_backward(queries, items, bias, ids, exclude, lse)
         return lse
@@ -74,20 +78,23 @@ class _TiledLogSumExp(torch.autograd.Function):
         # operands (rows of queries, and dq at the end), never the tile
         dq = torch.zeros_like(queries, dtype=torch.float32)
         ditems = torch.zeros_like(items, dtype=torch.float32)
-        dbias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        dbias = torch.zeros_like(bias) if ctx.needs_input_grad[2] else None
         shift = torch.where(lse.isfinite(), lse, 0.0).unsqueeze(1)  # an all-out row: zeros
-        fp32 = queries.float(), items.float(), bias.float()  # once, not per tile
-        weighted = fp32[0] * grad.unsqueeze(1)
+        weighted = queries * grad.unsqueeze(1).to(queries.dtype)
         for rows, cols in _tiles(len(queries), len(items), ctx.elements, queries.device):
-            probs = _tile_scores(*fp32, ids, exclude, rows, cols)
+            probs = _tile_scores(queries, items, bias, ids, exclude, rows, cols)
             probs = probs.sub_(shift[rows]).exp_()
-            dq[rows].addmm_(probs, fp32[1][cols])
-            ditems[cols].addmm_(probs.T, weighted[rows])
             if dbias is not None:
                 dbias[cols].addmv_(probs.T, grad[rows])
+            if queries.dtype == torch.float32:
+                dq[rows].addmm_(probs, items[cols])
+                ditems[cols].addmm_(probs.T, weighted[rows])
+            else:  # bf16 products, accumulated in fp32
+                probs = probs.to(queries.dtype)
+                dq[rows] += probs @ items[cols]
+                ditems[cols] += probs.T @ weighted[rows]
         dq.mul_(grad.unsqueeze(1))
-        return (dq.to(queries.dtype), ditems.to(items.dtype),
-                None if dbias is None else dbias.to(bias.dtype), None, None, None)
+        return (dq.to(queries.dtype), ditems.to(items.dtype), dbias, None, None, None)
 
 
 @torch.library.custom_op("foundation::scores_logsumexp", mutates_args=())
@@ -139,16 +146,28 @@ def scores_logsumexp(queries: Tensor, items: Tensor, bias: Tensor | None = None,
     ``exclude`` ``[N]`` (e.g. item ids and each query's target) default to none.
     ``chunk_elements``: logits the PyTorch path forms at once."""
     count, rows = items.shape[0], queries.shape[0]
-    bias = items.new_zeros(count) if bias is None else bias
+    dtype = product_dtype(queries, items)
+    queries, items = queries.to(dtype), items.to(dtype)
+    bias = items.new_zeros(count, dtype=torch.float32) if bias is None else bias.float()
     if resolve_kernel(kernel, queries.device) == Kernel.pytorch:
         if ids is None or exclude is None:
             ids = exclude = None
-        return _TiledLogSumExp.apply(queries, items, bias, ids, exclude, chunk_elements)
+        with torch.autocast(queries.device.type, enabled=False):  # dtypes chosen above
+            return _TiledLogSumExp.apply(queries, items, bias, ids, exclude, chunk_elements)
     ids = torch.zeros(count, dtype=torch.long, device=items.device) if ids is None else ids
     if exclude is None:
         exclude = torch.full((rows,), -1, dtype=torch.long, device=queries.device)
     return _lse_triton(queries.contiguous(), items.contiguous(), bias.contiguous(),
                        ids.long().contiguous(), exclude.long().contiguous())
+
+
+def product_dtype(queries: Tensor, items: Tensor) -> torch.dtype:
+    """The dtype of the logits' matrix products: autocast's where it is on (mixed precision),
+    else the wider of the operands' (a bf16 trunk's queries against fp32 table rows)."""
+    device = queries.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(queries.dtype, items.dtype)
 
 
 def catalogue_cross_entropy(queries: Tensor, targets: Tensor, items: Tensor,

@@ -50,6 +50,21 @@ def test_zero_stage_is_real_and_trains(tmp_path, synth_shards, stage, grad_accum
     assert losses[-1] < losses[0] - 0.3, losses
 
 
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_bf16_mixed_precision_trains_the_sharded_model(tmp_path, synth_shards, engine):
+    """engine.bf16=on (what `auto` means on a GPU), on CPU ranks: TorchRec's fp32 rows enter a
+    dense arch that multiplies in bf16 (DeepSpeed's torch.autocast; FSDP's bf16 parameters)
+    and keeps fp32 weights to step, and the sharded full softmax learns."""
+    ranks = train_two_ranks(tmp_path, synth_shards, f"engine.name={engine}", "engine.bf16=on",
+                            "sharding=column_wise", "recipe.loss=full_softmax")
+    for r in ranks:
+        assert r["linear_output_dtypes"] == ["torch.bfloat16"], r["linear_output_dtypes"]
+        assert r["dense_param_dtypes"] == ["torch.float32"]
+        assert r["autocast"] is (True if engine == "deepspeed" else None)
+    losses = ranks[0]["losses"]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
 def test_table_wise_item_table_lives_on_one_rank(tmp_path, synth_shards):
     ranks = train_two_ranks(tmp_path, synth_shards, "sharding=table_wise", "trainer.max_steps=5")
     key = next(k for k in ranks[0]["local_shards"] if "item_table" in k)

@@ -192,6 +192,30 @@ def test_tiled_logsumexp_matches_the_reference_whatever_the_tiling(rows, items, 
         torch.testing.assert_close(g, w, atol=TOLERANCE, rtol=TOLERANCE, msg=name)
 
 
+@pytest.mark.parametrize("elements", [32 * 300, 70 * 64])  # blocks of rows; chunks of items
+def test_mixed_precision_logsumexp_multiplies_in_bf16_and_sums_in_fp32(elements):
+    """Under bf16 autocast (``engine.bf16=on``): a bf16 trunk's queries against fp32 table
+    rows, the products in bf16, the log-sum-exp and the gradients' sums in fp32, as close to
+    the fp32 result as bf16 logits allow, each gradient in its input's dtype."""
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.randn(70, 24, generator=generator).bfloat16().requires_grad_()
+    items = torch.randn(300, 24, generator=generator, requires_grad=True)
+    bias = torch.randn(300, generator=generator, requires_grad=True)
+    expected = (queries.float() @ items.T + bias).logsumexp(1)
+    weights = torch.randn(70, generator=generator)
+    want = torch.autograd.grad((expected * weights).sum(), (queries, items, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = scores_logsumexp(queries, items, bias, kernel=Kernel.pytorch,
+                               chunk_elements=elements)
+    assert got.dtype == torch.float32
+    # the operands rounded to bf16 (2^-8 relative, each) bound the logits' error
+    assert ((got - expected).abs() <= 2 ** -7 * expected.abs()).all()
+    grads = torch.autograd.grad((got * weights).sum(), (queries, items, bias))
+    for name, g, w in zip(("queries", "items", "bias"), grads, want):
+        assert g.dtype == w.dtype, name
+        assert (g.float() - w.float()).norm() < 0.02 * w.float().norm(), name
+
+
 @pytest.mark.parametrize("kernel, elements", [(Kernel.pytorch, 6), (Kernel.pytorch, 1 << 20),
                                               (Kernel.triton, 1 << 20)])
 def test_a_query_with_every_item_left_out_gets_minus_infinity_and_no_gradient(kernel, elements):

@@ -92,7 +92,7 @@ def sampled_softmax_loss(queries: Tensor, target_ids: Tensor, target_emb: Tensor
     logits = logits.masked_fill(cand_ids.unsqueeze(0) == target_ids.unsqueeze(1), float("-inf"))
     if absent is not None:  # items left out of training ([V] bool) are never negatives
         logits = logits.masked_fill(absent[cand_ids].unsqueeze(0), float("-inf"))
-    full = torch.cat([pos_logit, logits], dim=1)
+    full = torch.cat([pos_logit, logits], dim=1).float()  # bf16 trunks: an fp32 softmax
     return F.cross_entropy(full, torch.zeros_like(target_ids))
 
 
@@ -126,7 +126,7 @@ def full_softmax_loss(queries: Tensor, target_ids: Tensor, catalogue: Tensor,
         lse, target = _slice_scores(queries, target_ids, catalogue, 1, absent, SCORE_CHUNK,
                                     kernel)
         return (lse - target).mean()
-    logits = add_pairs(queries @ catalogue.T, offsets, column_offset=1)
+    logits = add_pairs((queries @ catalogue.T).float(), offsets, column_offset=1)
     if absent is not None:
         logits = logits.masked_fill(absent[1:], float("-inf"))
     return F.cross_entropy(logits, target_ids - 1)
@@ -179,9 +179,9 @@ def _slice_scores(queries: Tensor, targets: Tensor, shard: Tensor, start: int,
                            chunk_elements=min(CHUNK_ELEMENTS, chunk * max(1, len(queries))))
     column = targets - start
     owned = ((column >= 0) & (column < len(shard))).nonzero().squeeze(1)
-    logit = (queries[owned] * shard[column[owned]]).sum(-1)
-    target = queries.new_zeros(len(queries)).index_put((owned,), logit)
-    return torch.stack([lse.to(queries.dtype), target])
+    logit = (queries[owned] * shard[column[owned]]).sum(-1, dtype=torch.float32)
+    target = lse.new_zeros(len(queries)).index_put((owned,), logit)
+    return torch.stack([lse, target])  # fp32 whatever the queries' dtype: ranks combine them
 
 
 def _score_columns(queries: Tensor, targets: Tensor, columns: Tensor, start: int,
@@ -189,7 +189,7 @@ def _score_columns(queries: Tensor, targets: Tensor, columns: Tensor, start: int
     """``[2, queries]``: the log-sum-exp of each query's logits over items ``start ..
     start + len(columns) - 1``, and its target's logit where the target is one of them
     (else 0). ``absent``: [V] bool."""
-    logits = queries @ columns.T
+    logits = (queries @ columns.T).float()
     if pairs is not None:
         query, item, value = pairs
         inside = (item >= start) & (item < start + len(columns))

@@ -20,17 +20,18 @@ def main() -> None:
     setup_logging()  # as `foundation train` does: rank 0's log on stdout
     trainer = Trainer(compose("train", overrides))
     looked_up = record_item_rows(trainer.task)
+    products = record_linear_dtypes(trainer.model.engine.module)
     summary = trainer.fit()
     engine = trainer.model.engine
-    dense_params = sum(p.numel() for p in engine.module.parameters())
-    if engine.zero_stage == 3:  # parameters are partitioned: count their full sizes
-        dense_params = sum(p.ds_numel for p in engine.module.parameters())
+    inner = getattr(engine, "engine", engine)  # DeepSpeed's own engine; FSDP's is the module
+    # ZeRO-3 and FSDP partition the parameters: count their full sizes
+    dense_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     report = {
         "rank": trainer.env.rank,
-        "engine_class": type(engine.engine).__name__,
-        "engine_module": type(engine.engine).__module__,
+        "engine_class": type(inner).__name__,
+        "engine_module": type(inner).__module__,
         "zero_stage": engine.zero_stage,
-        "grad_accum": engine.engine.gradient_accumulation_steps(),
+        "grad_accum": getattr(engine, "grad_accum", None) or inner.gradient_accumulation_steps(),
         "optimizer_state_numel": engine.optimizer_state_numel(),
         "dense_params": dense_params,
         "local_shards": local_shard_shapes(trainer.model.sparse),
@@ -45,6 +46,10 @@ def main() -> None:
         "most_item_rows_scored": max(looked_up, default=0),  # catalogue rows a step looked up
         "sparse_optimizer": optimizer_fingerprint(trainer.model.sparse),
         "start_step": trainer.start_step,
+        "linear_output_dtypes": sorted(products),  # what the dense layers computed in
+        "dense_param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
+        "autocast": inner.torch_autocast_enabled() if hasattr(inner, "torch_autocast_enabled")
+        else None,
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rank{trainer.env.rank}.json").write_text(json.dumps(report))
@@ -85,6 +90,15 @@ def record_item_rows(task) -> list[int]:
         return kjt, extra
     task.features = recording
     return rows
+
+
+def record_linear_dtypes(module: torch.nn.Module) -> set[str]:
+    """The dtypes the dense arch's linear layers output while training."""
+    seen: set[str] = set()
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.register_forward_hook(lambda _m, _i, out: seen.add(str(out.dtype)))
+    return seen
 
 
 if __name__ == "__main__":
