@@ -80,7 +80,7 @@ def train(stage: int, steps: int, state=None, attention: str = "softmax") -> dic
         losses.append(loss.item())
     steady = sorted(times[5:])[len(times[5:]) // 2]
     return {"engine": engine, "zero_stage": engine.zero_stage,
-            "bf16": bool(engine.engine.bfloat16_enabled()),
+            "bf16": bool(engine.engine.torch_autocast_enabled()),  # fp32 weights, bf16 products
             "param_dtype": str(next(engine.module.parameters()).dtype),
             "loss_first": losses[0], "loss_last": losses[-1],
             "median_step_s": steady, "tokens_per_s": BATCH * (LENGTH - 1) / steady,
