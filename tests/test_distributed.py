@@ -65,6 +65,17 @@ def test_bf16_mixed_precision_trains_the_sharded_model(tmp_path, synth_shards, e
     assert losses[-1] < losses[0] - 0.3, losses
 
 
+def test_the_tables_learning_rate_warms_up_in_their_fused_kernels(tmp_path, synth_shards):
+    """sharding.warmup_steps: after 40 of 80 warm-up steps every table's fused kernel, on
+    both ranks, applies half of sharding.lr, and the run still learns."""
+    ranks = train_two_ranks(tmp_path, synth_shards, "sharding.lr=0.2",
+                            "sharding.warmup_steps=80")
+    for r in ranks:
+        assert r["table_lrs"] == [pytest.approx(0.1)], r["table_lrs"]
+    losses = ranks[0]["losses"]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
 def test_table_wise_item_table_lives_on_one_rank(tmp_path, synth_shards):
     ranks = train_two_ranks(tmp_path, synth_shards, "sharding=table_wise", "trainer.max_steps=5")
     key = next(k for k in ranks[0]["local_shards"] if "item_table" in k)

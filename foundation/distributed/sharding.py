@@ -74,6 +74,9 @@ class ShardingConfig:
     optimizer: SparseOptimizer = SparseOptimizer.rowwise_adagrad
     lr: float = 0.1
     eps: float = 1e-8
+    # The tables' learning rate rises linearly to ``lr`` over this many steps: Adagrad's
+    # first steps are its largest (a new row moves by about ``lr`` per dimension at once).
+    warmup_steps: int = 0
 
 
 def validate_sharding(cfg: ShardingConfig, device_type: str) -> None:
@@ -117,6 +120,19 @@ def shard_sparse_arch(module: nn.Module, cfg: ShardingConfig, env: DistEnv
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     model = DistributedModelParallel(module, device=env.device, plan=plan, sharders=sharders)
     return model, plan
+
+
+def set_table_lr(model: DistributedModelParallel, lr: float) -> None:
+    """Every table's learning rate; the fused optimizers take it when stepped (their updates
+    ran in the backward pass already, so the step only hands the rate to the kernels)."""
+    for group in model.fused_optimizer.param_groups:
+        group["lr"] = lr
+    model.fused_optimizer.step()
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up multiplier for the 1-based ``step``: 1 from ``warmup_steps`` on."""
+    return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def table_constraints(module: nn.Module, cfg: ShardingConfig, world_size: int

@@ -14,7 +14,12 @@ from foundation.distributed.engine import DeepSpeedDenseEngine, EngineName
 from foundation.distributed.env import DistEnv
 from foundation.distributed.fsdp import FsdpDenseEngine
 from foundation.distributed.planning import log_rank_bytes
-from foundation.distributed.sharding import shard_sparse_arch, table_parameters
+from foundation.distributed.sharding import (
+    set_table_lr,
+    shard_sparse_arch,
+    table_parameters,
+    warmup_factor,
+)
 from foundation.models.finetune import FinetuneConfig, Tuning, apply_finetune
 from foundation.models.member import sparse_features
 from foundation.tasks import Task
@@ -33,6 +38,7 @@ class ShardedModel:
         sparse = task.build_sparse(torch.device("meta"))
         shapes = {name: tuple(w.shape) for name, w in table_parameters(sparse)}
         self.sparse, self.plan = shard_sparse_arch(sparse, sharding, env)
+        self.table_lr, self.table_warmup = sharding.lr, sharding.warmup_steps
         dense = task.build_dense()
         if train and env.is_main:
             log_rank_bytes(shapes, cfg, self.plan, sum(p.numel() for p in dense.parameters()),
@@ -78,6 +84,11 @@ class ShardedModel:
         if self.tables_frozen:  # no gradient reaches the tables: their fused optimizer idles
             return {key: value.detach() for key, value in looked_up.items()}
         return looked_up
+
+    def schedule_tables(self, step: int) -> None:
+        """The tables' learning rate for ``step`` (1-based): ``sharding.warmup_steps``."""
+        if step <= self.table_warmup:
+            set_table_lr(self.sparse, self.table_lr * warmup_factor(step, self.table_warmup))
 
     def train(self, mode: bool = True) -> None:
         self.sparse.train(mode)

@@ -230,6 +230,7 @@ class Trainer:
     def optimizer_step(self, batches: Iterator[SequenceBatch], step: int) -> RankStep:
         """``grad_accum`` micro-batches, sparse rows updated in backward."""
         self.model.train()
+        self.model.schedule_tables(step)
         losses, tokens, wait, skipped = [], 0, 0.0, 0
         for _ in range(self.cfg.trainer.grad_accum):
             waiting = time.perf_counter()

@@ -46,6 +46,7 @@ def main() -> None:
         "most_item_rows_scored": max(looked_up, default=0),  # catalogue rows a step looked up
         "sparse_optimizer": optimizer_fingerprint(trainer.model.sparse),
         "start_step": trainer.start_step,
+        "table_lrs": table_learning_rates(trainer.model.sparse.fused_optimizer),
         "linear_output_dtypes": sorted(products),  # what the dense layers computed in
         "dense_param_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
         "autocast": inner.torch_autocast_enabled() if hasattr(inner, "torch_autocast_enabled")
@@ -90,6 +91,14 @@ def record_item_rows(task) -> list[int]:
         return kjt, extra
     task.features = recording
     return rows
+
+
+def table_learning_rates(optimizer) -> list[float]:
+    """The rates the fused table kernels hold now (what their next backward applies)."""
+    if hasattr(optimizer, "optimizers"):  # combined: one per module, then per table group
+        return sorted({lr for _, inner in optimizer.optimizers
+                       for lr in table_learning_rates(inner)})
+    return [round(optimizer._emb_module.get_learning_rate(), 9)]
 
 
 def record_linear_dtypes(module: torch.nn.Module) -> set[str]:
