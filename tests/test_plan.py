@@ -71,3 +71,9 @@ def test_the_adam_family_is_planned_for_gpus_and_refused_on_cpu_with_the_choices
                         "sharding.optimizer=partial_rowwise_adam", check=False)
     assert result.returncode == 2
     assert "no fused CPU kernel" in result.stderr and "rowwise_adagrad" in result.stderr
+
+
+def test_a_negative_table_warmup_is_refused_before_training():
+    result = foundation("plan", "device=cpu", "sharding.types=[table_wise]",
+                        "sharding.warmup_steps=-5", check=False)
+    assert result.returncode == 2 and "sharding.warmup_steps=-5: must be ≥ 0" in result.stderr

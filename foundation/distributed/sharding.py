@@ -87,6 +87,9 @@ def validate_sharding(cfg: ShardingConfig, device_type: str) -> None:
         hint = " (fbgemm-gpu-cpu's data_parallel sequence kernel pools on CPU)" if "data_parallel" in bad else ""
         raise ValueError(f"sharding.types={types}: {bad or 'empty'} not supported on "
                          f"{device_type}{hint}; choose from {list(supported)}")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"sharding.warmup_steps={cfg.warmup_steps}: must be ≥ 0 (0: the "
+                         f"tables start at sharding.lr)")
     optimizer = choice(SparseOptimizer, cfg.optimizer, "sharding.optimizer").value
     if device_type == "cpu" and optimizer not in CPU_OPTIMIZERS:
         raise ValueError(f"sharding.optimizer={optimizer} has no fused CPU kernel in fbgemm; "
