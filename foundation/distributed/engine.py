@@ -25,7 +25,7 @@ class Bf16(Choice):
     products run in bf16 (DeepSpeed's ``torch_autocast``; FSDP's bf16 parameters)."""
 
     auto = "auto"  # on CUDA devices that support it; fp32 on CPU
-    on = "on"  # also on CPU (where bf16 matrix products run ~2x faster on AVX512-BF16 cores)
+    on = "on"  # also on CPU (no faster there for small trunks: docs/speed.md)
     off = "off"
 
 

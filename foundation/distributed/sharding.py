@@ -133,11 +133,6 @@ def set_table_lr(model: DistributedModelParallel, lr: float) -> None:
     model.fused_optimizer.step()
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up multiplier for the 1-based ``step``: 1 from ``warmup_steps`` on."""
-    return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
-
-
 def table_constraints(module: nn.Module, cfg: ShardingConfig, world_size: int
                       ) -> dict[str, ParameterConstraints]:
     """What the planner may do with each table: the configured sharding types; column

@@ -14,12 +14,7 @@ from foundation.distributed.engine import DeepSpeedDenseEngine, EngineName
 from foundation.distributed.env import DistEnv
 from foundation.distributed.fsdp import FsdpDenseEngine
 from foundation.distributed.planning import log_rank_bytes
-from foundation.distributed.sharding import (
-    set_table_lr,
-    shard_sparse_arch,
-    table_parameters,
-    warmup_factor,
-)
+from foundation.distributed.sharding import set_table_lr, shard_sparse_arch, table_parameters
 from foundation.models.finetune import FinetuneConfig, Tuning, apply_finetune
 from foundation.models.member import sparse_features
 from foundation.tasks import Task
@@ -86,9 +81,10 @@ class ShardedModel:
         return looked_up
 
     def schedule_tables(self, step: int) -> None:
-        """The tables' learning rate for ``step`` (1-based): ``sharding.warmup_steps``."""
+        """The tables' learning rate for ``step`` (1-based): linear over
+        ``sharding.warmup_steps``, then ``sharding.lr`` as the kernels were built with."""
         if step <= self.table_warmup:
-            set_table_lr(self.sparse, self.table_lr * warmup_factor(step, self.table_warmup))
+            set_table_lr(self.sparse, self.table_lr * step / self.table_warmup)
 
     def train(self, mode: bool = True) -> None:
         self.sparse.train(mode)
