@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from foundation.compose import ConfigError, compose
 from foundation.console import setup_logging
 from foundation.launch.config import LauncherName, LaunchError
+from foundation.process import exit_without_teardown
 
 log = logging.getLogger(__name__)
 
@@ -264,5 +266,11 @@ def _train(args: argparse.Namespace, cfg) -> int:
 
     return launch(cfg, args.overrides, dry_run=args.dry_run)
 
+def run() -> NoReturn:
+    """The ``foundation`` console script: ``main``, then the process ends without the
+    interpreter's teardown (foundation/process.py)."""
+    exit_without_teardown(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -17,6 +17,7 @@ import socket
 import sys
 
 from foundation.launch.config import LaunchError, check_head_address
+from foundation.process import exit_without_teardown
 
 log = logging.getLogger(__name__)
 
@@ -60,4 +61,4 @@ def _nproc(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -203,3 +203,24 @@ def test_the_final_validation_can_be_the_best(synth_shards, tmp_path):
         (plain / f"checkpoints/step-{step}").mkdir(parents=True)
         (plain / f"checkpoints/step-{step}" / checkpoint.COMMIT_MARKER).touch()
     assert checkpoint.resolve(plain, "auto").name == "step-10"
+
+
+def test_a_process_ending_without_teardown_loses_nothing(tmp_path):
+    """The entry points skip the interpreter's teardown (foundation/process.py): first a
+    background write still finishes, exit handlers run, buffered output reaches the pipe,
+    and the exit code is the command's."""
+    script = f"""
+import atexit, pathlib, threading, time
+from foundation.process import exit_without_teardown
+out = pathlib.Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "handler").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))).start()
+print("buffered", end="")
+exit_without_teardown(3)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered"
+    assert (tmp_path / "handler").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "done"

@@ -1,8 +1,7 @@
 """``python -m foundation.export run_dir=RUN output=BUNDLE``, alone or under torchrun."""
 
-import sys
-
 from foundation.export.exporter import main
+from foundation.process import exit_without_teardown
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from foundation.process import exit_without_teardown
+
 BLOCKED = ("torchrec", "fbgemm_gpu", "deepspeed")
 
 
@@ -254,3 +256,4 @@ def _ann_recall(bundle: Path, predictor, data, k: int = 10) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]))))
+    exit_without_teardown(0)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from foundation.compose import ConfigError, compose
 from foundation.console import setup_logging
+from foundation.process import exit_without_teardown
 
 log = logging.getLogger(__name__)
 
@@ -48,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
