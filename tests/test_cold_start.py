@@ -30,7 +30,7 @@ def runs(cold_world, tmp_path_factory):
     common = [f"data.path={cold_world}", "trainer.eval_every=0", "trainer.eval_batches=2",
               "trainer.final_eval_split=test", *FAST]
     foundation("train", f"run_dir={root / 'ids'}", "trainer.max_steps=60", *common)
-    foundation("train", "--nproc=2", f"run_dir={root / 'text'}", "trainer.max_steps=250",
+    foundation("train", "--nproc=2", f"run_dir={root / 'text'}", "trainer.max_steps=150",
                *CONTENT, f"model.cold_reference={root / 'ids'}", *common)
     return root
 
