@@ -108,3 +108,21 @@ def test_uplift_metrics_by_hand():
     assert math.isclose(both["oracle_share"], 0.4)
     with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
         policy_value(scores, sent, outcome, budget=20)
+
+
+def test_the_auc_of_a_resample_equals_the_auc_of_the_rows_drawn():
+    """``ResampledAUC`` (a bootstrap's: scores ranked once, rows reweighted) against every
+    positive-negative pair of the drawn rows counted out, a tie counting half."""
+    from foundation.metrics import ResampledAUC
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 40, 500) / 8.0  # many ties
+    labels = rng.random(500) < 0.3
+    resampled = ResampledAUC(scores, labels)
+    for _ in range(20):
+        rows = rng.integers(0, 500, 500)
+        pos, neg = scores[rows][labels[rows]], scores[rows][~labels[rows]]
+        pairs = pos[:, None] - neg[None, :]
+        expected = ((pairs > 0).sum() + (pairs == 0).sum() / 2) / pairs.size
+        assert resampled(rows) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(ResampledAUC(scores, np.zeros(500))(np.arange(500)))

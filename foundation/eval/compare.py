@@ -16,6 +16,7 @@ A side may name a baseline of a run instead of its model: ``RUN@most_popular``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from foundation.metrics import auc, per_user
+from foundation.metrics import ResampledAUC, per_user
 from foundation.metrics.report import RANKS_FILE, SCORES_FILE
 from foundation.metrics.uplift import uplift_metrics
 from foundation.tasks import ROW_SLOTS
@@ -65,11 +66,15 @@ class ScoredSide:
     headline: str
     columns: dict[str, np.ndarray]
 
+    @functools.cached_property
+    def _auc(self) -> ResampledAUC:
+        return ResampledAUC(self.scores, self.columns["label"])
+
     def metrics(self, rows: np.ndarray) -> dict[str, float]:
         """The kind's metrics over ``rows`` (indices into the candidates)."""
-        c = {k: v[rows] for k, v in self.columns.items() if v.ndim}
         if self.kind == "binary":
-            return {"auc": auc(self.scores[rows], c["label"])}
+            return {"auc": self._auc(rows)}
+        c = {k: v[rows] for k, v in self.columns.items() if v.ndim}
         return uplift_metrics(self.scores[rows], c["sent"], c["outcome"],
                               float(self.columns["budget"]), c.get("uplift"))
 

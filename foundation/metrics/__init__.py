@@ -64,19 +64,28 @@ def top_k_items(scores: Tensor, exclude: Tensor, k: int) -> Tensor:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve via the rank-sum statistic, ties averaged."""
-    labels = labels.astype(bool)
-    pos, neg = labels.sum(), (~labels).sum()
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    """Area under the ROC curve: the chance a positive outscores a negative, ties half."""
+    return ResampledAUC(scores, labels)(np.arange(len(scores)))
+
+
+class ResampledAUC:
+    """The AUC of fixed scores and labels over any resample of their rows (a row drawn twice
+    counts twice). The scores are ranked once, so a resample costs weighted counts and a
+    cumulative sum instead of a sort: a bootstrap draws thousands."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray):
+        self.labels = np.asarray(labels).astype(bool)
+        _, self.tie_group = np.unique(scores, return_inverse=True)  # ascending; ties share one
+        self.groups = int(self.tie_group.max(initial=-1)) + 1
+
+    def __call__(self, rows: np.ndarray) -> float:
+        times = np.bincount(rows, minlength=len(self.labels))
+        pos = np.bincount(self.tie_group, weights=times * self.labels, minlength=self.groups)
+        neg = np.bincount(self.tie_group, weights=times * ~self.labels, minlength=self.groups)
+        if pos.sum() == 0 or neg.sum() == 0:
+            return float("nan")
+        below = np.cumsum(neg) - neg  # negatives scored lower than each group
+        return float((pos * (below + neg / 2)).sum() / (pos.sum() * neg.sum()))
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
