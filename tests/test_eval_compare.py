@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from foundation.cli import main
-from foundation.eval.compare import compare, compare_scored, load_side
+from foundation.eval.compare import ScoredSide, compare, compare_scored, load_side
 from foundation.tasks import ROW_SLOTS
 
 
@@ -89,3 +89,24 @@ def test_scored_runs_are_compared_by_resampling_members(tmp_path, capsys):
     ranked = evaluated(tmp_path / "r", [1, 2, 3])
     assert main(["eval", "compare", str(ranked), str(b)]) == 2
     assert "different kinds of recipe" in capsys.readouterr().err
+
+
+def test_a_resamples_metrics_are_those_of_the_rows_drawn(tmp_path):
+    """The shortcuts a bootstrap takes (AUC from scores ranked once, uplift curves over rows
+    put best first by counting) give each resample the metrics of its drawn rows."""
+    from foundation.metrics import auc
+    from foundation.metrics.uplift import uplift_metrics
+
+    rng = np.random.default_rng(1)
+    n = 600
+    side = load_side(str(scored(tmp_path / "u", rng.random(n), members=60)))
+    labels = rng.random(n) < 0.3
+    binary = ScoredSide("b", side.row_ids, np.round(side.scores, 1), "test", "binary", "auc",
+                        {"label": labels})  # rounded: ties
+    for _ in range(5):
+        rows = rng.integers(0, n, n)
+        c = {k: v[rows] for k, v in side.columns.items() if v.ndim}
+        assert side.metrics(rows) == pytest.approx(uplift_metrics(
+            side.scores[rows], c["sent"], c["outcome"], 0.2, c["uplift"]), rel=1e-12)
+        assert binary.metrics(rows)["auc"] == pytest.approx(
+            auc(binary.scores[rows], labels[rows]), abs=1e-12)

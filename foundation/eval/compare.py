@@ -70,10 +70,18 @@ class ScoredSide:
     def _auc(self) -> ResampledAUC:
         return ResampledAUC(self.scores, self.columns["label"])
 
+    @functools.cached_property
+    def _best_first(self) -> np.ndarray:
+        return np.argsort(-self.scores, kind="stable")
+
     def metrics(self, rows: np.ndarray) -> dict[str, float]:
         """The kind's metrics over ``rows`` (indices into the candidates)."""
         if self.kind == "binary":
             return {"auc": self._auc(rows)}
+        # The rows best first, by counting: the uplift curves' stable sorts of them then
+        # take linear time (a resample's rows come in random order).
+        rows = np.repeat(self._best_first, np.bincount(rows, minlength=len(self.scores))[
+            self._best_first])
         c = {k: v[rows] for k, v in self.columns.items() if v.ndim}
         return uplift_metrics(self.scores[rows], c["sent"], c["outcome"],
                               float(self.columns["budget"]), c.get("uplift"))
