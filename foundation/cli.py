@@ -266,6 +266,7 @@ def _train(args: argparse.Namespace, cfg) -> int:
 
     return launch(cfg, args.overrides, dry_run=args.dry_run)
 
+
 def run() -> NoReturn:
     """The ``foundation`` console script: ``main``, then the process ends without the
     interpreter's teardown (foundation/process.py)."""

@@ -82,10 +82,11 @@ class ResampledAUC:
         times = np.bincount(rows, minlength=len(self.labels))
         pos = np.bincount(self.tie_group, weights=times * self.labels, minlength=self.groups)
         neg = np.bincount(self.tie_group, weights=times * ~self.labels, minlength=self.groups)
-        if pos.sum() == 0 or neg.sum() == 0:
+        positives, negatives = pos.sum(), neg.sum()
+        if positives == 0 or negatives == 0:
             return float("nan")
         below = np.cumsum(neg) - neg  # negatives scored lower than each group
-        return float((pos * (below + neg / 2)).sum() / (pos.sum() * neg.sum()))
+        return float((pos * (below + neg / 2)).sum() / (positives * negatives))
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
