@@ -111,7 +111,7 @@ def bundle(runs, cold_world):
     runs that layer forward and backward over the batch's titles), exported."""
     tuned, out = runs / "tuned", runs / "bundle"
     foundation("train", "--nproc=2", f"run_dir={tuned}", f"data.path={cold_world}",
-               "trainer.max_steps=20", "trainer.eval_every=0", "trainer.eval_batches=2", *FAST,
+               "trainer.max_steps=10", "trainer.eval_every=0", "trainer.eval_batches=2", *FAST,
                *CONTENT, "model.text_tower.trainable_layers=1")
     foundation("export", "--nproc=2", f"run_dir={tuned}", f"output={out}", "precisions=[fp32]")
     return out
