@@ -1,6 +1,6 @@
 """How a ``foundation`` process ends once its work is done.
 
-A process that has loaded torch, TorchRec and DeepSpeed spends 1-2 s in the interpreter's
+A process that has loaded torch, TorchRec and DeepSpeed spends about 2 s in the interpreter's
 own teardown (freeing every module and the native libraries' operator registrations) after
 its last line has run, and every rank of a job pays it while the launcher waits. None of it
 is needed once what an ordinary exit does first has run: non-daemon threads joined (a

@@ -78,10 +78,10 @@ class ScoredSide:
         """The kind's metrics over ``rows`` (indices into the candidates)."""
         if self.kind == "binary":
             return {"auc": self._auc(rows)}
-        # The rows best first, by counting: the uplift curves' stable sorts of them then
-        # take linear time (a resample's rows come in random order).
-        rows = np.repeat(self._best_first, np.bincount(rows, minlength=len(self.scores))[
-            self._best_first])
+        # The rows best first, by counting how often each was drawn: the uplift curves'
+        # stable sorts of them then take linear time (a resample's rows come in random order).
+        drawn = np.bincount(rows, minlength=len(self.scores))
+        rows = np.repeat(self._best_first, drawn[self._best_first])
         c = {k: v[rows] for k, v in self.columns.items() if v.ndim}
         return uplift_metrics(self.scores[rows], c["sent"], c["outcome"],
                               float(self.columns["budget"]), c.get("uplift"))
